@@ -1,0 +1,505 @@
+"""CapsuleKernel: the face the frontends see, on ipykernel's kernelbase.
+
+One short ``do_<request>`` hook per request, as kernelbase intends; the work
+happens behind them, in a sandbox process. This process never runs user code:
+execution, completion, inspection and history are answered by the sandbox's
+IPython, and what comes back is JSON that is only forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from typing import Any
+
+import zmq
+from IPython.core.inputtransformer2 import TransformerManager
+from ipykernel.kernelbase import Kernel
+
+from capsule_kernel import __version__, magics
+from capsule_kernel.analyzer import Analyzer, ExecutionPlan
+from capsule_kernel.router import route
+from capsule_kernel.sandbox import protocol
+from capsule_kernel.sandbox.limits import LimitSettings
+from capsule_kernel.sandbox.subprocess import SandboxDied, SubprocessSandbox
+
+_RED = "\x1b[0;31m"
+_RESET = "\x1b[0m"
+_INPUT_POLL_SECONDS = 0.01
+_REQUEST_WAIT_SECONDS = 30.0
+
+
+def _error_content(ename: str, evalue: str) -> dict[str, Any]:
+    return {
+        "ename": ename,
+        "evalue": evalue,
+        "traceback": [f"{_RED}{ename}{_RESET}: {evalue}"],
+    }
+
+
+class CapsuleKernel(Kernel):
+    implementation = "capsule"
+    implementation_version = __version__
+    banner = (
+        f"Capsule {__version__}: every cell runs in a sandbox (Python {sys.version.split()[0]}).\n"
+        "%capsule help lists the controls."
+    )
+    language_info = {
+        "name": "python",
+        "version": sys.version.split()[0],
+        "mimetype": "text/x-python",
+        "file_extension": ".py",
+        "pygments_lexer": "ipython3",
+        "codemirror_mode": {"name": "ipython", "version": 3},
+        "nbconvert_exporter": "python",
+    }
+    help_links = [
+        {"text": "Python Reference", "url": "https://docs.python.org/3/"},
+        {"text": "IPython Reference", "url": "https://ipython.readthedocs.io/en/stable/"},
+        {"text": "Capsule kernel", "url": "https://pypi.org/project/capsule-kernel/"},
+    ]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.limit_settings = LimitSettings.load()
+        self.analyzer = Analyzer()
+        self.sandbox: SubprocessSandbox | None = None
+        self._starting: asyncio.Task | None = None
+        self._next_count = 1
+        self._cell_running = False
+        self._output_parent: dict[str, Any] = {}
+        self._comms: dict[str, str] = {}
+        self._side_tasks: set[asyncio.Task] = set()
+        self._idle_death: str | None = None
+        self._last_meta: dict[str, Any] = {}
+        self._completeness = TransformerManager()
+        for msg_type in ("comm_open", "comm_msg", "comm_close"):
+            self.shell_handlers[msg_type] = getattr(self, f"_forward_{msg_type}")
+
+    # -- start-up and signals ----------------------------------------------------
+
+    def start(self) -> None:
+        super().start()
+        # In signal interrupt mode Jupyter sends SIGINT to this process: pass it
+        # on to the cell instead of raising KeyboardInterrupt in the kernel.
+        signal.signal(signal.SIGINT, lambda *_: self._interrupt_sandbox())
+        self.io_loop.add_callback(self._begin_first_sandbox)
+
+    def pre_handler_hook(self) -> None:
+        """kernelbase would make SIGINT raise here; ours is forwarded instead."""
+
+    def post_handler_hook(self) -> None:
+        """See pre_handler_hook."""
+
+    async def _begin_first_sandbox(self) -> None:
+        self._starting = asyncio.ensure_future(self._start_sandbox())
+
+    async def _start_sandbox(self) -> SubprocessSandbox:
+        sandbox = SubprocessSandbox(self.limit_settings.limits, self._on_sandbox_event)
+        self.sandbox = sandbox
+        await sandbox.start()
+        watcher = asyncio.ensure_future(self._watch_sandbox(sandbox))
+        self._side_tasks.add(watcher)
+        watcher.add_done_callback(self._side_tasks.discard)
+        self.log.info("capsule sandbox started, pid %s", sandbox.pid)
+        return sandbox
+
+    async def _watch_sandbox(self, sandbox: SubprocessSandbox) -> None:
+        """Notice a sandbox that dies between cells, and replace it at once."""
+        await sandbox.wait_exit()
+        if sandbox is not self.sandbox or self._cell_running or sandbox.stopping:
+            return
+        self._idle_death = f"The sandbox (pid {sandbox.pid}) {sandbox.death_reason} while no cell was running."
+        self.log.warning(self._idle_death)
+        self._starting = asyncio.ensure_future(self._start_sandbox())
+
+    async def _ready_sandbox(self) -> SubprocessSandbox:
+        if self._starting is not None:
+            task, self._starting = self._starting, None
+            with contextlib.suppress(SandboxDied, TimeoutError):
+                await task
+        if self.sandbox is None or not self.sandbox.alive:
+            return await self._start_sandbox()
+        return self.sandbox
+
+    async def restart_sandbox(self, why: str) -> SubprocessSandbox:
+        """Replace the sandbox with a fresh one (the namespace is lost)."""
+        old = await self._ready_sandbox()
+        old.stopping = True
+        self.log.info("restarting the sandbox: %s", why)
+        await old.shutdown()
+        return await self._start_sandbox()
+
+    def _interrupt_sandbox(self) -> None:
+        if self.sandbox is not None and self._cell_running:
+            self.sandbox.interrupt()
+
+    # -- execution count -------------------------------------------------------------
+
+    @property
+    def execution_count(self) -> int:
+        """The number the next stored cell gets; the sandbox's IPython agrees."""
+        return self._next_count
+
+    @execution_count.setter
+    def execution_count(self, value: int) -> None:
+        """kernelbase increments for every non-silent cell; we count like IPython."""
+
+    # -- execute ----------------------------------------------------------------------
+
+    async def do_execute(
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool = True,
+        user_expressions: dict[str, str] | None = None,
+        allow_stdin: bool = False,
+        *,
+        cell_meta: dict[str, Any] | None = None,  # noqa: ARG002
+        cell_id: str | None = None,  # noqa: ARG002
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        self._output_parent = self.get_parent("shell")
+        count = self._next_count
+        try:
+            reply, meta = await self._execute(code, silent, store_history, user_expressions, allow_stdin, count)
+        except Exception as err:  # noqa: BLE001 - the frontend must always get a reply
+            self.log.exception("capsule kernel error while executing a cell")
+            reply = self._fail(count, "CapsuleKernelError", f"internal error in the capsule kernel: {err!r}")
+            meta = {"sandbox": "kernel", "mode": "error", "reason": "internal error"}
+        if not silent and store_history:
+            self._next_count = max(count + 1, int(reply.get("execution_count", count)) + 1)
+        meta["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        self._last_meta = meta
+        return reply
+
+    async def _execute(
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool,
+        user_expressions: dict[str, str] | None,
+        allow_stdin: bool,
+        count: int,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Run one cell where it belongs; return the reply and its metadata."""
+        try:
+            magic_lines = magics.capsule_lines(code)
+        except magics.MagicUsageError as err:
+            magic_lines = None
+            reply = self._fail(count, "UsageError", str(err))
+            meta = {"sandbox": "kernel", "mode": "magic", "reason": "%%capsule cell"}
+        else:
+            if magic_lines is not None:
+                reply = await self._execute_magic_cell(code, magic_lines, count)
+                meta = {"sandbox": "kernel", "mode": "magic", "reason": "%capsule lines run in the kernel"}
+            else:
+                plan = self._plan(code)
+                decision = route(plan)
+                meta = {"sandbox": decision.sandbox, "mode": plan.mode, "reason": decision.reason, "routing": "subprocess"}
+                reply = await self._execute_in_sandbox(code, silent, store_history, user_expressions, allow_stdin, count)
+        return reply, meta
+
+    def _plan(self, code: str) -> ExecutionPlan:
+        """The analyzer's plan; a bug in it must never cost the user the cell."""
+        try:
+            return self.analyzer.plan(code)
+        except Exception:  # noqa: BLE001
+            self.log.exception("the analyzer failed; running the cell as a plain cell")
+            return ExecutionPlan(source_hash="", syntax_error=None)
+
+    def _fail(self, count: int, ename: str, evalue: str) -> dict[str, Any]:
+        """Publish an error output and build the matching error reply."""
+        content = _error_content(ename, evalue)
+        self._publish("error", content)
+        return {"status": "error", "execution_count": count, "user_expressions": {}, "payload": [], **content}
+
+    async def _execute_magic_cell(self, code: str, lines: list[str], count: int) -> dict[str, Any]:
+        for line in lines:
+            try:
+                bundles = await magics.run(self, line)
+            except magics.MagicUsageError as err:
+                return self._fail(count, "UsageError", str(err))
+            for bundle in bundles:
+                self._publish("display_data", {"data": bundle, "metadata": {}, "transient": {}})
+        if self.sandbox is not None and self.sandbox.alive:
+            with contextlib.suppress(SandboxDied, TimeoutError):
+                await self.sandbox.request("store_history", {"code": code, "execution_count": count})
+        return {"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}
+
+    async def _execute_in_sandbox(
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool,
+        user_expressions: dict[str, str] | None,
+        allow_stdin: bool,
+        count: int,
+    ) -> dict[str, Any]:
+        try:
+            sandbox = await self._ready_sandbox()
+        except (SandboxDied, TimeoutError) as err:
+            return self._fail(count, "SandboxUnavailable", f"the sandbox could not start: {err}")
+        if self._idle_death:
+            notice, self._idle_death = self._idle_death, None
+            self._publish("stream", {"name": "stderr", "text": f"{notice} A fresh sandbox was started; the namespace was lost.\n"})
+        request = {
+            "code": code,
+            "silent": silent,
+            "store_history": store_history,
+            "user_expressions": user_expressions or {},
+            "allow_stdin": allow_stdin,
+            "execution_count": count,
+        }
+        self._cell_running = True
+        try:
+            return await sandbox.execute(request)
+        except SandboxDied as death:
+            return await self._report_death(sandbox, death, count)
+        finally:
+            self._cell_running = False
+            for task in list(self._side_tasks):
+                if getattr(task, "cell_scoped", False):
+                    task.cancel()
+
+    async def _report_death(self, sandbox: SubprocessSandbox, death: SandboxDied, count: int) -> dict[str, Any]:
+        pid = sandbox.pid
+        try:
+            fresh = await self._start_sandbox()
+            after = f"A fresh sandbox (pid {fresh.pid}) is running"
+        except (SandboxDied, TimeoutError) as err:
+            after = f"A fresh sandbox could not be started ({err}); the next cell will try again"
+        ename = "CellTimeout" if death.timed_out else "SandboxDied"
+        evalue = (
+            f"the sandbox process (pid {pid}) {death.reason}. {after}; the namespace was lost: "
+            "variables, imports and definitions from earlier cells are gone, re-run the cells that create them."
+        )
+        return self._fail(count, ename, evalue)
+
+    def finish_metadata(self, parent: dict[str, Any], metadata: dict[str, Any], reply_content: dict[str, Any]) -> dict[str, Any]:
+        metadata["status"] = reply_content.get("status")
+        metadata["capsule"] = self._last_meta
+        return metadata
+
+    # -- events from the sandbox ------------------------------------------------------
+
+    def _publish(self, msg_type: str, content: dict[str, Any], **extra: Any) -> None:
+        assert self.session is not None
+        self.session.send(
+            self.iopub_socket, msg_type, content, self._output_parent, ident=self._topic(msg_type), **extra
+        )
+
+    def _on_sandbox_event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "stream":
+            self._publish("stream", {"name": event["name"], "text": event["text"]})
+        elif kind == "display":
+            msg_type = "update_display_data" if event.get("update") else "display_data"
+            self._publish(msg_type, {"data": event["data"], "metadata": event["metadata"], "transient": event["transient"]})
+        elif kind == "clear_output":
+            self._publish("clear_output", {"wait": event.get("wait", False)})
+        elif kind == "execute_result":
+            self._publish("execute_result", {k: event[k] for k in ("data", "metadata", "execution_count")})
+        elif kind == "error":
+            self._publish("error", {k: event[k] for k in ("ename", "evalue", "traceback")})
+        elif kind == "comm":
+            self._on_sandbox_comm(event)
+        elif kind == "input_request":
+            self._side_task(self._answer_input(event), cell_scoped=True)
+        elif kind == "magic":
+            self._side_task(self._answer_magic(event), cell_scoped=True)
+        else:
+            self.log.warning("ignoring unknown sandbox event %r", kind)
+
+    def _side_task(self, coroutine: Any, *, cell_scoped: bool) -> None:
+        task = asyncio.ensure_future(coroutine)
+        task.cell_scoped = cell_scoped  # type: ignore[attr-defined]
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    def _on_sandbox_comm(self, event: dict[str, Any]) -> None:
+        msg_type, content = event["msg_type"], event["content"]
+        if msg_type == "comm_open":
+            self._comms[content["comm_id"]] = content.get("target_name", "")
+        elif msg_type == "comm_close":
+            self._comms.pop(content.get("comm_id"), None)
+        self._publish(msg_type, content, metadata=event.get("metadata"), buffers=protocol.unpack_buffers(event.get("buffers")))
+
+    async def _answer_input(self, event: dict[str, Any]) -> None:
+        """Relay input()/getpass from the sandbox to the frontend's stdin channel."""
+        assert self.session is not None and self.sandbox is not None
+        sandbox = self.sandbox
+        socket = self.stdin_socket
+        while True:  # purge stale replies
+            try:
+                socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        ident = self._get_shell_context_var(self._shell_parent_ident)
+        content = {"prompt": event.get("prompt", ""), "password": bool(event.get("password"))}
+        self.session.send(socket, "input_request", content, self._output_parent, ident=ident)
+        while True:
+            if socket.poll(0):
+                _, reply = self.session.recv(socket, zmq.NOBLOCK)
+                if reply is not None:
+                    break
+            await asyncio.sleep(_INPUT_POLL_SECONDS)
+        value = reply.get("content", {}).get("value", "")
+        with contextlib.suppress(SandboxDied):
+            sandbox.send({"type": "input_reply", "id": event.get("id"), "value": value})
+
+    async def _answer_magic(self, event: dict[str, Any]) -> None:
+        """A %capsule line inside a cell: run it here, answer the sandbox."""
+        sandbox = self.sandbox
+        answer: dict[str, Any] = {"type": "magic_reply", "id": event.get("id"), "ok": True}
+        if event.get("cell"):
+            answer.update(ok=False, error=f"%%capsule {event.get('line', '')}: this subcommand takes no cell body")
+        else:
+            try:
+                for bundle in await magics.run(self, event.get("line", "")):
+                    self._publish("display_data", {"data": bundle, "metadata": {}, "transient": {}})
+            except magics.MagicUsageError as err:
+                answer.update(ok=False, error=str(err))
+        if sandbox is not None:
+            with contextlib.suppress(SandboxDied):
+                sandbox.send(answer)
+
+    # -- comms from the frontend ------------------------------------------------------
+
+    def _forward_comm(self, msg: dict[str, Any]) -> None:
+        msg_type = msg["header"]["msg_type"]
+        content = msg["content"]
+        if msg_type == "comm_open":
+            self._comms[content.get("comm_id")] = content.get("target_name", "")
+        elif msg_type == "comm_close":
+            self._comms.pop(content.get("comm_id"), None)
+        if not self._cell_running:
+            self._output_parent = msg
+        if self.sandbox is None or not self.sandbox.alive:
+            self.log.warning("dropping %s: the sandbox is not running", msg_type)
+            return
+        buffers = [bytes(b) for b in msg.get("buffers") or []]
+        with contextlib.suppress(SandboxDied):
+            self.sandbox.send(
+                {
+                    "type": "comm",
+                    "msg_type": msg_type,
+                    "content": content,
+                    "metadata": msg.get("metadata", {}),
+                    "buffers": protocol.pack_buffers(buffers),
+                }
+            )
+
+    def _forward_comm_open(self, stream: Any, ident: Any, msg: dict[str, Any]) -> None:  # noqa: ARG002
+        self._forward_comm(msg)
+
+    def _forward_comm_msg(self, stream: Any, ident: Any, msg: dict[str, Any]) -> None:  # noqa: ARG002
+        self._forward_comm(msg)
+
+    def _forward_comm_close(self, stream: Any, ident: Any, msg: dict[str, Any]) -> None:  # noqa: ARG002
+        self._forward_comm(msg)
+
+    async def comm_info_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        assert self.session is not None
+        target = parent["content"].get("target_name")
+        comms = {cid: {"target_name": name} for cid, name in self._comms.items() if target in (None, name)}
+        self.session.send(stream, "comm_info_reply", {"status": "ok", "comms": comms}, parent, ident)
+
+    # -- introspection (answered by the sandbox) -----------------------------------
+
+    async def _ask_sandbox(self, kind: str, args: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
+        try:
+            sandbox = await self._ready_sandbox()
+            return await sandbox.request(kind, args, timeout=_REQUEST_WAIT_SECONDS)
+        except (SandboxDied, TimeoutError) as err:
+            self.log.warning("%s request failed: %s", kind, err)
+            return fallback
+
+    async def do_complete(self, code: str, cursor_pos: int | None) -> dict[str, Any]:
+        cursor = len(code) if cursor_pos is None else cursor_pos
+        fallback = {"status": "ok", "matches": [], "cursor_start": cursor, "cursor_end": cursor, "metadata": {}}
+        return await self._ask_sandbox("complete", {"code": code, "cursor_pos": cursor}, fallback)
+
+    async def do_inspect(self, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()) -> dict[str, Any]:
+        args = {"code": code, "cursor_pos": cursor_pos, "detail_level": detail_level, "omit_sections": list(omit_sections)}
+        return await self._ask_sandbox("inspect", args, {"status": "ok", "data": {}, "metadata": {}, "found": False})
+
+    async def do_history(
+        self,
+        hist_access_type: str,
+        output: bool,
+        raw: bool,
+        session: int | None = None,
+        start: int | None = None,
+        stop: int | None = None,
+        n: int | None = None,
+        pattern: str | None = None,
+        unique: bool = False,
+    ) -> dict[str, Any]:
+        args = {
+            "hist_access_type": hist_access_type,
+            "output": output,
+            "raw": raw,
+            "session": session or 0,
+            "start": start or 0,
+            "stop": stop,
+            "n": n,
+            "pattern": pattern,
+            "unique": unique,
+        }
+        return await self._ask_sandbox("history", args, {"status": "ok", "history": []})
+
+    async def do_is_complete(self, code: str) -> dict[str, Any]:
+        # Parsing only: safe to do here, and answers even while a cell runs.
+        status, indent = self._completeness.check_complete(code)
+        reply: dict[str, Any] = {"status": status}
+        if status == "incomplete":
+            reply["indent"] = " " * (indent or 0)
+        return reply
+
+    # -- control ---------------------------------------------------------------------
+
+    async def interrupt_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        assert self.session is not None
+        self._interrupt_sandbox()
+        self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
+
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
+        if self._starting is not None:
+            with contextlib.suppress(Exception):
+                await self._starting
+        if self.sandbox is not None:
+            self.sandbox.stopping = True
+            await self.sandbox.shutdown()
+        return {"status": "ok", "restart": restart}
+
+    async def do_debug_request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "response",
+            "request_seq": msg.get("seq", 0),
+            "success": False,
+            "command": msg.get("command", ""),
+            "message": "the capsule kernel does not support the debugger",
+        }
+
+    @property
+    def kernel_info(self) -> dict[str, Any]:
+        info = super().kernel_info
+        # No debugger, and one sandbox cannot run subshells concurrently.
+        info["supported_features"] = [
+            f for f in info.get("supported_features", []) if f not in ("debugger", "kernel subshells")
+        ]
+        return info
+
+    async def _refuse_subshells(self, socket: Any, ident: Any, parent: dict[str, Any]) -> None:
+        assert self.session is not None
+        msg_type = parent["header"]["msg_type"].replace("_request", "_reply")
+        content = {"status": "error", "ename": "NotImplementedError", "evalue": "the capsule kernel has no subshells", "traceback": []}
+        self.session.send(socket, msg_type, content, parent, ident)
+
+    create_subshell_request = _refuse_subshells
+    delete_subshell_request = _refuse_subshells
+    list_subshell_request = _refuse_subshells

@@ -1,0 +1,119 @@
+"""What each ``%capsule`` subcommand does, run by the kernel (never the sandbox).
+
+Each command takes the kernel as its context and returns mime bundles to show;
+a bad argument raises MagicUsageError before anything changes.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import TYPE_CHECKING, Any
+
+from capsule_kernel.magics.parser import MagicHelp, MagicUsageError, parse, usage_text
+from capsule_kernel.sandbox.limits import LIMIT_NAMES, LimitError, format_duration, format_size
+
+if TYPE_CHECKING:
+    from capsule_kernel.kernel import CapsuleKernel
+
+Bundle = dict[str, str]
+
+
+def _table(title: str, headers: list[str], rows: list[list[str]], notes: list[str] | None = None) -> Bundle:
+    """The same table as plain text (terminals, logs) and HTML (notebooks)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+    text_lines = [title, "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip()]
+    text_lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in rows]
+    text_lines += notes or []
+    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='text-align:left'>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+        for row in rows
+    )
+    notes_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes or [])
+    return {
+        "text/plain": "\n".join(text_lines),
+        "text/html": f"<b>{html.escape(title)}</b><table><tr>{head}</tr>{body}</table>{notes_html}",
+    }
+
+
+def limits_table(kernel: CapsuleKernel, title: str = "Sandbox limits", notes: dict[str, str] | None = None) -> Bundle:
+    settings = kernel.limit_settings
+    enforcement = kernel.sandbox.enforcement if kernel.sandbox else {}
+    rows = []
+    for name in LIMIT_NAMES:
+        how = (notes or {}).get(name) or enforcement.get(name) or _kernel_enforced(name)
+        rows.append([name, settings.limits.describe(name), settings.sources[name], how])
+    extra = [f"warning: {w}" for w in settings.warnings]
+    return _table(title, ["limit", "value", "set by", "enforcement"], rows, extra)
+
+
+def _kernel_enforced(name: str) -> str:
+    if name == "timeout":
+        return "enforced by the kernel: interrupt, then kill after a grace period"
+    if name == "cpu":
+        return "RLIMIT_CPU, re-armed by the kernel before each cell"
+    return ""
+
+
+def cmd_limits(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+    changes = {name: getattr(args, name) for name in LIMIT_NAMES if getattr(args, name) is not None}
+    if not changes:
+        return [limits_table(kernel)]
+    try:
+        new = kernel.limit_settings.override(changes, "%capsule limits")
+    except LimitError as err:
+        raise MagicUsageError(f"%capsule limits: {err}") from None
+    notes = kernel.sandbox.update_limits(new) if kernel.sandbox else {}
+    shown = {name: notes[name] for name in changes if name in notes}
+    return [limits_table(kernel, "Sandbox limits (changed: " + ", ".join(changes) + ")", shown)]
+
+
+def cmd_status(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
+    sandbox = kernel.sandbox
+    rows = [["sandbox", sandbox.kind if sandbox else "none"]]
+    if sandbox is not None:
+        alive = sandbox.alive
+        uptime = time.monotonic() - sandbox.started_at if alive and sandbox.started_at else None
+        memory = sandbox.memory_in_use() if alive else None
+        rows += [
+            ["state", "running" if alive else f"stopped ({sandbox.death_reason or 'not started'})"],
+            ["pid", str(sandbox.pid) if alive else "-"],
+            ["python", sandbox.python_version],
+            ["uptime", format_duration(uptime) if uptime else "-"],
+            ["memory in use", format_size(memory) if memory else "-"],
+            ["cells run", str(sandbox.cells_run)],
+        ]
+    rows += [["session cells", str(kernel.execution_count - 1)]]
+    for name in LIMIT_NAMES:
+        rows.append([f"limit: {name}", f"{kernel.limit_settings.limits.describe(name)} ({kernel.limit_settings.sources[name]})"])
+    if sandbox is not None and "privileges" in sandbox.enforcement:
+        rows.append(["privileges", sandbox.enforcement["privileges"]])
+    return [_table("Capsule status", ["", ""], rows)]
+
+
+async def cmd_restart(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
+    await kernel.restart_sandbox("restarted by %capsule restart")
+    text = f"Started a fresh sandbox (pid {kernel.sandbox.pid}); the namespace was reset."
+    return [{"text/plain": text}]
+
+
+def cmd_help(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
+    return [{"text/plain": usage_text()}]
+
+
+COMMANDS = {"limits": cmd_limits, "status": cmd_status, "restart": cmd_restart, "help": cmd_help}
+
+
+async def run(kernel: CapsuleKernel, line: str) -> list[Bundle]:
+    """Run one %capsule line; MagicUsageError for bad arguments."""
+    try:
+        args = parse(line)
+    except MagicHelp as help_text:
+        return [{"text/plain": str(help_text)}]
+    if args.command is None:
+        return [{"text/plain": usage_text()}]
+    result = COMMANDS[args.command](kernel, args)
+    if hasattr(result, "__await__"):
+        result = await result
+    return result

@@ -1,0 +1,82 @@
+"""Parsing ``%capsule`` lines: argparse that never exits and errors in one line."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from capsule_kernel.sandbox.limits import LIMIT_NAMES
+
+
+class MagicUsageError(Exception):
+    """Wrong arguments: a one-line message; nothing was changed."""
+
+
+class MagicHelp(Exception):  # noqa: N818 - a control-flow signal, not a failure
+    """--help was asked for; the text is the help to show."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise MagicUsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        raise MagicUsageError(message or f"{self.prog}: invalid arguments")
+
+    def print_help(self, file=None) -> None:  # noqa: ANN001, ARG002
+        raise MagicHelp(self.format_help())
+
+
+SUBCOMMANDS = {
+    "status": "sandbox kind, pid, uptime, limits in force, memory in use, cells run",
+    "limits": "show the limits in force and where each came from, or change them",
+    "restart": "start a fresh sandbox (the namespace is lost)",
+    "help": "this list",
+}
+
+_LIMIT_HELP = {
+    "memory": "address-space limit, e.g. 512MB, 1GiB, unlimited",
+    "cpu": "CPU time per cell, e.g. 500ms, 30s, 5m, unlimited",
+    "timeout": "wall-clock time per cell, e.g. 30s, 5m, 1h, unlimited",
+    "files": "open file descriptors, e.g. 256",
+    "procs": "processes and threads, e.g. 64",
+    "network": "on or off (changes apply after %capsule restart)",
+}
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(
+        prog="%capsule",
+        description="Capsule kernel controls.",
+        add_help=True,
+        exit_on_error=False,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
+    for name, text in SUBCOMMANDS.items():
+        escaped = text.replace("%", "%%")  # argparse %-formats help strings
+        sub = commands.add_parser(name, help=escaped, description=escaped, exit_on_error=False)
+        if name == "limits":
+            for limit in LIMIT_NAMES:
+                sub.add_argument(f"--{limit}", metavar="VALUE", help=_LIMIT_HELP[limit].replace("%", "%%"))
+    return parser
+
+
+def parse(line: str) -> argparse.Namespace:
+    """Split a magic line like a shell would and parse it."""
+    try:
+        words = shlex.split(line)
+    except ValueError as err:
+        raise MagicUsageError(f"%capsule: {err}") from None
+    if not words:
+        raise MagicHelp(usage_text())
+    try:
+        return build_parser().parse_args(words)
+    except argparse.ArgumentError as err:
+        raise MagicUsageError(f"%capsule: {err} (see %capsule --help)") from None
+
+
+def usage_text() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = ["Usage: %capsule SUBCOMMAND [options]   (%capsule SUBCOMMAND --help for details)", ""]
+    lines += [f"  {name.ljust(width)}  {text}" for name, text in SUBCOMMANDS.items()]
+    return "\n".join(lines)

@@ -1,0 +1,302 @@
+"""One vocabulary for sandbox limits, and where each value came from.
+
+Layers, later wins: built-in defaults, then ``capsule.toml`` (``[limits]``) or
+``pyproject.toml`` (``[tool.capsule.limits]``) found from the working directory
+upwards, then ``CAPSULE_*`` environment variables, then ``%capsule limits`` at
+run time. Every value remembers its source so ``%capsule limits`` can say why a
+limit is what it is. A malformed value never half-applies: parsing happens
+before anything changes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+LIMIT_NAMES = ("memory", "cpu", "timeout", "files", "procs", "network")
+
+ENV_PREFIX = "CAPSULE_"
+
+_UNLIMITED = {"unlimited", "none", "off", "inf", "infinity", "0"}
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "mb": 1000**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 1000**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "tb": 1000**4,
+}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+class LimitError(ValueError):
+    """A limit value that cannot be understood; the message is shown to users."""
+
+
+def parse_size(text: str | int) -> int | None:
+    """'512MB', '1GiB', '256k', 1048576 -> bytes; 'unlimited' -> None.
+
+    Bare k/m/g are binary (as in ulimit and docker); KB/MB/GB are decimal;
+    KiB/MiB/GiB are binary.
+    """
+    if isinstance(text, bool):
+        raise LimitError(f"invalid size {text!r}")
+    if isinstance(text, int):
+        return text if text > 0 else None
+    if text.strip().lower() in _UNLIMITED:
+        return None
+    match = _NUMBER_UNIT.match(text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _SIZE_UNITS:
+        raise LimitError(f"invalid size {text!r} (examples: 512MB, 1GiB, 256k, unlimited)")
+    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise LimitError(f"invalid size {text!r}: must be positive")
+    return value
+
+
+def parse_duration(text: str | int | float) -> float | None:
+    """'500ms', '30s', '5m', '1h', 12 -> seconds; 'unlimited' -> None."""
+    if isinstance(text, bool):
+        raise LimitError(f"invalid duration {text!r}")
+    if isinstance(text, (int, float)):
+        return float(text) if text > 0 else None
+    if text.strip().lower() in _UNLIMITED:
+        return None
+    match = _NUMBER_UNIT.match(text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _DURATION_UNITS:
+        raise LimitError(f"invalid duration {text!r} (examples: 500ms, 30s, 5m, 1h, unlimited)")
+    value = float(match.group(1)) * _DURATION_UNITS[unit]
+    if value <= 0:
+        raise LimitError(f"invalid duration {text!r}: must be positive")
+    return value
+
+
+def parse_count(text: str | int) -> int | None:
+    """'256' or 256 -> 256; 'unlimited' -> None."""
+    if isinstance(text, bool):
+        raise LimitError(f"invalid count {text!r}")
+    if isinstance(text, int):
+        return text if text > 0 else None
+    if text.strip().lower() in _UNLIMITED:
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise LimitError(f"invalid count {text!r} (a whole number, or unlimited)") from None
+    if value <= 0:
+        raise LimitError(f"invalid count {text!r}: must be positive")
+    return value
+
+
+def parse_switch(text: str | bool) -> bool:
+    """'on'/'off' (also true/false, yes/no, 1/0) -> bool."""
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).strip().lower()
+    if lowered in {"on", "true", "yes", "1", "allow", "allowed"}:
+        return True
+    if lowered in {"off", "false", "no", "0", "deny", "denied"}:
+        return False
+    raise LimitError(f"invalid switch {text!r} (on or off)")
+
+
+_PARSERS = {
+    "memory": parse_size,
+    "cpu": parse_duration,
+    "timeout": parse_duration,
+    "files": parse_count,
+    "procs": parse_count,
+    "network": parse_switch,
+}
+
+
+def format_size(value: int | None) -> str:
+    if value is None:
+        return "unlimited"
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if value >= scale:
+            number = value / scale
+            return f"{number:.0f} {unit}" if number == int(number) else f"{number:.1f} {unit}"
+    return f"{value} B"
+
+
+def format_duration(value: float | None) -> str:
+    if value is None:
+        return "unlimited"
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    if value < 120 or value % 60:
+        return f"{value:g} s"
+    if value < 7200 or value % 3600:
+        return f"{value / 60:g} min"
+    return f"{value / 3600:g} h"
+
+
+def format_value(name: str, value: Any) -> str:
+    if name == "memory":
+        return format_size(value)
+    if name in ("cpu", "timeout"):
+        return format_duration(value)
+    if name == "network":
+        return "on" if value else "off"
+    return "unlimited" if value is None else str(value)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 * 1024**3
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits one sandbox runs under. None means unlimited."""
+
+    memory: int | None = None
+    cpu: float | None = None
+    timeout: float | None = None
+    files: int | None = None
+    procs: int | None = None
+    network: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in LIMIT_NAMES}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Limits:
+        return cls(**{name: data[name] for name in LIMIT_NAMES if name in data})
+
+    def describe(self, name: str) -> str:
+        return format_value(name, getattr(self, name))
+
+
+def default_limits() -> Limits:
+    """Built-in defaults: generous enough for data work, tight on what leaks.
+
+    Memory is half the machine's RAM (address space, so leave room for virtual
+    reservations); no CPU or wall-clock cap, since long training cells are
+    normal; 1024 open files; 512 processes; no network.
+    """
+    return Limits(
+        memory=_physical_memory() // 2,
+        cpu=None,
+        timeout=None,
+        files=1024,
+        procs=512,
+        network=False,
+    )
+
+
+def find_config_file(start: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The nearest capsule.toml, or pyproject.toml with [tool.capsule], upwards.
+
+    Returns the file and its capsule table (empty if it has none).
+    Raises LimitError when the nearest such file is not valid TOML.
+    """
+    for directory in (start, *start.parents):
+        candidate = directory / "capsule.toml"
+        if candidate.is_file():
+            return candidate, _load_toml(candidate)
+        candidate = directory / "pyproject.toml"
+        if candidate.is_file():
+            table = _load_toml(candidate).get("tool", {}).get("capsule")
+            if isinstance(table, dict):
+                return candidate, table
+    return None
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise LimitError(f"cannot read {path}: {err}") from None
+
+
+@dataclass
+class LimitSettings:
+    """The layered limits in force, with the source of each value.
+
+    ``warnings`` collects configuration problems (a bad value in a file or an
+    environment variable): the value is skipped, the kernel keeps running and
+    the user sees why in ``%capsule limits``.
+    """
+
+    limits: Limits = field(default_factory=default_limits)
+    sources: dict[str, str] = field(default_factory=lambda: dict.fromkeys(LIMIT_NAMES, "default"))
+    warnings: list[str] = field(default_factory=list)
+    config_file: Path | None = None
+
+    @classmethod
+    def load(cls, cwd: Path | None = None, environ: Mapping[str, str] | None = None) -> LimitSettings:
+        """Defaults, then the config file, then the environment."""
+        settings = cls()
+        cwd = Path.cwd() if cwd is None else cwd
+        environ = os.environ if environ is None else environ
+        try:
+            found = find_config_file(cwd)
+        except LimitError as err:
+            settings.warnings.append(str(err))
+            found = None
+        if found:
+            path, table = found
+            settings.config_file = path
+            where = "capsule.toml" if path.name == "capsule.toml" else "pyproject.toml [tool.capsule]"
+            section = table.get("limits", {})
+            if not isinstance(section, dict):
+                settings.warnings.append(f"{path}: [limits] must be a table")
+                section = {}
+            for name, raw in section.items():
+                settings._apply_one(name, raw, f"{where} ({path})", strict=False)
+        for name in LIMIT_NAMES:
+            variable = ENV_PREFIX + name.upper()
+            if variable in environ:
+                settings._apply_one(name, environ[variable], f"environment {variable}", strict=False)
+        return settings
+
+    def _apply_one(self, name: str, raw: Any, source: str, *, strict: bool) -> None:
+        if name not in _PARSERS:
+            message = f"{source}: unknown limit {name!r} (known: {', '.join(LIMIT_NAMES)})"
+            if strict:
+                raise LimitError(message)
+            self.warnings.append(message)
+            return
+        try:
+            value = _PARSERS[name](raw)
+        except LimitError as err:
+            if strict:
+                raise
+            self.warnings.append(f"{source}: {name}: {err}; keeping {self.limits.describe(name)}")
+            return
+        self.limits = replace(self.limits, **{name: value})
+        self.sources[name] = source
+
+    def override(self, changes: Mapping[str, Any], source: str) -> Limits:
+        """Apply run-time changes all or nothing; raise LimitError on any bad one."""
+        parsed = {}
+        for name, raw in changes.items():
+            if name not in _PARSERS:
+                raise LimitError(f"unknown limit {name!r} (known: {', '.join(LIMIT_NAMES)})")
+            parsed[name] = _PARSERS[name](raw)
+        self.limits = replace(self.limits, **parsed)
+        for name in parsed:
+            self.sources[name] = source
+        return self.limits

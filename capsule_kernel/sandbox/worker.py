@@ -1,0 +1,201 @@
+"""The code that runs INSIDE the subprocess sandbox.
+
+Started by the kernel as ``python -m capsule_kernel.sandbox.worker CONFIG``
+with the frame pipe on two inherited descriptors. It confines itself first
+(network, rlimits, capabilities), then starts IPython and serves frames:
+execute, request (complete / inspect / history), comm, shutdown.
+
+While idle the worker ignores interrupts; while a cell runs, SIGINT raises
+KeyboardInterrupt, SIGUSR2 raises CellTimeout and SIGXCPU raises
+CPULimitExceeded, all in the cell, so the namespace survives every one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+from capsule_kernel.sandbox import confinement
+from capsule_kernel.sandbox.limits import format_duration
+
+
+class CellTimeout(KeyboardInterrupt):
+    """The cell ran past the wall-clock limit (the kernel sent SIGUSR2)."""
+
+
+class CPULimitExceeded(KeyboardInterrupt):
+    """The cell used more CPU time than the cpu limit allows (SIGXCPU)."""
+
+
+class Worker:
+    """The serve loop; one instance per sandbox process."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from capsule_kernel.sandbox import worker_shell
+        from capsule_kernel.sandbox.worker_io import FrameChannel, ProtocolStream, StreamFlusher
+
+        self.config = config
+        self.channel = FrameChannel(config["read_fd"], config["write_fd"])
+        self.flusher = StreamFlusher()
+        sys.stdout = ProtocolStream("stdout", self.channel, self.flusher, 1)
+        sys.stderr = ProtocolStream("stderr", self.channel, self.flusher, 2)
+        self.shell = worker_shell.install(self.channel, self.flusher)
+        self.shell.limits = dict(config.get("limits", {}))
+        self.comms = worker_shell.comm_manager()
+        self.channel.start()
+        self.flusher.start()
+
+    # -- signals ---------------------------------------------------------------
+
+    def _interrupts_raise(self) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGUSR2, self._on_timeout)
+        signal.signal(signal.SIGXCPU, self._on_cpu_limit)
+
+    @staticmethod
+    def _interrupts_ignored() -> None:
+        for signum in (signal.SIGINT, signal.SIGUSR2, signal.SIGXCPU):
+            signal.signal(signum, lambda *_: None)
+
+    def _on_timeout(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        limit = format_duration(self.shell.limits.get("timeout"))
+        raise CellTimeout(f"the cell exceeded the sandbox wall-clock limit of {limit} (timeout); the namespace is kept")
+
+    def _on_cpu_limit(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        limit = format_duration(self.shell.limits.get("cpu"))
+        raise CPULimitExceeded(f"the cell exceeded the sandbox CPU limit of {limit} (cpu); the namespace is kept")
+
+    # -- loop ------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self._interrupts_ignored()
+        self.channel.send(
+            {
+                "type": "ready",
+                "pid": os.getpid(),
+                "python": sys.version.split()[0],
+                "enforcement": self.config.get("enforcement", {}),
+            }
+        )
+        handlers = {
+            "execute": self.execute,
+            "request": self.request,
+            "comm": self.comm,
+            "limits": self.update_limits,
+        }
+        while True:
+            message = self.channel.inbox.get()
+            kind = message["type"]
+            if kind in ("shutdown", "eof"):
+                break
+            handler = handlers.get(kind)
+            if handler is None:
+                continue
+            try:
+                handler(message)
+            except KeyboardInterrupt:
+                # An interrupt that arrived just as the work finished.
+                pass
+            finally:
+                self._interrupts_ignored()
+                self.flusher.flush_all()
+        self.flusher.flush_all()
+
+    def update_limits(self, message: dict[str, Any]) -> None:
+        self.shell.limits = dict(message["limits"])
+
+    def execute(self, message: dict[str, Any]) -> None:
+        shell = self.shell
+        shell.limits = dict(message.get("limits", shell.limits))
+        shell.allow_stdin = bool(message.get("allow_stdin"))
+        shell.execution_count = int(message.get("execution_count", shell.execution_count))
+        silent = bool(message.get("silent"))
+        store_history = bool(message.get("store_history", not silent))
+        result = None
+        try:
+            self._interrupts_raise()
+            result = shell.run_cell(message["code"], store_history=store_history, silent=silent)
+        except KeyboardInterrupt as err:
+            if result is None:
+                shell.showtraceback((type(err), err, err.__traceback__))
+        finally:
+            self._interrupts_ignored()
+        self.flusher.flush_all()
+        reply: dict[str, Any] = {"execution_count": shell.execution_count - 1}
+        error = shell.last_error
+        if result is not None and result.success and error is None:
+            reply["status"] = "ok"
+            try:
+                self._interrupts_raise()
+                reply["user_expressions"] = shell.user_expressions(message.get("user_expressions") or {})
+            except KeyboardInterrupt:
+                reply["user_expressions"] = {}
+            finally:
+                self._interrupts_ignored()
+        else:
+            error = error or {"ename": "Error", "evalue": "the cell failed", "traceback": []}
+            reply.update(status="error", user_expressions={}, **error)
+        reply["payload"] = shell.payload_manager.read_payload()
+        shell.payload_manager.clear_payload()
+        self.flusher.flush_all()
+        from ipykernel.jsonutil import json_clean
+
+        self.channel.send({"type": "done", "reply": json_clean(reply)})
+
+    def request(self, message: dict[str, Any]) -> None:
+        from capsule_kernel.sandbox import worker_requests
+
+        try:
+            content = worker_requests.handle(self.shell, self.comms, message["kind"], message.get("args", {}))
+        except Exception as err:  # noqa: BLE001 - a failed completion must not end the worker
+            content = {"status": "error", "ename": type(err).__name__, "evalue": str(err), "traceback": []}
+        from ipykernel.jsonutil import json_clean
+
+        self.channel.send({"type": "reply", "id": message["id"], "content": json_clean(content)})
+
+    def comm(self, message: dict[str, Any]) -> None:
+        from capsule_kernel.sandbox import protocol
+
+        msg = {
+            "header": {"msg_type": message["msg_type"]},
+            "content": message.get("content", {}),
+            "metadata": message.get("metadata", {}),
+            "buffers": protocol.unpack_buffers(message.get("buffers")),
+        }
+        handler = getattr(self.comms, message["msg_type"], None)
+        if handler is None:
+            return
+        try:
+            self._interrupts_raise()
+            handler(None, None, msg)
+        except BaseException:  # noqa: BLE001 - a widget callback failing is the user's error, shown as such
+            traceback.print_exc()
+        finally:
+            self._interrupts_ignored()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    config = json.loads(argv[0])
+    for fd in (config["read_fd"], config["write_fd"]):
+        # Shell commands started by cells must not hold the frame pipe open.
+        os.set_inheritable(fd, False)
+    confinement.die_with_parent(config["parent_pid"])
+    enforcement: dict[str, str] = {}
+    if config["limits"].get("network"):
+        enforcement["network"] = "allowed (network = on)"
+    else:
+        ok, note = confinement.isolate_network()
+        enforcement["network"] = note
+    enforcement.update(confinement.apply_rlimits(config["limits"]))
+    enforcement["privileges"] = confinement.drop_privileges()
+    config["enforcement"] = {**config.get("enforcement", {}), **enforcement}
+    Worker(config).serve()
+
+
+if __name__ == "__main__":
+    main()

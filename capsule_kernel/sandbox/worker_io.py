@@ -1,0 +1,167 @@
+"""The worker's side of the frame pipe: sending, receiving, and stdout/stderr.
+
+Runs INSIDE the sandbox. Frames are written whole with the interrupting
+signals blocked, so a KeyboardInterrupt or a timeout can never cut a frame in
+half and desynchronize the kernel's reader.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import signal
+import threading
+import time
+from typing import Any
+
+from capsule_kernel.sandbox import protocol
+
+# Signals the kernel uses to interrupt a cell: user interrupt, wall-clock
+# timeout, CPU limit. Blocked while a frame is being written.
+INTERRUPT_SIGNALS = {signal.SIGINT, signal.SIGUSR2, signal.SIGXCPU}
+
+# Messages the main thread waits for while a cell runs (input() and %capsule
+# replies) go to their own queue; everything else waits for the idle loop.
+_REPLY_TYPES = {"input_reply", "magic_reply"}
+
+
+class FrameChannel:
+    """Both directions of the kernel pipe, safe to use from any thread."""
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self._read_fd = read_fd
+        self._write_fd = write_fd
+        self._write_lock = threading.Lock()
+        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._reader = threading.Thread(target=self._read_loop, name="capsule-frame-reader", daemon=True)
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def send(self, message: dict[str, Any]) -> None:
+        frame = protocol.encode(message)
+        with self._write_lock:
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPT_SIGNALS)
+            try:
+                view = memoryview(frame)
+                while view:
+                    written = os.write(self._write_fd, view)
+                    view = view[written:]
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                message = protocol.read_frame(self._read_fd)
+            except (OSError, protocol.ProtocolError):
+                message = None
+            if message is None:
+                # The kernel is gone: nobody will ever read our output.
+                self.inbox.put({"type": "eof"})
+                self.replies.put({"type": "eof"})
+                return
+            if message["type"] in _REPLY_TYPES:
+                self.replies.put(message)
+            else:
+                self.inbox.put(message)
+
+
+class StreamFlusher:
+    """Sends buffered stdout/stderr shortly after it is written.
+
+    A short coalescing delay turns a burst of small writes (print writes the
+    text and the newline separately) into one frame, while a line printed once
+    a second still reaches the notebook once a second.
+    """
+
+    COALESCE_SECONDS = 0.01
+
+    def __init__(self) -> None:
+        self.streams: list[ProtocolStream] = []
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="capsule-stream-flusher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def flush_all(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self.COALESCE_SECONDS)
+            self._wake.clear()
+            try:
+                self.flush_all()
+            except Exception:  # noqa: BLE001 - a dead pipe ends the worker elsewhere
+                return
+
+
+class ProtocolStream(io.TextIOBase):
+    """sys.stdout / sys.stderr replacement that forwards text as stream frames."""
+
+    MAX_BUFFERED_CHARS = 64 * 1024
+
+    def __init__(self, name: str, channel: FrameChannel, flusher: StreamFlusher, fd: int) -> None:
+        super().__init__()
+        self.name = name
+        self._channel = channel
+        self._flusher = flusher
+        self._fd = fd
+        self._buffer: list[str] = []
+        self._buffered = 0
+        self._lock = threading.RLock()
+        flusher.streams.append(self)
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return "replace"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        # The real descriptor is a pipe the kernel forwards too, so code that
+        # hands sys.stdout to a subprocess still reaches the notebook.
+        return self._fd
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if not text:
+            return 0
+        with self._lock:
+            self._buffer.append(text)
+            self._buffered += len(text)
+            large = self._buffered >= self.MAX_BUFFERED_CHARS
+        if large:
+            self.flush()
+        else:
+            self._flusher.wake()
+        return len(text)
+
+    def flush(self) -> None:
+        # Taking the text and sending it under one lock keeps the order of
+        # output when the flusher thread and the main thread race.
+        with self._lock:
+            if not self._buffer:
+                return
+            text = "".join(self._buffer)
+            self._buffer.clear()
+            self._buffered = 0
+            self._channel.send({"type": "stream", "name": self.name, "text": text})

@@ -1,0 +1,102 @@
+"""Answers to the kernel's introspection requests, computed INSIDE the sandbox.
+
+Completion and inspection need the live namespace, and history lives in the
+shell's history database, so the worker answers them the way ipykernel's
+IPythonKernel does, and the kernel only forwards the reply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.completer import provisionalcompleter, rectify_completions
+from IPython.utils.tokenutil import token_at_cursor
+
+_TYPES_KEY = "_jupyter_types_experimental"
+
+
+def complete(shell: Any, code: str, cursor_pos: int | None) -> dict[str, Any]:
+    if cursor_pos is None:
+        cursor_pos = len(code)
+    with provisionalcompleter():
+        completions = list(rectify_completions(code, shell.Completer.completions(code, cursor_pos)))
+    if completions:
+        start, end = completions[0].start, completions[0].end
+    else:
+        start = end = cursor_pos
+    return {
+        "matches": [c.text for c in completions],
+        "cursor_start": start,
+        "cursor_end": end,
+        "metadata": {
+            _TYPES_KEY: [
+                {"start": c.start, "end": c.end, "text": c.text, "type": c.type, "signature": c.signature}
+                for c in completions
+            ]
+        },
+        "status": "ok",
+    }
+
+
+def inspect(shell: Any, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()) -> dict[str, Any]:
+    name = token_at_cursor(code, cursor_pos)
+    reply: dict[str, Any] = {"status": "ok", "data": {}, "metadata": {}, "found": False}
+    try:
+        bundle = shell.object_inspect_mime(name, detail_level=detail_level, omit_sections=tuple(omit_sections))
+    except KeyError:
+        return reply
+    if not shell.enable_html_pager:
+        bundle.pop("text/html", None)
+    reply["data"] = bundle
+    reply["found"] = True
+    return reply
+
+
+def history(
+    shell: Any,
+    hist_access_type: str,
+    output: bool = False,
+    raw: bool = True,
+    session: int = 0,
+    start: int = 0,
+    stop: int | None = None,
+    n: int | None = None,
+    pattern: str | None = None,
+    unique: bool = False,
+    **_: Any,
+) -> dict[str, Any]:
+    manager = shell.history_manager
+    if hist_access_type == "tail":
+        rows = manager.get_tail(n or 10, raw=raw, output=output, include_latest=True)
+    elif hist_access_type == "range":
+        rows = manager.get_range(session, start, stop, raw=raw, output=output)
+    elif hist_access_type == "search":
+        rows = manager.search(pattern or "*", raw=raw, output=output, n=n, unique=unique)
+    else:
+        rows = []
+    return {"status": "ok", "history": [list(row) for row in rows]}
+
+
+def handle(shell: Any, comms: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
+    if kind == "complete":
+        return complete(shell, args["code"], args.get("cursor_pos"))
+    if kind == "inspect":
+        return inspect(shell, args["code"], args["cursor_pos"], args.get("detail_level", 0), args.get("omit_sections", ()))
+    if kind == "history":
+        return history(shell, **args)
+    if kind == "store_history":
+        # A cell the kernel answered itself (%capsule lines) still belongs in
+        # IPython's history, under the number the frontend showed.
+        count = int(args["execution_count"])
+        shell.history_manager.store_inputs(count, args["code"], args["code"])
+        shell.execution_count = count + 1
+        return {"status": "ok"}
+    if kind == "comm_info":
+        target = args.get("target_name")
+        comms_info = {
+            comm_id: {"target_name": comm.target_name}
+            for comm_id, comm in comms.comms.items()
+            if target is None or comm.target_name == target
+        }
+        return {"status": "ok", "comms": comms_info}
+    raise ValueError(f"unknown request {kind!r}")

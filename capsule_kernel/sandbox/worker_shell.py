@@ -1,0 +1,248 @@
+"""IPython inside the subprocess sandbox, wired to the frame protocol.
+
+Runs INSIDE the sandbox. Users keep what IPython gives them (magics, display
+formatters, matplotlib inline, rich tracebacks, top-level await); every place
+where stock ipykernel would talk ZeroMQ sends a data-only frame instead.
+"""
+
+from __future__ import annotations
+
+import builtins
+import getpass
+import itertools
+import os
+import sys
+from typing import Any
+
+from comm.base_comm import BaseComm, CommManager
+from IPython.core import page, payloadpage
+from IPython.core.displayhook import DisplayHook
+from IPython.core.displaypub import DisplayPublisher
+from IPython.core.error import StdinNotImplementedError, UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from ipykernel.jsonutil import encode_images, json_clean
+from traitlets import Any as AnyTrait
+from traitlets import Type
+
+from capsule_kernel.sandbox import protocol
+from capsule_kernel.sandbox.limits import format_size
+from capsule_kernel.sandbox.worker_io import FrameChannel, StreamFlusher
+
+
+class SandboxDisplayPublisher(DisplayPublisher):
+    """display(), update_display() and clear_output() as frames."""
+
+    channel = AnyTrait()
+    flusher = AnyTrait()
+
+    def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kwargs) -> None:  # noqa: ANN001, ARG002
+        self.flusher.flush_all()
+        self.channel.send(
+            {
+                "type": "display",
+                "data": json_clean(encode_images(data)),
+                "metadata": json_clean(metadata or {}),
+                "transient": json_clean(transient or {}),
+                "update": bool(update),
+            }
+        )
+
+    def clear_output(self, wait: bool = False) -> None:
+        self.flusher.flush_all()
+        self.channel.send({"type": "clear_output", "wait": bool(wait)})
+
+
+class SandboxDisplayHook(DisplayHook):
+    """The value of a cell's last expression, sent as execute_result."""
+
+    channel = AnyTrait()
+    flusher = AnyTrait()
+
+    def start_displayhook(self) -> None:
+        self._result: dict[str, Any] = {"data": {}, "metadata": {}}
+
+    def write_output_prompt(self) -> None:
+        self._result["execution_count"] = self.prompt_count
+
+    def write_format_data(self, format_dict, md_dict=None) -> None:  # noqa: ANN001
+        self._result["data"] = json_clean(encode_images(format_dict))
+        self._result["metadata"] = json_clean(md_dict or {})
+
+    def finish_displayhook(self) -> None:
+        self.flusher.flush_all()
+        if self._result.get("data"):
+            self.channel.send({"type": "execute_result", **self._result})
+        self._result = {}
+
+
+class SandboxComm(BaseComm):
+    """A comm whose messages travel to the kernel as frames (ipywidgets uses this)."""
+
+    def publish_msg(self, msg_type: str, data=None, metadata=None, buffers=None, **keys: Any) -> None:  # noqa: ANN001
+        content = json_clean(dict(data=data, comm_id=self.comm_id, **keys))
+        channel = _current_channel()
+        channel.send(
+            {
+                "type": "comm",
+                "msg_type": msg_type,
+                "content": content,
+                "metadata": json_clean(metadata or {}),
+                "buffers": protocol.pack_buffers(buffers),
+            }
+        )
+
+
+_CHANNEL: FrameChannel | None = None
+_COMM_MANAGER: CommManager | None = None
+
+
+def _current_channel() -> FrameChannel:
+    assert _CHANNEL is not None, "the sandbox worker is not initialised"
+    return _CHANNEL
+
+
+def _create_comm(*args: Any, **kwargs: Any) -> BaseComm:
+    return SandboxComm(*args, **kwargs)
+
+
+def _get_comm_manager() -> CommManager:
+    global _COMM_MANAGER  # noqa: PLW0603
+    if _COMM_MANAGER is None:
+        _COMM_MANAGER = CommManager()
+    return _COMM_MANAGER
+
+
+@magics_class
+class CapsuleMagics(Magics):
+    """%capsule inside a cell with other code: the kernel runs it and answers."""
+
+    _ids = itertools.count(1)
+
+    @line_cell_magic
+    def capsule(self, line: str, cell: str | None = None) -> None:
+        shell: SandboxShell = self.shell  # type: ignore[assignment]
+        shell.flusher.flush_all()
+        request_id = next(self._ids)
+        shell.channel.send({"type": "magic", "id": request_id, "line": line, "cell": cell})
+        reply = shell.wait_reply("magic_reply", request_id)
+        if not reply.get("ok"):
+            raise UsageError(reply.get("error") or "%capsule failed")
+
+
+class SandboxShell(InteractiveShell):
+    """InteractiveShell whose outputs, input and pager go through frames."""
+
+    displayhook_class = Type(SandboxDisplayHook)
+    display_pub_class = Type(SandboxDisplayPublisher)
+
+    channel = AnyTrait()
+    flusher = AnyTrait()
+    limits: dict[str, Any] = {}
+    allow_stdin = False
+    last_error: dict[str, Any] | None = None
+
+    def __init__(self, *, channel: FrameChannel, flusher: StreamFlusher, **kwargs: Any) -> None:
+        super().__init__(channel=channel, flusher=flusher, **kwargs)
+        # tqdm.auto and friends pick their notebook flavour when they see this.
+        self.config.IPKernelApp.tqdm = "capsule"
+        for hook in (self.display_pub, self.displayhook):
+            hook.channel = channel
+            hook.flusher = flusher
+        self.set_custom_exc((MemoryError,), _explain_memory_error)
+        self.register_magics(CapsuleMagics)
+        self._reply_ids = itertools.count(1)
+
+    def init_hooks(self) -> None:
+        super().init_hooks()
+        self.set_hook("show_in_pager", page.as_hook(payloadpage.page), 99)
+
+    def init_virtualenv(self) -> None:
+        """The sandbox runs the kernel's own interpreter; nothing to detect."""
+
+    def init_environment(self) -> None:
+        os.environ.update({"PAGER": "cat", "GIT_PAGER": "cat", "CLICOLOR": "1"})
+
+    def enable_gui(self, gui: str | None = None) -> None:
+        if gui not in (None, "inline"):
+            raise UsageError(f"GUI event loop {gui!r} is not available in the capsule sandbox; use inline")
+
+    def ask_exit(self) -> None:
+        self.payload_manager.write_payload({"source": "ask_exit", "keepkernel": False})
+
+    def set_next_input(self, text: str, replace: bool = False) -> None:
+        self.payload_manager.write_payload({"source": "set_next_input", "text": text, "replace": replace})
+
+    def run_cell(self, *args: Any, **kwargs: Any):  # noqa: ANN201
+        self.last_error = None
+        return super().run_cell(*args, **kwargs)
+
+    def _showtraceback(self, etype, evalue, stb) -> None:  # noqa: ANN001
+        self.flusher.flush_all()
+        self.last_error = {"ename": etype.__name__, "evalue": str(evalue), "traceback": list(stb)}
+        self.channel.send({"type": "error", **json_clean(self.last_error)})
+
+    # -- input() and other waits on the kernel --------------------------------
+
+    def wait_reply(self, kind: str, request_id: int) -> dict[str, Any]:
+        """Block the cell until the kernel answers; KeyboardInterrupt aborts."""
+        while True:
+            reply = self.channel.replies.get()
+            if reply["type"] == "eof":
+                raise SystemExit(0)
+            if reply["type"] == kind and reply.get("id") == request_id:
+                return reply
+
+    def request_input(self, prompt: str = "", password: bool = False) -> str:
+        if not self.allow_stdin:
+            what = "getpass" if password else "input"
+            raise StdinNotImplementedError(
+                f"{what}() was called, but this frontend does not support input requests."
+            )
+        self.flusher.flush_all()
+        request_id = next(self._reply_ids)
+        self.channel.send({"type": "input_request", "id": request_id, "prompt": str(prompt), "password": password})
+        value = self.wait_reply("input_reply", request_id).get("value", "")
+        if value == "\x04":
+            raise EOFError
+        return value
+
+
+def _explain_memory_error(shell: SandboxShell, etype, value, tb, tb_offset=None):  # noqa: ANN001, ANN202
+    """Say which limit a MemoryError hit, so users know what to raise."""
+    limit = shell.limits.get("memory")
+    if limit:
+        detail = f" ({value})" if str(value) else ""
+        value = MemoryError(
+            f"the cell exceeded the sandbox memory limit of {format_size(limit)}{detail}; "
+            "raise it with %capsule limits --memory SIZE"
+        )
+    shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+
+
+def install(channel: FrameChannel, flusher: StreamFlusher) -> SandboxShell:
+    """Create the shell and route input(), getpass and comms through frames."""
+    global _CHANNEL  # noqa: PLW0603
+    _CHANNEL = channel
+    import comm
+
+    comm.create_comm = _create_comm
+    comm.get_comm_manager = _get_comm_manager
+
+    shell = SandboxShell.instance(channel=channel, flusher=flusher, colors="linux")
+    shell.history_manager.db_cache_size = 0
+
+    def _input(prompt: object = "") -> str:
+        return shell.request_input(str(prompt))
+
+    def _getpass(prompt: str = "Password: ", stream: Any = None) -> str:  # noqa: ARG001
+        return shell.request_input(prompt, password=True)
+
+    builtins.input = _input
+    getpass.getpass = _getpass
+    sys.displayhook = shell.displayhook
+    return shell
+
+
+def comm_manager() -> CommManager:
+    return _get_comm_manager()
