@@ -71,6 +71,8 @@ class CapsuleKernel(Kernel):
         self._next_count = 1
         self._cell_running = False
         self._output_parent: dict[str, Any] = {}
+        self._stdin_ident: Any = b""
+        self._main_loop: asyncio.AbstractEventLoop | None = None
         self._comms: dict[str, str] = {}
         self._side_tasks: set[asyncio.Task] = set()
         self._idle_death: str | None = None
@@ -95,6 +97,7 @@ class CapsuleKernel(Kernel):
         """See pre_handler_hook."""
 
     async def _begin_first_sandbox(self) -> None:
+        self._main_loop = asyncio.get_running_loop()
         self._starting = asyncio.ensure_future(self._start_sandbox())
 
     async def _start_sandbox(self) -> SubprocessSandbox:
@@ -163,6 +166,8 @@ class CapsuleKernel(Kernel):
     ) -> dict[str, Any]:
         started = time.perf_counter()
         self._output_parent = self.get_parent("shell")
+        # Side tasks run outside this handler's context: remember who asked.
+        self._stdin_ident = self._get_shell_context_var(self._shell_parent_ident)
         count = self._next_count
         try:
             reply, meta = await self._execute(code, silent, store_history, user_expressions, allow_stdin, count)
@@ -318,7 +323,12 @@ class CapsuleKernel(Kernel):
         task = asyncio.ensure_future(coroutine)
         task.cell_scoped = cell_scoped  # type: ignore[attr-defined]
         self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
+        task.add_done_callback(self._side_task_done)
+
+    def _side_task_done(self, task: asyncio.Task) -> None:
+        self._side_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("capsule side task failed", exc_info=task.exception())
 
     def _on_sandbox_comm(self, event: dict[str, Any]) -> None:
         msg_type, content = event["msg_type"], event["content"]
@@ -338,7 +348,7 @@ class CapsuleKernel(Kernel):
                 socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-        ident = self._get_shell_context_var(self._shell_parent_ident)
+        ident = self._stdin_ident
         content = {"prompt": event.get("prompt", ""), "password": bool(event.get("password"))}
         self.session.send(socket, "input_request", content, self._output_parent, ident=ident)
         while True:
@@ -468,13 +478,26 @@ class CapsuleKernel(Kernel):
         self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
+        # Called on the control thread; the sandbox lives on the shell loop.
+        if self._main_loop is not None and self._main_loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self._stop_sandbox(), self._main_loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(future), timeout=10)
+            except (TimeoutError, Exception):  # noqa: BLE001 - shutting down regardless
+                self.log.exception("sandbox did not stop cleanly; killing it")
+                if self.sandbox is not None:
+                    self.sandbox.kill()
+        elif self.sandbox is not None:
+            self.sandbox.kill()
+        return {"status": "ok", "restart": restart}
+
+    async def _stop_sandbox(self) -> None:
         if self._starting is not None:
             with contextlib.suppress(Exception):
                 await self._starting
         if self.sandbox is not None:
             self.sandbox.stopping = True
             await self.sandbox.shutdown()
-        return {"status": "ok", "restart": restart}
 
     async def do_debug_request(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -73,8 +73,10 @@ def isolate_network() -> tuple[bool, str]:
 
 
 def _set_rlimit(which: int, value: int | None) -> None:
-    limit = resource.RLIM_INFINITY if value is None else value
-    resource.setrlimit(which, (limit, limit))
+    if value is None:
+        # "Unlimited" means as much as the kernel itself may have.
+        value = resource.getrlimit(which)[1]
+    resource.setrlimit(which, (value, value))
 
 
 def apply_rlimits(limits: dict[str, Any]) -> dict[str, str]:

@@ -1,0 +1,104 @@
+"""complete, inspect, is_complete, history, comm_info, debug_request."""
+
+from __future__ import annotations
+
+from tests.harness import plain, start_kernel
+
+
+def test_complete_uses_the_live_namespace(kernel):
+    kernel.execute("capsule_variable_alpha = 1\ncapsule_variable_beta = 2")
+    reply = kernel.request("complete", "capsule_variable_", 17)["content"]
+    assert reply["status"] == "ok"
+    assert {"capsule_variable_alpha", "capsule_variable_beta"} <= set(reply["matches"])
+    assert reply["cursor_start"] == 0 and reply["cursor_end"] == 17
+
+
+def test_complete_attributes_after_disabling_jedi(kernel):
+    kernel.execute("%config Completer.use_jedi = False", store_history=False)
+    kernel.execute("import os")
+    code = "os.pa"
+    reply = kernel.request("complete", code, len(code))["content"]
+    assert any(m.endswith("path") for m in reply["matches"])
+
+
+def test_inspect_levels(kernel):
+    kernel.execute("def documented(a, b=2):\n    'Adds things up.'\n    return a + b")
+    level0 = kernel.request("inspect", "documented", 10, 0)["content"]
+    assert level0["found"] is True
+    assert "Adds things up." in level0["data"]["text/plain"]
+    level1 = kernel.request("inspect", "documented", 10, 1)["content"]
+    assert "return a + b" in plain(level1["data"]["text/plain"])
+    missing = kernel.request("inspect", "no_such_name_here", 5, 0)["content"]
+    assert missing["found"] is False
+
+
+def test_is_complete(kernel):
+    assert kernel.request("is_complete", "x = 1")["content"]["status"] == "complete"
+    incomplete = kernel.request("is_complete", "for i in range(3):")["content"]
+    assert incomplete["status"] == "incomplete"
+    assert incomplete["indent"] == "    "
+    assert kernel.request("is_complete", "x = )")["content"]["status"] == "invalid"
+
+
+def test_history_tail_range_search(kernel):
+    codes = ["hist_a = 'needle-1'", "hist_b = 'needle-2'", "hist_c = 'needle-3'"]
+    for code in codes:
+        kernel.execute(code)
+    tail = kernel.request("history", hist_access_type="tail", n=3, output=False, raw=True)["content"]["history"]
+    assert [row[2] for row in tail] == codes
+    session, start = tail[0][0], tail[0][1]
+    ranged = kernel.request("history", hist_access_type="range", session=session, start=start, stop=start + 1, output=False, raw=True)
+    assert [row[2] for row in ranged["content"]["history"]] == codes[:1]
+    found = kernel.request("history", hist_access_type="search", pattern="hist_? = 'needle-*", n=10, output=False, raw=True)
+    assert {row[2] for row in found["content"]["history"]} >= set(codes)
+
+
+def test_history_survives_a_kernel_restart(fresh_kernel, tmp_path):
+    first = fresh_kernel()
+    first.execute("persisted_marker = 'kept across kernels'")
+    first.close()
+    second = start_kernel(cwd=tmp_path)
+    try:
+        found = second.request("history", hist_access_type="search", pattern="*kept across kernels*", output=False, raw=True)
+        assert any("persisted_marker" in row[2] for row in found["content"]["history"])
+    finally:
+        second.close()
+
+
+def test_magic_cells_are_in_history_too(kernel):
+    kernel.execute("%capsule status")
+    tail = kernel.request("history", hist_access_type="tail", n=1, output=False, raw=True)["content"]["history"]
+    assert tail[-1][2] == "%capsule status"
+
+
+def test_debug_requests_get_an_answer(kernel):
+    msg = kernel.kc.session.msg("debug_request", {"type": "request", "seq": 1, "command": "initialize", "arguments": {}})
+    kernel.kc.control_channel.send(msg)
+    deadline_reply = None
+    import queue
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            reply = kernel.kc.control_channel.get_msg(timeout=0.1)
+        except queue.Empty:
+            continue
+        if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+            deadline_reply = reply
+            break
+    assert deadline_reply is not None
+    assert deadline_reply["content"]["success"] is False
+    assert "debugger" in deadline_reply["content"]["message"]
+
+
+def test_comm_info_lists_comms_opened_in_the_sandbox(kernel):
+    kernel.execute(
+        "from comm import create_comm\nc = create_comm(target_name='capsule.test', data={'hello': 1})"
+    )
+    comms = kernel.request("comm_info", target_name="capsule.test")["content"]["comms"]
+    assert len(comms) == 1
+    (info,) = comms.values()
+    assert info["target_name"] == "capsule.test"
+    kernel.execute("c.close()")
+    assert kernel.request("comm_info", target_name="capsule.test")["content"]["comms"] == {}
