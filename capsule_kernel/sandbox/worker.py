@@ -137,7 +137,10 @@ class Worker:
             finally:
                 self._interrupts_ignored()
         else:
-            error = error or {"ename": "Error", "evalue": "the cell failed", "traceback": []}
+            if error is None:
+                # IPython shows some errors (UsageError) without a traceback.
+                exc = result and (result.error_before_exec or result.error_in_exec)
+                error = {"ename": type(exc).__name__ if exc else "Error", "evalue": str(exc or "the cell failed"), "traceback": []}
             reply.update(status="error", user_expressions={}, **error)
         reply["payload"] = shell.payload_manager.read_payload()
         shell.payload_manager.clear_payload()

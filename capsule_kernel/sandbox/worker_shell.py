@@ -8,10 +8,12 @@ where stock ipykernel would talk ZeroMQ sends a data-only frame instead.
 from __future__ import annotations
 
 import builtins
+import errno
 import getpass
 import itertools
 import os
 import sys
+import traceback
 from typing import Any
 
 from comm.base_comm import BaseComm, CommManager
@@ -149,7 +151,7 @@ class SandboxShell(InteractiveShell):
         for hook in (self.display_pub, self.displayhook):
             hook.channel = channel
             hook.flusher = flusher
-        self.set_custom_exc((MemoryError,), _explain_memory_error)
+        self.set_custom_exc((MemoryError, OSError, RuntimeError), _explain_limit_error)
         self.register_magics(CapsuleMagics)
         self._reply_ids = itertools.count(1)
 
@@ -208,15 +210,43 @@ class SandboxShell(InteractiveShell):
         return value
 
 
-def _explain_memory_error(shell: SandboxShell, etype, value, tb, tb_offset=None):  # noqa: ANN001, ANN202
-    """Say which limit a MemoryError hit, so users know what to raise."""
-    limit = shell.limits.get("memory")
-    if limit:
+_PROCESS_FUNCTIONS = {"fork", "_fork_exec", "fork_exec", "_execute_child", "posix_spawn", "start_new_thread", "_start_new_thread"}
+
+
+def _raised_in(tb, names: set[str]) -> bool:  # noqa: ANN001
+    return any(frame.f_code.co_name in names for frame, _ in traceback.walk_tb(tb))
+
+
+def limit_explanation(limits: dict[str, Any], value: BaseException, tb) -> str | None:  # noqa: ANN001
+    """If the error is a sandbox limit being hit, say which one, in words."""
+    if isinstance(value, MemoryError) and limits.get("memory"):
         detail = f" ({value})" if str(value) else ""
-        value = MemoryError(
-            f"the cell exceeded the sandbox memory limit of {format_size(limit)}{detail}; "
+        return (
+            f"the cell exceeded the sandbox memory limit of {format_size(limits['memory'])}{detail}; "
             "raise it with %capsule limits --memory SIZE"
         )
+    if isinstance(value, OSError) and value.errno == errno.EMFILE and limits.get("files"):
+        return (
+            f"{value.strerror}: the sandbox allows {limits['files']} open files (files limit); "
+            "raise it with %capsule limits --files N"
+        )
+    hit_procs = (
+        isinstance(value, OSError) and value.errno == errno.EAGAIN and _raised_in(tb, _PROCESS_FUNCTIONS)
+    ) or (isinstance(value, RuntimeError) and "can't start new thread" in str(value))
+    if hit_procs and limits.get("procs"):
+        what = value.strerror if isinstance(value, OSError) else str(value)
+        return (
+            f"{what}: the sandbox allows {limits['procs']} processes and threads (procs limit); "
+            "raise it with %capsule limits --procs N"
+        )
+    return None
+
+
+def _explain_limit_error(shell: SandboxShell, etype, value, tb, tb_offset=None):  # noqa: ANN001, ANN202
+    """Errors caused by a sandbox limit name the limit, so users know what to raise."""
+    explanation = limit_explanation(shell.limits, value, tb)
+    if explanation is not None:
+        value = etype(value.errno, explanation) if isinstance(value, OSError) else etype(explanation)
     shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
 
 
