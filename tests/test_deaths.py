@@ -1,0 +1,108 @@
+"""A sandbox can die at any instant; the kernel survives and says why."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.harness import wait_until
+
+
+def assert_survived(kernel, result, *phrases: str) -> None:
+    assert result.status == "error"
+    assert result.content["ename"] == "SandboxDied"
+    evalue = result.content["evalue"]
+    for phrase in phrases:
+        assert phrase in evalue, evalue
+    assert "A fresh sandbox (pid" in evalue
+    assert "the namespace was lost" in evalue
+    # The kernel is alive, a new sandbox runs, the old state is gone.
+    assert kernel.km.is_alive()
+    assert kernel.execute("'before_death' in dir()").result_text == "False"
+    assert kernel.execute("21 * 2").result_text == "42"
+
+
+def test_os_exit(fresh_kernel):
+    kernel = fresh_kernel()
+    kernel.execute("before_death = 1")
+    result = kernel.execute("import os\nos._exit(3)")
+    assert_survived(kernel, result, "exited with code 3", "os._exit")
+
+
+def test_segfault(fresh_kernel):
+    kernel = fresh_kernel()
+    kernel.execute("before_death = 1")
+    result = kernel.execute("import ctypes\nctypes.string_at(0)")
+    assert_survived(kernel, result, "segmentation fault (SIGSEGV)", "C extension")
+    # faulthandler's last words reach the user as stderr.
+    assert "Fatal Python error" in result.stderr
+
+
+def test_killed_by_a_signal_from_inside(fresh_kernel):
+    kernel = fresh_kernel()
+    kernel.execute("before_death = 1")
+    result = kernel.execute("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert_survived(kernel, result, "SIGKILL", "out-of-memory killer")
+
+
+def test_killed_from_outside_while_running(fresh_kernel):
+    kernel = fresh_kernel()
+    kernel.execute("before_death = 1")
+    pid = kernel.sandbox_pid()
+    started: list[bool] = []
+
+    def on_message(message) -> None:
+        if message.msg_type == "stream" and "running" in message.content["text"] and not started:
+            started.append(True)
+            os.kill(pid, signal.SIGTERM)
+
+    result = kernel.execute("import time\nprint('running', flush=True)\ntime.sleep(60)", on_message=on_message)
+    assert_survived(kernel, result, "terminated (SIGTERM)")
+
+
+def test_death_between_cells_is_reported_on_the_next_cell(fresh_kernel):
+    kernel = fresh_kernel()
+    kernel.execute("before_death = 1")
+    pid = kernel.sandbox_pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3], what="sandbox to die")
+    result = kernel.execute("'before_death' in dir()")
+    assert result.result_text == "False"
+    assert "while no cell was running" in result.stderr
+    assert "namespace was lost" in result.stderr
+    assert kernel.sandbox_pid() != pid
+
+
+def _memory_cgroup() -> Path | None:
+    """A v1 memory cgroup below ours that this test may create, or None."""
+    try:
+        line = next(l for l in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in l)
+    except (OSError, StopIteration):
+        return None
+    parent = Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/")
+    if not os.access(parent, os.W_OK):
+        return None
+    return parent
+
+
+@pytest.mark.skipif(_memory_cgroup() is None, reason="no writable memory cgroup to provoke a real OOM kill")
+def test_out_of_memory_killer(fresh_kernel):
+    """The real OOM killer, confined to a memory cgroup so the machine is safe."""
+    kernel = fresh_kernel()
+    kernel.execute("before_death = 1")
+    pid = kernel.sandbox_pid()
+    group = _memory_cgroup() / f"capsule-oom-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(200 * 1024 * 1024))
+        (group / "cgroup.procs").write_text(str(pid))
+        result = kernel.execute("hog = b'x' * (600 * 1024 * 1024)")
+        assert_survived(kernel, result, "SIGKILL", "out-of-memory killer")
+        control = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+        assert int(control.get("oom_kill", "1")) >= 1
+    finally:
+        wait_until(lambda: (group / "cgroup.procs").read_text().strip() == "", what="the cgroup to empty")
+        group.rmdir()

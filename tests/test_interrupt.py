@@ -1,0 +1,78 @@
+"""Interrupts: KeyboardInterrupt in the cell, the namespace lives."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import wait_until
+
+
+def interrupt_once_running(kernel):
+    """An on_message hook that interrupts as soon as the cell says it runs."""
+    sent: list[bool] = []
+
+    def on_message(message) -> None:
+        if message.msg_type == "stream" and "running" in message.content["text"] and not sent:
+            sent.append(True)
+            kernel.km.interrupt_kernel()
+
+    return on_message
+
+
+@pytest.mark.parametrize("kernel_name", ["capsule", "capsule-message"])
+def test_interrupt_raises_keyboard_interrupt_and_keeps_state(fresh_kernel, kernel_name):
+    kernel = fresh_kernel(kernel_name=kernel_name)
+    mode = kernel.km.kernel_spec.interrupt_mode
+    assert mode == ("signal" if kernel_name == "capsule" else "message")
+    kernel.execute("kept = 'alive'")
+    pid = kernel.sandbox_pid()
+    result = kernel.execute(
+        "import time\nprint('running', flush=True)\ntime.sleep(60)", on_message=interrupt_once_running(kernel), timeout=30
+    )
+    assert result.status == "error"
+    assert result.content["ename"] == "KeyboardInterrupt"
+    assert result.replied - result.started < 20
+    assert kernel.execute("kept").result_text == "'alive'"
+    assert kernel.sandbox_pid() == pid
+
+
+def test_interrupting_an_idle_kernel_is_harmless(kernel):
+    kernel.execute("idle_state = 5")
+    for _ in range(3):
+        kernel.km.interrupt_kernel()
+    assert kernel.execute("idle_state * 2").result_text == "10"
+    assert kernel.km.is_alive()
+
+
+def test_interrupt_while_waiting_for_input(fresh_kernel):
+    kernel = fresh_kernel()
+    kernel.execute("kept = 3")
+    asked: list[dict] = []
+
+    msg_id = kernel.kc.execute("value = input('never answered: ')", allow_stdin=True)
+    import time
+
+    started = time.monotonic()
+    request = wait_until(lambda: _stdin_request(kernel), what="the input request")
+    asked.append(request)
+    kernel.km.interrupt_kernel()
+    result = kernel.collect(msg_id, started)
+    assert result.status == "error"
+    assert result.content["ename"] == "KeyboardInterrupt"
+    assert kernel.execute("kept").result_text == "3"
+
+
+def _stdin_request(kernel):
+    import queue
+
+    try:
+        return kernel.kc.get_stdin_msg(timeout=0.05)
+    except queue.Empty:
+        return None
+
+
+def test_interrupt_reaches_a_shell_command(fresh_kernel):
+    kernel = fresh_kernel()
+    result = kernel.execute("print('running', flush=True)\n!sleep 60", on_message=interrupt_once_running(kernel), timeout=40)
+    assert result.replied - result.started < 30
+    assert kernel.execute("1 + 1").result_text == "2"
