@@ -11,19 +11,17 @@ import builtins
 import errno
 import getpass
 import itertools
-import os
 import sys
 import traceback
 from typing import Any
 
 from comm.base_comm import BaseComm, CommManager
-from IPython.core import page, payloadpage
 from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.error import StdinNotImplementedError, UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from ipykernel.jsonutil import encode_images, json_clean
+from ipykernel.zmqshell import ZMQInteractiveShell
 from traitlets import Any as AnyTrait
 from traitlets import Type
 
@@ -132,8 +130,14 @@ class CapsuleMagics(Magics):
             raise UsageError(reply.get("error") or "%capsule failed")
 
 
-class SandboxShell(InteractiveShell):
-    """InteractiveShell whose outputs, input and pager go through frames."""
+class SandboxShell(ZMQInteractiveShell):
+    """IPython's kernel shell, with outputs and input going through frames.
+
+    Subclassing ipykernel's ZMQInteractiveShell (without its kernel) keeps the
+    pager payloads, shell-escape piping and exit handling users know, and lets
+    libraries that look for a Jupyter kernel (tqdm.auto, rich, plotly...)
+    recognise one.
+    """
 
     displayhook_class = Type(SandboxDisplayHook)
     display_pub_class = Type(SandboxDisplayPublisher)
@@ -146,8 +150,6 @@ class SandboxShell(InteractiveShell):
 
     def __init__(self, *, channel: FrameChannel, flusher: StreamFlusher, **kwargs: Any) -> None:
         super().__init__(channel=channel, flusher=flusher, **kwargs)
-        # tqdm.auto and friends pick their notebook flavour when they see this.
-        self.config.IPKernelApp.tqdm = "capsule"
         for hook in (self.display_pub, self.displayhook):
             hook.channel = channel
             hook.flusher = flusher
@@ -155,25 +157,16 @@ class SandboxShell(InteractiveShell):
         self.register_magics(CapsuleMagics)
         self._reply_ids = itertools.count(1)
 
-    def init_hooks(self) -> None:
-        super().init_hooks()
-        self.set_hook("show_in_pager", page.as_hook(payloadpage.page), 99)
-
-    def init_virtualenv(self) -> None:
-        """The sandbox runs the kernel's own interpreter; nothing to detect."""
-
-    def init_environment(self) -> None:
-        os.environ.update({"PAGER": "cat", "GIT_PAGER": "cat", "CLICOLOR": "1"})
-
     def enable_gui(self, gui: str | None = None) -> None:
         if gui not in (None, "inline"):
             raise UsageError(f"GUI event loop {gui!r} is not available in the capsule sandbox; use inline")
 
     def ask_exit(self) -> None:
+        """exit() asks the frontend; the sandbox itself keeps serving."""
         self.payload_manager.write_payload({"source": "ask_exit", "keepkernel": False})
 
-    def set_next_input(self, text: str, replace: bool = False) -> None:
-        self.payload_manager.write_payload({"source": "set_next_input", "text": text, "replace": replace})
+    def _update_exit_now(self, change: Any) -> None:
+        """ZMQInteractiveShell stops its kernel's loop here; there is none."""
 
     def run_cell(self, *args: Any, **kwargs: Any):  # noqa: ANN201
         self.last_error = None

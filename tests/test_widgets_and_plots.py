@@ -1,0 +1,72 @@
+"""Widgets (comms both ways), progress bars and matplotlib inline."""
+
+from __future__ import annotations
+
+import base64
+
+
+def test_int_slider_comm_round_trip(kernel):
+    result = kernel.execute("import ipywidgets as widgets\nslider = widgets.IntSlider(value=3)\nslider")
+    opens = [m for m in result.of_type("comm_open") if m.content["target_name"] == "jupyter.widget"]
+    slider_open = next(m for m in opens if m.content["data"]["state"].get("_model_name") == "IntSliderModel")
+    assert slider_open.content["data"]["state"]["value"] == 3
+    comm_id = slider_open.content["comm_id"]
+    view = result.of_type("execute_result")[0].content["data"]["application/vnd.jupyter.widget-view+json"]
+    assert view["model_id"] == comm_id
+
+    # The frontend moves the slider: a comm_msg from the client side.
+    update = kernel.kc.session.msg(
+        "comm_msg", {"comm_id": comm_id, "data": {"method": "update", "state": {"value": 7}, "buffer_paths": []}}
+    )
+    kernel.kc.shell_channel.send(update)
+    assert kernel.execute("slider.value").result_text == "7"
+
+    # And the kernel side moves it back: the frontend hears about it.
+    moved = kernel.execute("slider.value = 11")
+    updates = [m.content for m in moved.of_type("comm_msg") if m.content["comm_id"] == comm_id]
+    assert any(u["data"].get("state", {}).get("value") == 11 for u in updates)
+    comm_info = kernel.request("comm_info", target_name="jupyter.widget")["content"]["comms"]
+    assert comm_id in comm_info
+
+
+def test_widget_callbacks_run_in_the_sandbox(kernel):
+    result = kernel.execute(
+        "import ipywidgets as widgets\nseen = []\nbox = widgets.IntText(value=1)\n"
+        "box.observe(lambda change: seen.append(change['new']), names='value')\nbox"
+    )
+    comm_id = next(
+        m.content["comm_id"] for m in result.of_type("comm_open") if m.content["data"]["state"].get("_model_name") == "IntTextModel"
+    )
+    msg = kernel.kc.session.msg("comm_msg", {"comm_id": comm_id, "data": {"method": "update", "state": {"value": 5}, "buffer_paths": []}})
+    kernel.kc.shell_channel.send(msg)
+    assert kernel.execute("seen").result_text == "[5]"
+
+
+def test_tqdm_auto_is_a_widget_progress_bar(kernel):
+    result = kernel.execute("from tqdm.auto import tqdm\nfor _ in tqdm(range(50)):\n    pass")
+    assert result.status == "ok", result.texts()
+    assert any(m.content["target_name"] == "jupyter.widget" for m in result.of_type("comm_open"))
+    views = [m for m in result.of_type("display_data") if "application/vnd.jupyter.widget-view+json" in m.content["data"]]
+    assert views
+    assert any(m.msg_type == "comm_msg" for m in result.messages)
+
+
+def test_text_progress_bars_update_in_place(kernel):
+    result = kernel.execute("from tqdm import tqdm\nimport time\nfor _ in tqdm(range(3), mininterval=0):\n    time.sleep(0.05)")
+    assert "\r" in result.stderr
+    assert "3/3" in result.stderr
+
+
+def test_matplotlib_inline_png(kernel):
+    result = kernel.execute(
+        "%matplotlib inline\nimport matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title('capsule')\nplt.show()"
+    )
+    images = [m for m in result.of_type("display_data") if "image/png" in m.content["data"]]
+    assert len(images) == 1
+    png = base64.b64decode(images[0].content["data"]["image/png"])
+    assert png.startswith(b"\x89PNG")
+
+
+def test_matplotlib_figure_without_show(kernel):
+    result = kernel.execute("import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.bar([1, 2], [3, 4]);")
+    assert any("image/png" in m.content["data"] for m in result.of_type("display_data"))
