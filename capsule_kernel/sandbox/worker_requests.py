@@ -69,7 +69,12 @@ def history(
     if hist_access_type == "tail":
         rows = manager.get_tail(n or 10, raw=raw, output=output, include_latest=True)
     elif hist_access_type == "range":
-        rows = manager.get_range(session, start, stop, raw=raw, output=output)
+        # IPython numbers the current session 0 in its in-memory rows; frontends
+        # (and the tail/search replies) use the real session number.
+        rows = [
+            (row[0] or manager.session_number, *row[1:])
+            for row in manager.get_range(session, start, stop, raw=raw, output=output)
+        ]
     elif hist_access_type == "search":
         rows = manager.search(pattern or "*", raw=raw, output=output, n=n, unique=unique)
     else:
