@@ -41,6 +41,9 @@ def test_cpu_limit_stops_a_busy_cell(fresh_kernel):
     # The limit is per cell: the next cells get their own second.
     assert kernel.execute("kept + 1").result_text == "2"
     assert kernel.execute("sum(range(1000))").status == "ok"
+    again = kernel.execute("while True:\n    pass", timeout=60)
+    assert again.content["ename"] == "CPULimitExceeded"
+    assert "not enforced" not in limits_text(kernel).split("\ncpu", 1)[1].splitlines()[0]
 
 
 @pytest.mark.slow

@@ -43,6 +43,26 @@ STARTUP_TIMEOUT_SECONDS = 60.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def can_raise_hard_limits() -> bool:
+    """Whether this process holds CAP_SYS_RESOURCE (root in many containers does not)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 24))
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _not_applied(err: Exception) -> str:
+    if isinstance(err, PermissionError):
+        return (
+            "raising a running sandbox's hard limit needs CAP_SYS_RESOURCE, which the kernel lacks; "
+            "it applies from the next sandbox (%capsule restart)"
+        )
+    return f"could not be applied to the running sandbox ({err}); it applies from the next sandbox (%capsule restart)"
+
+
 class SandboxDied(Exception):
     """The worker process ended while the kernel was waiting on it."""
 
@@ -69,7 +89,6 @@ def worker_environment(base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
     env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     env["CAPSULE_SANDBOX"] = "subprocess"
-    env["PYTHONFAULTHANDLER"] = "1"  # a segfault prints the Python stack to stderr
     env.pop("PYTHONSTARTUP", None)
     return env
 
@@ -289,7 +308,7 @@ class SubprocessSandbox:
                 resource.prlimit(pid, which, (value, value))
                 notes[name] = "applied to the running sandbox"
             except (PermissionError, ValueError, OSError) as err:
-                notes[name] = f"could not be applied to the running sandbox ({err}); it applies after a restart"
+                notes[name] = _not_applied(err)
         if old.procs != limits.procs:
             try:
                 if self._cgroup is not None:
@@ -298,7 +317,7 @@ class SubprocessSandbox:
                 resource.prlimit(pid, resource.RLIMIT_NPROC, (value, value))
                 notes["procs"] = "applied to the running sandbox"
             except (PermissionError, ValueError, OSError) as err:
-                notes["procs"] = f"could not be applied to the running sandbox ({err}); it applies after a restart"
+                notes["procs"] = _not_applied(err)
         if old.network != limits.network:
             notes["network"] = "a running process cannot change networks: applies after %capsule restart"
         if old.cpu != limits.cpu:
@@ -331,28 +350,35 @@ class SubprocessSandbox:
             return None
 
     def _arm_cpu_limit(self) -> None:
-        """RLIMIT_CPU counts a process's whole life; re-arm it per cell."""
+        """RLIMIT_CPU counts a process's whole life; re-arm it before each cell.
+
+        The soft limit raises CPULimitExceeded in the cell. A hard limit a few
+        seconds later kills a cell that ignores it, but only where the kernel
+        may raise it again for the next cell (CAP_SYS_RESOURCE); elsewhere the
+        hard limit stays open and the wall-clock timeout is the backstop.
+        """
         pid = self.pid
         if pid is None:
             return
+        hard_ok = can_raise_hard_limits()
         if self.limits.cpu is None:
-            limits = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+            soft = resource.RLIM_INFINITY
         else:
             used = self._cpu_seconds_used() or 0.0
             soft = int(used + self.limits.cpu + 0.999)
-            limits = (soft, soft + CPU_HARD_GRACE_SECONDS)
+        hard = soft + CPU_HARD_GRACE_SECONDS if hard_ok and soft != resource.RLIM_INFINITY else resource.RLIM_INFINITY
+        if not hard_ok:
+            hard = resource.prlimit(pid, resource.RLIMIT_CPU)[1]
+            soft = min(soft, hard) if hard != resource.RLIM_INFINITY else soft
         try:
-            resource.prlimit(pid, resource.RLIMIT_CPU, limits)
-            self.enforcement["cpu"] = "enforced: RLIMIT_CPU per cell (exception, then kill)"
-        except PermissionError:
-            # Raising a hard limit needs privileges: keep the soft limit only.
-            try:
-                resource.prlimit(pid, resource.RLIMIT_CPU, (limits[0], resource.RLIM_INFINITY))
-                self.enforcement["cpu"] = "enforced: RLIMIT_CPU soft limit per cell (no hard stop)"
-            except (PermissionError, OSError) as err:
-                self.enforcement["cpu"] = f"not enforced: {err}"
-        except (ProcessLookupError, OSError, ValueError) as err:
+            resource.prlimit(pid, resource.RLIMIT_CPU, (soft, hard))
+        except (ProcessLookupError, PermissionError, OSError, ValueError) as err:
             self.enforcement["cpu"] = f"not enforced: {err}"
+            return
+        if hard_ok:
+            self.enforcement["cpu"] = "enforced: RLIMIT_CPU per cell (exception, then kill)"
+        else:
+            self.enforcement["cpu"] = "enforced: RLIMIT_CPU soft limit per cell (exception; the timeout is the hard stop)"
 
     async def _timeout_then_kill(self) -> None:
         self._timed_out = True

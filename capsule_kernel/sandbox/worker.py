@@ -12,6 +12,7 @@ CPULimitExceeded, all in the cell, so the namespace survives every one of them.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -184,6 +185,9 @@ class Worker:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     config = json.loads(argv[0])
+    # A segfault prints the cell's Python stack to the raw stderr, which the
+    # kernel forwards as the dying sandbox's last words.
+    faulthandler.enable(file=sys.__stderr__, all_threads=False)
     for fd in (config["read_fd"], config["write_fd"]):
         # Shell commands started by cells must not hold the frame pipe open.
         os.set_inheritable(fd, False)

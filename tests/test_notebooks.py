@@ -1,0 +1,94 @@
+"""Headless runs: nbclient, `jupyter execute` and papermill drive the tour."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+TOUR = Path(__file__).resolve().parent.parent / "notebooks" / "tour.ipynb"
+
+
+def outputs_by_id(nb) -> dict[str, list[dict]]:
+    return {cell["id"]: cell.get("outputs", []) for cell in nb.cells if cell.cell_type == "code"}
+
+
+def text_of(outputs: list[dict]) -> str:
+    parts = []
+    for output in outputs:
+        if output["output_type"] == "stream":
+            parts.append(output["text"])
+        elif output["output_type"] == "error":
+            parts.append(f"{output['ename']}: {output['evalue']}\n")
+        else:
+            parts.append(output.get("data", {}).get("text/plain", "") + "\n")
+    return "".join(parts)
+
+
+def check_tour(nb) -> None:
+    out = outputs_by_id(nb)
+    assert "This cell runs in process" in text_of(out["where"])
+    assert "sandbox         subprocess" in text_of(out["status"])
+    assert text_of(out["stream"]) == "step 0\nstep 1\nstep 2\n"
+    assert any("image/png" in o.get("data", {}) for o in out["plot"])
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in out["widget"])
+    assert "MemoryError: the cell exceeded the sandbox memory limit of 1 GiB" in text_of(out["memory"])
+    assert "CellTimeout" in text_of(out["timeout"])
+    assert "still here: 2 19900" in text_of(out["survived"])
+    assert "SandboxDied" in text_of(out["crash"]) and "segmentation fault" in text_of(out["crash"])
+    assert "a fresh sandbox runs as process" in text_of(out["after-crash"])
+
+
+@pytest.mark.slow
+def test_nbclient_runs_the_tour(tmp_path):
+    nb = nbformat.read(TOUR, as_version=4)
+    NotebookClient(nb, kernel_name="capsule", timeout=120, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    check_tour(nb)
+    # Widgets leave their state in the notebook, as in stock ipykernel.
+    assert "application/vnd.jupyter.widget-state+json" in nb.metadata.get("widgets", {})
+
+
+@pytest.mark.slow
+def test_jupyter_execute_runs_the_tour(tmp_path):
+    target = tmp_path / "tour.ipynb"
+    target.write_text(TOUR.read_text())
+    jupyter = Path(sys.executable).parent / "jupyter"
+    run = subprocess.run(
+        [str(jupyter), "execute", str(target), "--kernel_name=capsule", "--inplace"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    check_tour(nbformat.read(target, as_version=4))
+
+
+@pytest.mark.slow
+def test_papermill_runs_a_parameterised_notebook(tmp_path):
+    import papermill
+
+    source = tmp_path / "params.ipynb"
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("rows = 1", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("import os\nprint('rows', rows, 'pid', os.getpid())"),
+        ],
+        metadata={"kernelspec": {"name": "capsule", "display_name": "Capsule", "language": "python"}},
+    )
+    nbformat.write(nb, source)
+    result = papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), parameters={"rows": 7}, kernel_name="capsule")
+    assert "rows 7 pid" in text_of(result.cells[-1].outputs)
+
+
+def test_a_failing_cell_stops_a_headless_run_with_a_clear_error(tmp_path):
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os\nos._exit(9)"), nbformat.v4.new_code_cell("1")])
+    with pytest.raises(CellExecutionError) as failure:
+        NotebookClient(nb, kernel_name="capsule", timeout=60).execute()
+    assert "SandboxDied" in str(failure.value)
+    assert "exited with code 9" in str(failure.value)
