@@ -51,9 +51,28 @@ _BLOCKING_PREFIXES = {
 }
 _MUTATING_METHODS = frozenset(
     {
-        "append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse", "update",
-        "add", "discard", "setdefault", "popitem", "difference_update", "intersection_update",
-        "symmetric_difference_update", "fill", "resize", "put", "write", "set", "drop",
+        "append",
+        "extend",
+        "insert",
+        "remove",
+        "pop",
+        "clear",
+        "sort",
+        "reverse",
+        "update",
+        "add",
+        "discard",
+        "setdefault",
+        "popitem",
+        "difference_update",
+        "intersection_update",
+        "symmetric_difference_update",
+        "fill",
+        "resize",
+        "put",
+        "write",
+        "set",
+        "drop",
     }
 )
 _MAGIC_METHODS = {"run_line_magic": "line", "run_cell_magic": "cell"}

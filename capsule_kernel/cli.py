@@ -76,7 +76,9 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--sys-prefix", action="store_true", help="in this Python environment (sys.prefix)")
     where.add_argument("--prefix", metavar="PATH", help="under PATH/share/jupyter/kernels")
     inst.add_argument("--name", default=KERNEL_NAME, help=f"kernelspec name (default {KERNEL_NAME})")
-    inst.add_argument("--display-name", default=DISPLAY_NAME, help=f"name shown in frontends (default {DISPLAY_NAME!r})")
+    inst.add_argument(
+        "--display-name", default=DISPLAY_NAME, help=f"name shown in frontends (default {DISPLAY_NAME!r})"
+    )
     inst.set_defaults(run=install)
     rm = commands.add_parser("uninstall", help="remove the kernelspec")
     rm.add_argument("--name", default=KERNEL_NAME)

@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 import zmq
-from IPython.core.inputtransformer2 import TransformerManager
 from ipykernel.kernelbase import Kernel
+from IPython.core.inputtransformer2 import TransformerManager
 
 from capsule_kernel import __version__, magics
 from capsule_kernel.analyzer import Analyzer, ExecutionPlan
@@ -171,7 +171,7 @@ class CapsuleKernel(Kernel):
         count = self._next_count
         try:
             reply, meta = await self._execute(code, silent, store_history, user_expressions, allow_stdin, count)
-        except Exception as err:  # noqa: BLE001 - the frontend must always get a reply
+        except Exception as err:
             self.log.exception("capsule kernel error while executing a cell")
             reply = self._fail(count, "CapsuleKernelError", f"internal error in the capsule kernel: {err!r}")
             meta = {"sandbox": "kernel", "mode": "error", "reason": "internal error"}
@@ -204,15 +204,22 @@ class CapsuleKernel(Kernel):
             else:
                 plan = self._plan(code)
                 decision = route(plan)
-                meta = {"sandbox": decision.sandbox, "mode": plan.mode, "reason": decision.reason, "routing": "subprocess"}
-                reply = await self._execute_in_sandbox(code, silent, store_history, user_expressions, allow_stdin, count)
+                meta = {
+                    "sandbox": decision.sandbox,
+                    "mode": plan.mode,
+                    "reason": decision.reason,
+                    "routing": "subprocess",
+                }
+                reply = await self._execute_in_sandbox(
+                    code, silent, store_history, user_expressions, allow_stdin, count
+                )
         return reply, meta
 
     def _plan(self, code: str) -> ExecutionPlan:
         """The analyzer's plan; a bug in it must never cost the user the cell."""
         try:
             return self.analyzer.plan(code)
-        except Exception:  # noqa: BLE001
+        except Exception:
             self.log.exception("the analyzer failed; running the cell as a plain cell")
             return ExecutionPlan(source_hash="", syntax_error=None)
 
@@ -250,7 +257,9 @@ class CapsuleKernel(Kernel):
             return self._fail(count, "SandboxUnavailable", f"the sandbox could not start: {err}")
         if self._idle_death:
             notice, self._idle_death = self._idle_death, None
-            self._publish("stream", {"name": "stderr", "text": f"{notice} A fresh sandbox was started; the namespace was lost.\n"})
+            self._publish(
+                "stream", {"name": "stderr", "text": f"{notice} A fresh sandbox was started; the namespace was lost.\n"}
+            )
         request = {
             "code": code,
             "silent": silent,
@@ -284,7 +293,12 @@ class CapsuleKernel(Kernel):
         )
         return self._fail(count, ename, evalue)
 
-    def finish_metadata(self, parent: dict[str, Any], metadata: dict[str, Any], reply_content: dict[str, Any]) -> dict[str, Any]:
+    def finish_metadata(
+        self,
+        parent: dict[str, Any],  # noqa: ARG002 - kernelbase's signature
+        metadata: dict[str, Any],
+        reply_content: dict[str, Any],
+    ) -> dict[str, Any]:
         metadata["status"] = reply_content.get("status")
         metadata["capsule"] = self._last_meta
         return metadata
@@ -303,7 +317,9 @@ class CapsuleKernel(Kernel):
             self._publish("stream", {"name": event["name"], "text": event["text"]})
         elif kind == "display":
             msg_type = "update_display_data" if event.get("update") else "display_data"
-            self._publish(msg_type, {"data": event["data"], "metadata": event["metadata"], "transient": event["transient"]})
+            self._publish(
+                msg_type, {"data": event["data"], "metadata": event["metadata"], "transient": event["transient"]}
+            )
         elif kind == "clear_output":
             self._publish("clear_output", {"wait": event.get("wait", False)})
         elif kind == "execute_result":
@@ -336,7 +352,9 @@ class CapsuleKernel(Kernel):
             self._comms[content["comm_id"]] = content.get("target_name", "")
         elif msg_type == "comm_close":
             self._comms.pop(content.get("comm_id"), None)
-        self._publish(msg_type, content, metadata=event.get("metadata"), buffers=protocol.unpack_buffers(event.get("buffers")))
+        self._publish(
+            msg_type, content, metadata=event.get("metadata"), buffers=protocol.unpack_buffers(event.get("buffers"))
+        )
 
     async def _answer_input(self, event: dict[str, Any]) -> None:
         """Relay input()/getpass from the sandbox to the frontend's stdin channel."""
@@ -433,8 +451,15 @@ class CapsuleKernel(Kernel):
         fallback = {"status": "ok", "matches": [], "cursor_start": cursor, "cursor_end": cursor, "metadata": {}}
         return await self._ask_sandbox("complete", {"code": code, "cursor_pos": cursor}, fallback)
 
-    async def do_inspect(self, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()) -> dict[str, Any]:
-        args = {"code": code, "cursor_pos": cursor_pos, "detail_level": detail_level, "omit_sections": list(omit_sections)}
+    async def do_inspect(
+        self, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()
+    ) -> dict[str, Any]:
+        args = {
+            "code": code,
+            "cursor_pos": cursor_pos,
+            "detail_level": detail_level,
+            "omit_sections": list(omit_sections),
+        }
         return await self._ask_sandbox("inspect", args, {"status": "ok", "data": {}, "metadata": {}, "found": False})
 
     async def do_history(
@@ -483,7 +508,7 @@ class CapsuleKernel(Kernel):
             future = asyncio.run_coroutine_threadsafe(self._stop_sandbox(), self._main_loop)
             try:
                 await asyncio.wait_for(asyncio.wrap_future(future), timeout=10)
-            except (TimeoutError, Exception):  # noqa: BLE001 - shutting down regardless
+            except (TimeoutError, Exception):
                 self.log.exception("sandbox did not stop cleanly; killing it")
                 if self.sandbox is not None:
                     self.sandbox.kill()
@@ -520,7 +545,12 @@ class CapsuleKernel(Kernel):
     async def _refuse_subshells(self, socket: Any, ident: Any, parent: dict[str, Any]) -> None:
         assert self.session is not None
         msg_type = parent["header"]["msg_type"].replace("_request", "_reply")
-        content = {"status": "error", "ename": "NotImplementedError", "evalue": "the capsule kernel has no subshells", "traceback": []}
+        content = {
+            "status": "error",
+            "ename": "NotImplementedError",
+            "evalue": "the capsule kernel has no subshells",
+            "traceback": [],
+        }
         self.session.send(socket, msg_type, content, parent, ident)
 
     create_subshell_request = _refuse_subshells

@@ -19,7 +19,11 @@ def render(path: str) -> str:
             continue
         if cell.cell_type != "code":
             continue
-        lines += ["", f"In [{cell.get('execution_count') or ' '}]:", *("    " + line for line in cell.source.splitlines())]
+        lines += [
+            "",
+            f"In [{cell.get('execution_count') or ' '}]:",
+            *("    " + line for line in cell.source.splitlines()),
+        ]
         for output in cell.get("outputs", []):
             kind = output["output_type"]
             if kind == "stream":

@@ -40,7 +40,9 @@ def isolated_jupyter(tmp_path_factory: pytest.TempPathFactory) -> None:
     data = json.loads(spec_file.read_text())
     data["interrupt_mode"] = "message"
     spec_file.write_text(json.dumps(data))
-    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(home / "share"), os.environ.get("JUPYTER_PATH", "")]).rstrip(os.pathsep)
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(home / "share"), os.environ.get("JUPYTER_PATH", "")]).rstrip(
+        os.pathsep
+    )
     # The test process itself must not pick up the developer's capsule.toml.
     os.environ.pop("CAPSULE_MEMORY", None)
 
@@ -58,7 +60,9 @@ def fresh_kernel(tmp_path: Path):
     """A kernel of the test's own, for tests that kill or reconfigure things."""
     harnesses: list[KernelHarness] = []
 
-    def start(env: dict[str, str] | None = None, kernel_name: str = "capsule", cwd: Path | None = None) -> KernelHarness:
+    def start(
+        env: dict[str, str] | None = None, kernel_name: str = "capsule", cwd: Path | None = None
+    ) -> KernelHarness:
         harness = start_kernel(kernel_name, env=env, cwd=cwd or tmp_path)
         harnesses.append(harness)
         return harness

@@ -133,7 +133,9 @@ class KernelHarness:
         idle = False
         while not (idle and result.reply):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no idle/reply for {msg_id} within {timeout} s; got {[m.msg_type for m in result.messages]}")
+                raise TimeoutError(
+                    f"no idle/reply for {msg_id} within {timeout} s; got {[m.msg_type for m in result.messages]}"
+                )
             if stdin_answer is not None:
                 try:
                     request = self.kc.get_stdin_msg(timeout=0.01)
@@ -184,7 +186,9 @@ class KernelHarness:
         return int(result.result_text)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -68,7 +68,10 @@ def test_death_between_cells_is_reported_on_the_next_cell(fresh_kernel):
     kernel.execute("before_death = 1")
     pid = kernel.sandbox_pid()
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3], what="sandbox to die")
+    wait_until(
+        lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3],
+        what="sandbox to die",
+    )
     result = kernel.execute("'before_death' in dir()")
     assert result.result_text == "False"
     assert "while no cell was running" in result.stderr
@@ -79,7 +82,7 @@ def test_death_between_cells_is_reported_on_the_next_cell(fresh_kernel):
 def _memory_cgroup() -> Path | None:
     """A v1 memory cgroup below ours that this test may create, or None."""
     try:
-        line = next(l for l in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in l)
+        line = next(row for row in Path("/proc/self/cgroup").read_text().splitlines() if ":memory:" in row)
     except (OSError, StopIteration):
         return None
     parent = Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/")

@@ -116,7 +116,9 @@ def test_reply_metadata_says_where_and_how(kernel):
 
 
 def test_top_level_await(kernel):
-    result = kernel.execute("import asyncio\nasync def answer():\n    await asyncio.sleep(0.01)\n    return 42\nawait answer()")
+    result = kernel.execute(
+        "import asyncio\nasync def answer():\n    await asyncio.sleep(0.01)\n    return 42\nawait answer()"
+    )
     assert result.result_text == "42"
 
 
@@ -157,8 +159,11 @@ def test_vscode_startup_code_runs_silently(kernel):
     startup = [
         "%config Completer.use_jedi = False",
         "%matplotlib inline",
-        "import os as __VSCODE_os\n__vsc_ipynb_file__ = __VSCODE_os.path.join(__VSCODE_os.getcwd(), 'nb.ipynb')\ndel __VSCODE_os",
-        "try:\n    import IPython\n    __VSCODE_ip = IPython.get_ipython()\n    __VSCODE_ip.__class__.__name__\nexcept Exception:\n    pass",
+        "import os as __VSCODE_os\n"
+        "__vsc_ipynb_file__ = __VSCODE_os.path.join(__VSCODE_os.getcwd(), 'nb.ipynb')\n"
+        "del __VSCODE_os",
+        "try:\n    import IPython\n    __VSCODE_ip = IPython.get_ipython()\n"
+        "    __VSCODE_ip.__class__.__name__\nexcept Exception:\n    pass",
     ]
     before = kernel.execute("1").content["execution_count"]
     for code in startup:

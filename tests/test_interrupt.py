@@ -27,7 +27,9 @@ def test_interrupt_raises_keyboard_interrupt_and_keeps_state(fresh_kernel, kerne
     kernel.execute("kept = 'alive'")
     pid = kernel.sandbox_pid()
     result = kernel.execute(
-        "import time\nprint('running', flush=True)\ntime.sleep(60)", on_message=interrupt_once_running(kernel), timeout=30
+        "import time\nprint('running', flush=True)\ntime.sleep(60)",
+        on_message=interrupt_once_running(kernel),
+        timeout=30,
     )
     assert result.status == "error"
     assert result.content["ename"] == "KeyboardInterrupt"
@@ -73,6 +75,8 @@ def _stdin_request(kernel):
 
 def test_interrupt_reaches_a_shell_command(fresh_kernel):
     kernel = fresh_kernel()
-    result = kernel.execute("print('running', flush=True)\n!sleep 60", on_message=interrupt_once_running(kernel), timeout=40)
+    result = kernel.execute(
+        "print('running', flush=True)\n!sleep 60", on_message=interrupt_once_running(kernel), timeout=40
+    )
     assert result.replied - result.started < 30
     assert kernel.execute("1 + 1").result_text == "2"

@@ -47,9 +47,13 @@ def test_history_tail_range_search(kernel):
     tail = kernel.request("history", hist_access_type="tail", n=3, output=False, raw=True)["content"]["history"]
     assert [row[2] for row in tail] == codes
     session, start = tail[0][0], tail[0][1]
-    ranged = kernel.request("history", hist_access_type="range", session=session, start=start, stop=start + 1, output=False, raw=True)
+    ranged = kernel.request(
+        "history", hist_access_type="range", session=session, start=start, stop=start + 1, output=False, raw=True
+    )
     assert [row[2] for row in ranged["content"]["history"]] == codes[:1]
-    found = kernel.request("history", hist_access_type="search", pattern="hist_? = 'needle-*", n=10, output=False, raw=True)
+    found = kernel.request(
+        "history", hist_access_type="search", pattern="hist_? = 'needle-*", n=10, output=False, raw=True
+    )
     assert {row[2] for row in found["content"]["history"]} >= set(codes)
 
 
@@ -59,7 +63,9 @@ def test_history_survives_a_kernel_restart(fresh_kernel, tmp_path):
     first.close()
     second = start_kernel(cwd=tmp_path)
     try:
-        found = second.request("history", hist_access_type="search", pattern="*kept across kernels*", output=False, raw=True)
+        found = second.request(
+            "history", hist_access_type="search", pattern="*kept across kernels*", output=False, raw=True
+        )
         assert any("persisted_marker" in row[2] for row in found["content"]["history"])
     finally:
         second.close()
@@ -72,7 +78,9 @@ def test_magic_cells_are_in_history_too(kernel):
 
 
 def test_debug_requests_get_an_answer(kernel):
-    msg = kernel.kc.session.msg("debug_request", {"type": "request", "seq": 1, "command": "initialize", "arguments": {}})
+    msg = kernel.kc.session.msg(
+        "debug_request", {"type": "request", "seq": 1, "command": "initialize", "arguments": {}}
+    )
     kernel.kc.control_channel.send(msg)
     deadline_reply = None
     import queue
@@ -93,9 +101,7 @@ def test_debug_requests_get_an_answer(kernel):
 
 
 def test_comm_info_lists_comms_opened_in_the_sandbox(kernel):
-    kernel.execute(
-        "from comm import create_comm\nc = create_comm(target_name='capsule.test', data={'hello': 1})"
-    )
+    kernel.execute("from comm import create_comm\nc = create_comm(target_name='capsule.test', data={'hello': 1})")
     comms = kernel.request("comm_info", target_name="capsule.test")["content"]["comms"]
     assert len(comms) == 1
     (info,) = comms.values()

@@ -148,13 +148,17 @@ def test_limits_show_where_values_came_from(fresh_kernel, tmp_path):
     (tmp_path / "capsule.toml").write_text('[limits]\ntimeout = "45s"\nfiles = 300\nmemory = "lots"\n')
     kernel = fresh_kernel(env={"CAPSULE_FILES": "400"}, cwd=tmp_path)
     text = limits_text(kernel)
-    lines = {line.split()[0]: line for line in text.splitlines() if line and line.split()[0] in ("timeout", "files", "memory")}
+    lines = {
+        line.split()[0]: line
+        for line in text.splitlines()
+        if line and line.split()[0] in ("timeout", "files", "memory")
+    }
     assert "45 s" in lines["timeout"] and "capsule.toml" in lines["timeout"]
     assert "400" in lines["files"] and "environment CAPSULE_FILES" in lines["files"]
     assert "default" in lines["memory"]
     assert "warning" in text and "invalid size 'lots'" in text
     kernel.execute("%capsule limits --files 128")
-    assert "%capsule limits" in [line for line in limits_text(kernel).splitlines() if line.startswith("files")][0]
+    assert "%capsule limits" in next(line for line in limits_text(kernel).splitlines() if line.startswith("files"))
 
 
 def test_pyproject_tool_capsule_is_read(fresh_kernel, tmp_path):
@@ -162,7 +166,7 @@ def test_pyproject_tool_capsule_is_read(fresh_kernel, tmp_path):
     sub = tmp_path / "analysis"
     sub.mkdir()
     kernel = fresh_kernel(cwd=sub)
-    line = [line for line in limits_text(kernel).splitlines() if line.startswith("cpu")][0]
+    line = next(line for line in limits_text(kernel).splitlines() if line.startswith("cpu"))
     assert "2 min" in line and "pyproject.toml [tool.capsule]" in line
 
 

@@ -80,14 +80,18 @@ def test_papermill_runs_a_parameterised_notebook(tmp_path):
         metadata={"kernelspec": {"name": "capsule", "display_name": "Capsule", "language": "python"}},
     )
     nbformat.write(nb, source)
-    result = papermill.execute_notebook(str(source), str(tmp_path / "out.ipynb"), parameters={"rows": 7}, kernel_name="capsule")
+    result = papermill.execute_notebook(
+        str(source), str(tmp_path / "out.ipynb"), parameters={"rows": 7}, kernel_name="capsule"
+    )
     assert "rows 7 pid" in text_of(result.cells[-1].outputs)
 
 
 def test_a_failing_cell_stops_a_headless_run_with_a_clear_error(tmp_path):
     from nbclient.exceptions import CellExecutionError
 
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os\nos._exit(9)"), nbformat.v4.new_code_cell("1")])
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("import os\nos._exit(9)"), nbformat.v4.new_code_cell("1")]
+    )
     with pytest.raises(CellExecutionError) as failure:
         NotebookClient(nb, kernel_name="capsule", timeout=60).execute()
     assert "SandboxDied" in str(failure.value)

@@ -41,7 +41,11 @@ def test_many_small_writes_arrive_complete_and_in_order(kernel):
 
 def test_output_order_between_prints_and_displays(kernel):
     result = kernel.execute("from IPython.display import display\nprint('before')\ndisplay('shown')\nprint('after')")
-    kinds = [(m.msg_type, m.content.get("text") or m.content.get("data", {}).get("text/plain")) for m in result.messages if m.msg_type in ("stream", "display_data")]
+    kinds = [
+        (m.msg_type, m.content.get("text") or m.content.get("data", {}).get("text/plain"))
+        for m in result.messages
+        if m.msg_type in ("stream", "display_data")
+    ]
     assert kinds == [("stream", "before\n"), ("display_data", "'shown'"), ("stream", "after\n")]
 
 

@@ -35,9 +35,13 @@ def test_widget_callbacks_run_in_the_sandbox(kernel):
         "box.observe(lambda change: seen.append(change['new']), names='value')\nbox"
     )
     comm_id = next(
-        m.content["comm_id"] for m in result.of_type("comm_open") if m.content["data"]["state"].get("_model_name") == "IntTextModel"
+        m.content["comm_id"]
+        for m in result.of_type("comm_open")
+        if m.content["data"]["state"].get("_model_name") == "IntTextModel"
     )
-    msg = kernel.kc.session.msg("comm_msg", {"comm_id": comm_id, "data": {"method": "update", "state": {"value": 5}, "buffer_paths": []}})
+    msg = kernel.kc.session.msg(
+        "comm_msg", {"comm_id": comm_id, "data": {"method": "update", "state": {"value": 5}, "buffer_paths": []}}
+    )
     kernel.kc.shell_channel.send(msg)
     assert kernel.execute("seen").result_text == "[5]"
 
@@ -46,13 +50,17 @@ def test_tqdm_auto_is_a_widget_progress_bar(kernel):
     result = kernel.execute("from tqdm.auto import tqdm\nfor _ in tqdm(range(50)):\n    pass")
     assert result.status == "ok", result.texts()
     assert any(m.content["target_name"] == "jupyter.widget" for m in result.of_type("comm_open"))
-    views = [m for m in result.of_type("display_data") if "application/vnd.jupyter.widget-view+json" in m.content["data"]]
+    views = [
+        m for m in result.of_type("display_data") if "application/vnd.jupyter.widget-view+json" in m.content["data"]
+    ]
     assert views
     assert any(m.msg_type == "comm_msg" for m in result.messages)
 
 
 def test_text_progress_bars_update_in_place(kernel):
-    result = kernel.execute("from tqdm import tqdm\nimport time\nfor _ in tqdm(range(3), mininterval=0):\n    time.sleep(0.05)")
+    result = kernel.execute(
+        "from tqdm import tqdm\nimport time\nfor _ in tqdm(range(3), mininterval=0):\n    time.sleep(0.05)"
+    )
     assert "\r" in result.stderr
     assert "3/3" in result.stderr
 

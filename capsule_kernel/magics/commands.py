@@ -86,7 +86,9 @@ def cmd_status(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG00
         ]
     rows += [["session cells", str(kernel.execution_count - 1)]]
     for name in LIMIT_NAMES:
-        rows.append([f"limit: {name}", f"{kernel.limit_settings.limits.describe(name)} ({kernel.limit_settings.sources[name]})"])
+        rows.append(
+            [f"limit: {name}", f"{kernel.limit_settings.limits.describe(name)} ({kernel.limit_settings.sources[name]})"]
+        )
     if sandbox is not None and "privileges" in sandbox.enforcement:
         rows.append(["privileges", sandbox.enforcement["privileges"]])
     return [_table("Capsule status", ["", ""], rows)]

@@ -12,7 +12,7 @@ class MagicUsageError(Exception):
     """Wrong arguments: a one-line message; nothing was changed."""
 
 
-class MagicHelp(Exception):  # noqa: N818 - a control-flow signal, not a failure
+class MagicHelp(Exception):
     """--help was asked for; the text is the help to show."""
 
 
@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise MagicUsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
-    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]  # noqa: ARG002
         raise MagicUsageError(message or f"{self.prog}: invalid arguments")
 
     def print_help(self, file=None) -> None:  # noqa: ANN001, ARG002

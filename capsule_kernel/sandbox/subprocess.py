@@ -378,7 +378,9 @@ class SubprocessSandbox:
         if hard_ok:
             self.enforcement["cpu"] = "enforced: RLIMIT_CPU per cell (exception, then kill)"
         else:
-            self.enforcement["cpu"] = "enforced: RLIMIT_CPU soft limit per cell (exception; the timeout is the hard stop)"
+            self.enforcement["cpu"] = (
+                "enforced: RLIMIT_CPU soft limit per cell (exception; the timeout is the hard stop)"
+            )
 
     async def _timeout_then_kill(self) -> None:
         self._timed_out = True
@@ -388,8 +390,9 @@ class SubprocessSandbox:
         assert self._exited is not None and self._done is not None
         done_or_dead = asyncio.ensure_future(self._exited.wait())
         try:
-            await asyncio.wait([done_or_dead, self._done], timeout=TIMEOUT_GRACE_SECONDS,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [done_or_dead, self._done], timeout=TIMEOUT_GRACE_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             done_or_dead.cancel()
         if not self._done.done() and self.alive:

@@ -141,7 +141,11 @@ class Worker:
             if error is None:
                 # IPython shows some errors (UsageError) without a traceback.
                 exc = result and (result.error_before_exec or result.error_in_exec)
-                error = {"ename": type(exc).__name__ if exc else "Error", "evalue": str(exc or "the cell failed"), "traceback": []}
+                error = {
+                    "ename": type(exc).__name__ if exc else "Error",
+                    "evalue": str(exc or "the cell failed"),
+                    "traceback": [],
+                }
             reply.update(status="error", user_expressions={}, **error)
         reply["payload"] = shell.payload_manager.read_payload()
         shell.payload_manager.clear_payload()
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     if config["limits"].get("network"):
         enforcement["network"] = "allowed (network = on)"
     else:
-        ok, note = confinement.isolate_network()
+        _, note = confinement.isolate_network()
         enforcement["network"] = note
     enforcement.update(confinement.apply_rlimits(config["limits"]))
     enforcement["privileges"] = confinement.drop_privileges()

@@ -86,7 +86,9 @@ def handle(shell: Any, comms: Any, kind: str, args: dict[str, Any]) -> dict[str,
     if kind == "complete":
         return complete(shell, args["code"], args.get("cursor_pos"))
     if kind == "inspect":
-        return inspect(shell, args["code"], args["cursor_pos"], args.get("detail_level", 0), args.get("omit_sections", ()))
+        return inspect(
+            shell, args["code"], args["cursor_pos"], args.get("detail_level", 0), args.get("omit_sections", ())
+        )
     if kind == "history":
         return history(shell, **args)
     if kind == "store_history":

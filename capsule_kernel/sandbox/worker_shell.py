@@ -16,12 +16,12 @@ import traceback
 from typing import Any
 
 from comm.base_comm import BaseComm, CommManager
+from ipykernel.jsonutil import encode_images, json_clean
+from ipykernel.zmqshell import ZMQInteractiveShell
 from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from ipykernel.jsonutil import encode_images, json_clean
-from ipykernel.zmqshell import ZMQInteractiveShell
 from traitlets import Any as AnyTrait
 from traitlets import Type
 
@@ -107,7 +107,7 @@ def _create_comm(*args: Any, **kwargs: Any) -> BaseComm:
 
 
 def _get_comm_manager() -> CommManager:
-    global _COMM_MANAGER  # noqa: PLW0603
+    global _COMM_MANAGER
     if _COMM_MANAGER is None:
         _COMM_MANAGER = CommManager()
     return _COMM_MANAGER
@@ -191,9 +191,7 @@ class SandboxShell(ZMQInteractiveShell):
     def request_input(self, prompt: str = "", password: bool = False) -> str:
         if not self.allow_stdin:
             what = "getpass" if password else "input"
-            raise StdinNotImplementedError(
-                f"{what}() was called, but this frontend does not support input requests."
-            )
+            raise StdinNotImplementedError(f"{what}() was called, but this frontend does not support input requests.")
         self.flusher.flush_all()
         request_id = next(self._reply_ids)
         self.channel.send({"type": "input_request", "id": request_id, "prompt": str(prompt), "password": password})
@@ -203,7 +201,15 @@ class SandboxShell(ZMQInteractiveShell):
         return value
 
 
-_PROCESS_FUNCTIONS = {"fork", "_fork_exec", "fork_exec", "_execute_child", "posix_spawn", "start_new_thread", "_start_new_thread"}
+_PROCESS_FUNCTIONS = {
+    "fork",
+    "_fork_exec",
+    "fork_exec",
+    "_execute_child",
+    "posix_spawn",
+    "start_new_thread",
+    "_start_new_thread",
+}
 
 
 def _raised_in(tb, names: set[str]) -> bool:  # noqa: ANN001
@@ -223,9 +229,9 @@ def limit_explanation(limits: dict[str, Any], value: BaseException, tb) -> str |
             f"{value.strerror}: the sandbox allows {limits['files']} open files (files limit); "
             "raise it with %capsule limits --files N"
         )
-    hit_procs = (
-        isinstance(value, OSError) and value.errno == errno.EAGAIN and _raised_in(tb, _PROCESS_FUNCTIONS)
-    ) or (isinstance(value, RuntimeError) and "can't start new thread" in str(value))
+    hit_procs = (isinstance(value, OSError) and value.errno == errno.EAGAIN and _raised_in(tb, _PROCESS_FUNCTIONS)) or (
+        isinstance(value, RuntimeError) and "can't start new thread" in str(value)
+    )
     if hit_procs and limits.get("procs"):
         what = value.strerror if isinstance(value, OSError) else str(value)
         return (
@@ -235,7 +241,7 @@ def limit_explanation(limits: dict[str, Any], value: BaseException, tb) -> str |
     return None
 
 
-def _explain_limit_error(shell: SandboxShell, etype, value, tb, tb_offset=None):  # noqa: ANN001, ANN202
+def _explain_limit_error(shell: SandboxShell, etype, value, tb, tb_offset=None):  # noqa: ANN001
     """Errors caused by a sandbox limit name the limit, so users know what to raise."""
     explanation = limit_explanation(shell.limits, value, tb)
     if explanation is not None:
@@ -245,7 +251,7 @@ def _explain_limit_error(shell: SandboxShell, etype, value, tb, tb_offset=None):
 
 def install(channel: FrameChannel, flusher: StreamFlusher) -> SandboxShell:
     """Create the shell and route input(), getpass and comms through frames."""
-    global _CHANNEL  # noqa: PLW0603
+    global _CHANNEL
     _CHANNEL = channel
     import comm
 

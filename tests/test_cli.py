@@ -1,0 +1,84 @@
+"""capsule-kernel install / uninstall / --version, and both -f forms."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from jupyter_client import BlockingKernelClient
+from jupyter_client.connect import write_connection_file
+
+from capsule_kernel import __version__
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_version():
+    result = run(str(BIN / "capsule-kernel"), "--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"capsule-kernel {__version__}"
+
+
+def test_install_prefix_then_kernelspec_list_then_uninstall(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JUPYTER_PATH"}
+    env["JUPYTER_PATH"] = str(tmp_path / "share" / "jupyter")
+    installed = run(
+        str(BIN / "capsule-kernel"), "install", "--prefix", str(tmp_path), "--name", "capsule-cli-test", env=env
+    )
+    assert installed.returncode == 0, installed.stderr
+    spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "capsule-cli-test"
+    spec = json.loads((spec_dir / "kernel.json").read_text())
+    assert spec["argv"] == [sys.executable, "-m", "capsule_kernel", "-f", "{connection_file}"]
+    assert spec["display_name"] == "Capsule (sandboxed Python)"
+    assert spec["language"] == "python"
+    assert spec["metadata"]["debugger"] is False
+    assert (spec_dir / "logo-64x64.png").is_file() and (spec_dir / "logo-32x32.png").is_file()
+    listed = run(str(BIN / "jupyter"), "kernelspec", "list", "--json", env=env)
+    assert "capsule-cli-test" in json.loads(listed.stdout)["kernelspecs"]
+    removed = run(str(BIN / "capsule-kernel"), "uninstall", "--name", "capsule-cli-test", env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert not spec_dir.exists()
+    again = run(str(BIN / "capsule-kernel"), "uninstall", "--name", "capsule-cli-test", env=env)
+    assert again.returncode == 1 and "No kernelspec named" in again.stderr
+
+
+def test_install_display_name_and_user(tmp_path):
+    env = dict(os.environ, HOME=str(tmp_path), JUPYTER_DATA_DIR=str(tmp_path / "data"))
+    result = run(str(BIN / "capsule-kernel"), "install", "--user", "--display-name", "Sandboxed", env=env)
+    assert result.returncode == 0, result.stderr
+    spec = json.loads((tmp_path / "data" / "kernels" / "capsule" / "kernel.json").read_text())
+    assert spec["display_name"] == "Sandboxed"
+
+
+def _start_and_talk(tmp_path: Path, flag_form: list[str]) -> None:
+    connection_file = str(tmp_path / "kernel.json")
+    write_connection_file(connection_file)
+    process = subprocess.Popen([sys.executable, "-m", "capsule_kernel", *flag_form(connection_file)], cwd=tmp_path)
+    client = BlockingKernelClient(connection_file=connection_file)
+    client.load_connection_file()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        reply = client.execute_interactive("6 * 7", timeout=60)
+        assert reply["content"]["status"] == "ok"
+        client.shutdown()
+        assert process.wait(timeout=60) == 0
+    finally:
+        client.stop_channels()
+        if process.poll() is None:
+            process.kill()
+
+
+def test_module_starts_with_dash_f(tmp_path):
+    _start_and_talk(tmp_path, lambda path: ["-f", path])
+
+
+def test_module_starts_with_vscode_flag_form(tmp_path):
+    _start_and_talk(tmp_path, lambda path: [f"--f={path}"])

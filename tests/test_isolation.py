@@ -1,0 +1,39 @@
+"""What the sandbox can and cannot see of the kernel."""
+
+from __future__ import annotations
+
+
+def test_worker_never_sees_the_connection_file_or_key(kernel):
+    key = kernel.kc.session.key.decode()
+    connection_file = kernel.km.connection_file
+    probe = kernel.execute(
+        "import os\n"
+        "seen = open('/proc/self/cmdline', 'rb').read().decode(errors='replace') + repr(dict(os.environ))\n"
+        "seen"
+    )
+    seen = probe.result_text
+    assert key and key not in seen
+    assert connection_file not in seen
+
+
+def test_worker_runs_in_its_own_session(kernel):
+    import os
+
+    pid = kernel.sandbox_pid()
+    sid = int(kernel.execute("import os; os.getsid(0)").result_text)
+    assert sid == pid  # its own session: the frontend's signals never hit it directly
+    assert sid != os.getsid(kernel.km.provisioner.process.pid)
+
+
+def test_frames_are_json_not_pickles():
+    """Rule 1 and 2 in code: the kernel's decoder only ever parses JSON."""
+    import pickle
+
+    import pytest
+
+    from capsule_kernel.sandbox import protocol
+
+    body = pickle.dumps({"type": "stream"})
+    frame = protocol.HEADER.pack(len(body)) + body
+    with pytest.raises(protocol.ProtocolError):
+        protocol.FrameDecoder().feed(frame)
