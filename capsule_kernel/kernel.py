@@ -99,6 +99,7 @@ class CapsuleKernel(Kernel):
     async def _begin_first_sandbox(self) -> None:
         self._main_loop = asyncio.get_running_loop()
         self._starting = asyncio.ensure_future(self._start_sandbox())
+        self._starting.add_done_callback(self._log_start_failure)
 
     async def _start_sandbox(self) -> SubprocessSandbox:
         sandbox = SubprocessSandbox(self.limit_settings.limits, self._on_sandbox_event)
@@ -115,17 +116,35 @@ class CapsuleKernel(Kernel):
         await sandbox.wait_exit()
         if sandbox is not self.sandbox or self._cell_running or sandbox.stopping:
             return
-        self._idle_death = f"The sandbox (pid {sandbox.pid}) {sandbox.death_reason} while no cell was running."
-        self.log.warning(self._idle_death)
-        self._starting = asyncio.ensure_future(self._start_sandbox())
+        self._note_death_between_cells(sandbox)
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start_sandbox())
+            self._starting.add_done_callback(self._log_start_failure)
+
+    def _note_death_between_cells(self, sandbox: SubprocessSandbox) -> None:
+        if not sandbox.death_noted:
+            sandbox.death_noted = True
+            self._idle_death = f"The sandbox (pid {sandbox.pid}) {sandbox.death_reason} while no cell was running."
+            self.log.warning(self._idle_death)
+
+    def _log_start_failure(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("the sandbox could not start: %s", task.exception())
 
     async def _ready_sandbox(self) -> SubprocessSandbox:
-        if self._starting is not None:
-            task, self._starting = self._starting, None
+        """The running sandbox, starting (or replacing) one when needed."""
+        sandbox = self.sandbox
+        if sandbox is not None and sandbox.process_ended and not sandbox.stopping:
+            # Dead, perhaps not yet reaped: bury it before deciding anything.
+            await sandbox.wait_exit()
+            self._note_death_between_cells(sandbox)
+        if self._starting is not None and not self._starting.done():
             with contextlib.suppress(SandboxDied, TimeoutError):
-                await task
-        if self.sandbox is None or not self.sandbox.alive:
-            return await self._start_sandbox()
+                await asyncio.shield(self._starting)
+        if self.sandbox is None or not self.sandbox.ready:
+            self._starting = asyncio.ensure_future(self._start_sandbox())
+            await self._starting
+        assert self.sandbox is not None
         return self.sandbox
 
     async def restart_sandbox(self, why: str) -> SubprocessSandbox:

@@ -143,6 +143,8 @@ class SubprocessSandbox:
         self._reap_task: asyncio.Task | None = None
         # Set by whoever stops the sandbox on purpose, so its end is not news.
         self.stopping = False
+        # Set once the kernel has told the user about this sandbox's death.
+        self.death_noted = False
 
     # -- life cycle -------------------------------------------------------------
 
@@ -152,7 +154,18 @@ class SubprocessSandbox:
 
     @property
     def alive(self) -> bool:
+        """Started and not yet reaped (the process may be dying)."""
         return self.process is not None and self._exited is not None and not self._exited.is_set()
+
+    @property
+    def process_ended(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    @property
+    def ready(self) -> bool:
+        """Said it is ready, and its process still runs: cells can go to it."""
+        started = self._ready is not None and self._ready.done() and not self._ready.cancelled()
+        return started and self._ready.exception() is None and self.alive and not self.process_ended
 
     async def wait_exit(self) -> None:
         """Return once the worker has ended and been reaped."""
