@@ -107,6 +107,34 @@ def time_cell(client, code: str = "1+1") -> float:
     return elapsed
 
 
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def resident_memory(name: str, km, client) -> dict[str, float]:
+    """Resident memory of the kernel process, and of the sandbox for capsule."""
+    kernel_pid = km.provisioner.process.pid
+    result = {"kernel_mib": rss_bytes(kernel_pid) / 2**20}
+    if name == "capsule":
+        msg_id = client.execute("import os; print(os.getpid())")
+        pid = None
+        deadline = time.monotonic() + 30
+        while pid is None and time.monotonic() < deadline:
+            try:
+                msg = client.get_iopub_msg(timeout=0.5)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+                pid = int(msg["content"]["text"])
+        wait_reply(client, msg_id)
+        result["sandbox_mib"] = rss_bytes(pid) / 2**20
+    result["total_mib"] = sum(result.values())
+    return result
+
+
 def summarize(samples: dict[str, list[float]], unit_scale: float = 1000.0) -> dict:
     out = {}
     for name, values in samples.items():
@@ -138,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.cells):
             for name, (_, client) in live.items():
                 cells[name].append(time_cell(client))
+        memory = {name: resident_memory(name, km, client) for name, (km, client) in live.items()}
     finally:
         for km, client in live.values():
             client.stop_channels()
@@ -147,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.machine()},
         "start_to_kernel_info": summarize(starts),
         "trivial_cell_roundtrip": summarize(cells),
+        "resident_memory_after_cells": memory,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
@@ -155,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         section = report[measure]
         for name in KERNELS:
             row = section[name]
-            print(f"{measure:28} {name:10} {row['n']:>4} {row['median_ms']:>10.2f} {row['p95_ms']:>9.2f} {row['p99_ms']:>9.2f}")
+            timings = f"{row['median_ms']:>10.2f} {row['p95_ms']:>9.2f} {row['p99_ms']:>9.2f}"
+            print(f"{measure:28} {name:10} {row['n']:>4} {timings}")
         print(f"{measure:28} {'ratio':10} {'':>4} {section['ratio_median']:>10.2f} {section['ratio_p95']:>9.2f}")
+    for name, row in memory.items():
+        parts = ", ".join(f"{key} {value:.1f}" for key, value in row.items())
+        print(f"{'resident memory (MiB)':28} {name:10} {parts}")
     print(f"written to {RESULTS}")
     return 0
 

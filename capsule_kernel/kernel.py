@@ -30,6 +30,7 @@ _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
 _INPUT_POLL_SECONDS = 0.01
 _REQUEST_WAIT_SECONDS = 30.0
+_SANDBOX_START_DELAY_SECONDS = 0.5
 
 
 def _error_content(ename: str, evalue: str) -> dict[str, Any]:
@@ -88,7 +89,14 @@ class CapsuleKernel(Kernel):
         # In signal interrupt mode Jupyter sends SIGINT to this process: pass it
         # on to the cell instead of raising KeyboardInterrupt in the kernel.
         signal.signal(signal.SIGINT, lambda *_: self._interrupt_sandbox())
-        self.io_loop.add_callback(self._begin_first_sandbox)
+        # The sandbox starts right after the first kernel_info reply (frontends
+        # ask first thing), so its start-up does not compete with ours; the
+        # timer covers clients that never ask.
+        self.io_loop.call_later(_SANDBOX_START_DELAY_SECONDS, self._begin_first_sandbox)
+
+    async def kernel_info_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        await super().kernel_info_request(stream, ident, parent)
+        await self._begin_first_sandbox()
 
     def pre_handler_hook(self) -> None:
         """kernelbase would make SIGINT raise here; ours is forwarded instead."""
@@ -97,6 +105,8 @@ class CapsuleKernel(Kernel):
         """See pre_handler_hook."""
 
     async def _begin_first_sandbox(self) -> None:
+        if self._main_loop is not None:
+            return
         self._main_loop = asyncio.get_running_loop()
         self._starting = asyncio.ensure_future(self._start_sandbox())
         self._starting.add_done_callback(self._log_start_failure)
@@ -520,6 +530,34 @@ class CapsuleKernel(Kernel):
         assert self.session is not None
         self._interrupt_sandbox()
         self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
+
+    async def shutdown_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        """kernelbase's shutdown, but the loops stop after this message is done.
+
+        kernelbase stops the shell loop while the control thread is still
+        flushing after the handler; the main thread then closes the iopub
+        thread under it and the control thread can block for ever on a send
+        (the frontend then kills the kernel after its timeout). Stopping the
+        loops from a callback on the control loop runs after that flush.
+        """
+        assert self.session is not None
+        content = await self.do_shutdown(parent["content"]["restart"])
+        self.session.send(stream, "shutdown_reply", content, parent, ident=ident)
+        self._shutdown_message = self.session.msg("shutdown_reply", content, parent)
+        await self._at_shutdown()
+        control_loop = self.control_stream.io_loop if self.control_stream else None
+        shell_loop = self.shell_stream.io_loop if self.shell_stream else None
+
+        def stop_loops() -> None:
+            for loop in {shell_loop, self.io_loop} - {None}:
+                loop.add_callback(loop.stop)
+            if control_loop is not None:
+                control_loop.stop()
+
+        if control_loop is not None:
+            control_loop.add_callback(stop_loops)
+        else:
+            stop_loops()
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         # Called on the control thread; the sandbox lives on the shell loop.
