@@ -13,6 +13,7 @@ import contextlib
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import zmq
@@ -31,6 +32,18 @@ _RESET = "\x1b[0m"
 _INPUT_POLL_SECONDS = 0.01
 _REQUEST_WAIT_SECONDS = 30.0
 _SANDBOX_START_DELAY_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One execute_request, as the sandbox's execute frame carries it."""
+
+    code: str
+    silent: bool
+    store_history: bool
+    user_expressions: dict[str, str]
+    allow_stdin: bool
+    execution_count: int
 
 
 def _error_content(ename: str, evalue: str) -> dict[str, Any]:
@@ -198,8 +211,9 @@ class CapsuleKernel(Kernel):
         # Side tasks run outside this handler's context: remember who asked.
         self._stdin_ident = self._get_shell_context_var(self._shell_parent_ident)
         count = self._next_count
+        cell = Cell(code, silent, store_history, user_expressions or {}, allow_stdin, count)
         try:
-            reply, meta = await self._execute(code, silent, store_history, user_expressions, allow_stdin, count)
+            reply, meta = await self._execute(cell)
         except Exception as err:
             self.log.exception("capsule kernel error while executing a cell")
             reply = self._fail(count, "CapsuleKernelError", f"internal error in the capsule kernel: {err!r}")
@@ -210,16 +224,9 @@ class CapsuleKernel(Kernel):
         self._last_meta = meta
         return reply
 
-    async def _execute(
-        self,
-        code: str,
-        silent: bool,
-        store_history: bool,
-        user_expressions: dict[str, str] | None,
-        allow_stdin: bool,
-        count: int,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def _execute(self, cell: Cell) -> tuple[dict[str, Any], dict[str, Any]]:
         """Run one cell where it belongs; return the reply and its metadata."""
+        code, count = cell.code, cell.execution_count
         try:
             magic_lines = magics.capsule_lines(code)
         except magics.MagicUsageError as err:
@@ -239,9 +246,7 @@ class CapsuleKernel(Kernel):
                     "reason": decision.reason,
                     "routing": "subprocess",
                 }
-                reply = await self._execute_in_sandbox(
-                    code, silent, store_history, user_expressions, allow_stdin, count
-                )
+                reply = await self._execute_in_sandbox(cell)
         return reply, meta
 
     def _plan(self, code: str) -> ExecutionPlan:
@@ -271,15 +276,8 @@ class CapsuleKernel(Kernel):
                 await self.sandbox.request("store_history", {"code": code, "execution_count": count})
         return {"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}
 
-    async def _execute_in_sandbox(
-        self,
-        code: str,
-        silent: bool,
-        store_history: bool,
-        user_expressions: dict[str, str] | None,
-        allow_stdin: bool,
-        count: int,
-    ) -> dict[str, Any]:
+    async def _execute_in_sandbox(self, cell: Cell) -> dict[str, Any]:
+        count = cell.execution_count
         try:
             sandbox = await self._ready_sandbox()
         except (SandboxDied, TimeoutError) as err:
@@ -289,17 +287,9 @@ class CapsuleKernel(Kernel):
             self._publish(
                 "stream", {"name": "stderr", "text": f"{notice} A fresh sandbox was started; the namespace was lost.\n"}
             )
-        request = {
-            "code": code,
-            "silent": silent,
-            "store_history": store_history,
-            "user_expressions": user_expressions or {},
-            "allow_stdin": allow_stdin,
-            "execution_count": count,
-        }
         self._cell_running = True
         try:
-            return await sandbox.execute(request)
+            return await sandbox.execute(asdict(cell))
         except SandboxDied as death:
             return await self._report_death(sandbox, death, count)
         finally:

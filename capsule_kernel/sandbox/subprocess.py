@@ -79,6 +79,16 @@ class _Pipe:
     decoder: codecs.IncrementalDecoder
 
 
+def _read_available(fd: int) -> bytes | None:
+    """What a readable non-blocking pipe holds: None if nothing yet, b"" at its end."""
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def _nonblocking(fd: int) -> None:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
@@ -443,12 +453,9 @@ class SubprocessSandbox:
 
     def _on_frames_readable(self) -> None:
         assert self._from_worker is not None
-        try:
-            data = os.read(self._from_worker, 1 << 16)
-        except BlockingIOError:
+        data = _read_available(self._from_worker)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._on_eof()
             return
@@ -481,12 +488,9 @@ class SubprocessSandbox:
             self.on_event(message)
 
     def _on_raw_output(self, pipe: _Pipe) -> None:
-        try:
-            data = os.read(pipe.fd, 1 << 16)
-        except BlockingIOError:
+        data = _read_available(pipe.fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             assert self._loop is not None
             self._loop.remove_reader(pipe.fd)
