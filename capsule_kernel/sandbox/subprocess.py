@@ -232,6 +232,9 @@ class SubprocessSandbox:
         ready = await self._await_or_death(self._ready, STARTUP_TIMEOUT_SECONDS)
         self.python_version = ready.get("python", self.python_version)
         self.enforcement.update(ready.get("enforcement", {}))
+        if self._cgroup is not None:
+            # The worker reports on RLIMIT_NPROC; the cgroup is what binds.
+            self.enforcement["procs"] = "enforced: pids cgroup"
 
     def _place_in_cgroup(self) -> None:
         assert self.process is not None
