@@ -229,3 +229,12 @@ def test_shell_children_die_with_a_killed_sandbox(fresh_kernel):
         return state == "Z"
 
     wait_until(gone, what="the sandbox's child process to end")
+
+
+def test_network_can_be_switched_on_with_a_restart(fresh_kernel):
+    kernel = fresh_kernel()
+    text = kernel.execute("%capsule limits --network on").texts()
+    assert "applies after %capsule restart" in text
+    kernel.execute("%capsule restart")
+    network_line = next(line for line in limits_text(kernel).splitlines() if line.startswith("network"))
+    assert "on" in network_line and "allowed" in network_line

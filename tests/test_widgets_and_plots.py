@@ -78,3 +78,26 @@ def test_matplotlib_inline_png(kernel):
 def test_matplotlib_figure_without_show(kernel):
     result = kernel.execute("import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.bar([1, 2], [3, 4]);")
     assert any("image/png" in m.content["data"] for m in result.of_type("display_data"))
+
+
+def test_frontend_can_close_a_comm(kernel):
+    result = kernel.execute(
+        "from comm import create_comm\nclosed = []\nlink = create_comm(target_name='capsule.close')\n"
+        "link.on_close(lambda msg: closed.append(msg['content']['data']))"
+    )
+    comm_id = result.of_type("comm_open")[0].content["comm_id"]
+    close = kernel.kc.session.msg("comm_close", {"comm_id": comm_id, "data": {"why": "tab closed"}})
+    kernel.kc.shell_channel.send(close)
+    assert kernel.execute("closed").result_text == "[{'why': 'tab closed'}]"
+    assert kernel.request("comm_info", target_name="capsule.close")["content"]["comms"] == {}
+
+
+def test_frontend_opened_comm_reaches_a_registered_target(kernel):
+    kernel.execute(
+        "import comm\nopened = []\n"
+        "comm.get_comm_manager().register_target('capsule.echo', lambda c, msg: opened.append(msg['content']['data']))"
+    )
+    opening = kernel.kc.session.msg("comm_open", {"comm_id": "abc123", "target_name": "capsule.echo", "data": {"x": 1}})
+    kernel.kc.shell_channel.send(opening)
+    assert kernel.execute("opened").result_text == "[{'x': 1}]"
+    assert "abc123" in kernel.request("comm_info")["content"]["comms"]
