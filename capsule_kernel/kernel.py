@@ -13,7 +13,7 @@ import contextlib
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import zmq
@@ -22,6 +22,8 @@ from IPython.core.inputtransformer2 import TransformerManager
 
 from capsule_kernel import __version__, magics
 from capsule_kernel.analyzer import Analyzer, ExecutionPlan
+from capsule_kernel.checkpoint.recorder import Checkpoints
+from capsule_kernel.checkpoint.store import session_identity
 from capsule_kernel.router import route
 from capsule_kernel.sandbox import protocol
 from capsule_kernel.sandbox.limits import LimitSettings
@@ -44,6 +46,7 @@ class Cell:
     user_expressions: dict[str, str]
     allow_stdin: bool
     execution_count: int
+    snapshot_candidates: tuple[str, ...] = ()
 
 
 def _error_content(ename: str, evalue: str) -> dict[str, Any]:
@@ -79,6 +82,8 @@ class CapsuleKernel(Kernel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.limit_settings = LimitSettings.load()
+        self.session_name, self.session_source = session_identity()
+        self.checkpoints = Checkpoints.open(self.log)
         self.analyzer = Analyzer()
         self.sandbox: SubprocessSandbox | None = None
         self._starting: asyncio.Task | None = None
@@ -90,6 +95,7 @@ class CapsuleKernel(Kernel):
         self._comms: dict[str, str] = {}
         self._side_tasks: set[asyncio.Task] = set()
         self._idle_death: str | None = None
+        self._restore_outcome = "the namespace starts empty"
         self._last_meta: dict[str, Any] = {}
         self._completeness = TransformerManager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
@@ -124,8 +130,29 @@ class CapsuleKernel(Kernel):
         self._starting = asyncio.ensure_future(self._start_sandbox())
         self._starting.add_done_callback(self._log_start_failure)
 
-    async def _start_sandbox(self) -> SubprocessSandbox:
-        sandbox = SubprocessSandbox(self.limit_settings.limits, self._on_sandbox_event)
+    async def _start_sandbox(self, *, restore: bool = False) -> SubprocessSandbox:
+        """A new sandbox; with restore, holding the session's last checkpoint."""
+        previous = self.sandbox
+        sandbox = await self._spawn_sandbox()
+        if not restore:
+            return sandbox
+        try:
+            self._restore_outcome = await self.checkpoints.restore_latest(self.session_name, sandbox, previous)
+        except (SandboxDied, TimeoutError) as err:
+            # Restoring must never become a crash loop: give up on it once.
+            self.log.error("restoring the last checkpoint failed: %s", err)
+            sandbox.stopping = True
+            await sandbox.shutdown()
+            sandbox = await self._spawn_sandbox()
+            self._restore_outcome = (
+                f"restoring the last checkpoint failed ({err}), so this sandbox starts with an empty namespace"
+            )
+        return sandbox
+
+    async def _spawn_sandbox(self) -> SubprocessSandbox:
+        sandbox = SubprocessSandbox(
+            self.limit_settings.limits, self._on_sandbox_event, chunk_root=self.checkpoints.chunk_root
+        )
         self.sandbox = sandbox
         await sandbox.start()
         watcher = asyncio.ensure_future(self._watch_sandbox(sandbox))
@@ -141,7 +168,7 @@ class CapsuleKernel(Kernel):
             return
         self._note_death_between_cells(sandbox)
         if self._starting is None or self._starting.done():
-            self._starting = asyncio.ensure_future(self._start_sandbox())
+            self._starting = asyncio.ensure_future(self._start_sandbox(restore=True))
             self._starting.add_done_callback(self._log_start_failure)
 
     def _note_death_between_cells(self, sandbox: SubprocessSandbox) -> None:
@@ -165,7 +192,7 @@ class CapsuleKernel(Kernel):
             with contextlib.suppress(SandboxDied, TimeoutError):
                 await asyncio.shield(self._starting)
         if self.sandbox is None or not self.sandbox.ready:
-            self._starting = asyncio.ensure_future(self._start_sandbox())
+            self._starting = asyncio.ensure_future(self._start_sandbox(restore=self.sandbox is not None))
             await self._starting
         assert self.sandbox is not None
         return self.sandbox
@@ -177,6 +204,12 @@ class CapsuleKernel(Kernel):
         self.log.info("restarting the sandbox: %s", why)
         await old.shutdown()
         return await self._start_sandbox()
+
+    async def checkpoints_settled(self, timeout: float = 60.0) -> None:
+        """Wait for the snapshot of the last cell to be recorded (for log and status)."""
+        if self.sandbox is not None:
+            await self.sandbox.snapshots_settled(timeout)
+        await self.checkpoints.settled(timeout)
 
     def _interrupt_sandbox(self) -> None:
         if self.sandbox is not None and self._cell_running:
@@ -246,7 +279,8 @@ class CapsuleKernel(Kernel):
                     "reason": decision.reason,
                     "routing": "subprocess",
                 }
-                reply = await self._execute_in_sandbox(cell)
+                candidates = tuple(sorted(plan.reads | plan.mutates | plan.writes))
+                reply = await self._execute_in_sandbox(replace(cell, snapshot_candidates=candidates))
         return reply, meta
 
     def _plan(self, code: str) -> ExecutionPlan:
@@ -278,6 +312,7 @@ class CapsuleKernel(Kernel):
 
     async def _execute_in_sandbox(self, cell: Cell) -> dict[str, Any]:
         count = cell.execution_count
+        self.checkpoints.note_cell(count, cell.code)
         try:
             sandbox = await self._ready_sandbox()
         except (SandboxDied, TimeoutError) as err:
@@ -285,7 +320,8 @@ class CapsuleKernel(Kernel):
         if self._idle_death:
             notice, self._idle_death = self._idle_death, None
             self._publish(
-                "stream", {"name": "stderr", "text": f"{notice} A fresh sandbox was started; the namespace was lost.\n"}
+                "stream",
+                {"name": "stderr", "text": f"{notice} A fresh sandbox was started; {self._restore_outcome}.\n"},
             )
         self._cell_running = True
         try:
@@ -301,16 +337,12 @@ class CapsuleKernel(Kernel):
     async def _report_death(self, sandbox: SubprocessSandbox, death: SandboxDied, count: int) -> dict[str, Any]:
         pid = sandbox.pid
         try:
-            fresh = await self._start_sandbox()
-            after = f"A fresh sandbox (pid {fresh.pid}) is running"
+            fresh = await self._start_sandbox(restore=True)
+            after = f"A fresh sandbox (pid {fresh.pid}) is running; {self._restore_outcome}"
         except (SandboxDied, TimeoutError) as err:
             after = f"A fresh sandbox could not be started ({err}); the next cell will try again"
         ename = "CellTimeout" if death.timed_out else "SandboxDied"
-        evalue = (
-            f"the sandbox process (pid {pid}) {death.reason}. {after}; the namespace was lost: "
-            "variables, imports and definitions from earlier cells are gone, re-run the cells that create them."
-        )
-        return self._fail(count, ename, evalue)
+        return self._fail(count, ename, f"the sandbox process (pid {pid}) {death.reason}. {after}")
 
     def finish_metadata(
         self,
@@ -351,6 +383,11 @@ class CapsuleKernel(Kernel):
             self._side_task(self._answer_input(event), cell_scoped=True)
         elif kind == "magic":
             self._side_task(self._answer_magic(event), cell_scoped=True)
+        elif kind == "snapshot":
+            self._side_task(self.checkpoints.record(self.session_name, event), cell_scoped=False)
+        elif kind == "snapshot_failed":
+            self.log.warning("checkpoint after cell %s failed: %s", event.get("execution_count"), event.get("reason"))
+            self.checkpoints.failures[event.get("execution_count", 0)] = event.get("reason", "")
         else:
             self.log.warning("ignoring unknown sandbox event %r", kind)
 

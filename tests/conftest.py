@@ -28,6 +28,7 @@ def isolated_jupyter(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["IPYTHONDIR"] = str(home / "ipython")
     os.environ["MPLCONFIGDIR"] = str(home / "mpl")
     os.environ["JUPYTER_RUNTIME_DIR"] = str(home / "runtime")
+    os.environ["CAPSULE_HOME"] = str(home / "capsule")
     specs = home / "share" / "kernels"
     try:
         spec = KernelSpecManager().get_kernel_spec("capsule")

@@ -40,7 +40,8 @@ def check_tour(nb) -> None:
     assert "CellTimeout" in text_of(out["timeout"])
     assert "still here: 2 19900" in text_of(out["survived"])
     assert "SandboxDied" in text_of(out["crash"]) and "segmentation fault" in text_of(out["crash"])
-    assert "a fresh sandbox runs as process" in text_of(out["after-crash"])
+    assert "was restored" in text_of(out["crash"])
+    assert "and the namespace is back: 2 19900" in text_of(out["after-crash"])
 
 
 @pytest.mark.slow

@@ -85,6 +85,21 @@ def cmd_status(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG00
             ["cells run", str(sandbox.cells_run)],
         ]
     rows += [["session cells", str(kernel.execution_count - 1)]]
+    rows += [["session", f"{kernel.session_name} ({kernel.session_source})"]]
+    store = kernel.checkpoints.store
+    if store is None:
+        rows.append(["checkpoints", f"off: {kernel.checkpoints.problem}"])
+    else:
+        latest = store.latest(kernel.session_name)
+        where = f"{store.path}"
+        rows.append(
+            [
+                "checkpoints",
+                f"last after cell [{latest.execution_count}] ({latest.id[:8]}), in {where}"
+                if latest
+                else f"none yet, in {where}",
+            ]
+        )
     for name in LIMIT_NAMES:
         rows.append(
             [f"limit: {name}", f"{kernel.limit_settings.limits.describe(name)} ({kernel.limit_settings.sources[name]})"]
@@ -92,6 +107,36 @@ def cmd_status(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG00
     if sandbox is not None and "privileges" in sandbox.enforcement:
         rows.append(["privileges", sandbox.enforcement["privileges"]])
     return [_table("Capsule status", ["", ""], rows)]
+
+
+async def cmd_log(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+    store = kernel.checkpoints.store
+    if store is None:
+        return [{"text/plain": f"Checkpoints are off: {kernel.checkpoints.problem}"}]
+    if args.n < 1:
+        raise MagicUsageError("%capsule log: -n must be at least 1")
+    await kernel.checkpoints_settled()
+    rows = []
+    for checkpoint in store.history(kernel.session_name, args.n):
+        changed = ", ".join(checkpoint.changed[:6]) + (" ..." if len(checkpoint.changed) > 6 else "")
+        unsaved = "; ".join(f"{name}: {why}" for name, why in sorted(checkpoint.unsaved.items()))
+        rows.append(
+            [
+                f"[{checkpoint.execution_count}]",
+                checkpoint.id[:8],
+                checkpoint.first_line[:40],
+                changed or "-",
+                format_size(checkpoint.size) if checkpoint.size else "0 B",
+                time.strftime("%H:%M:%S", time.localtime(checkpoint.created)),
+                checkpoint.status,
+                unsaved or "-",
+            ]
+        )
+    title = f"Checkpoints of session {kernel.session_name}"
+    if not rows:
+        return [{"text/plain": f"{title}: none yet (one is taken after every successful cell)"}]
+    headers = ["cell", "checkpoint", "first line", "changed", "size", "time", "status", "not saved"]
+    return [_table(title, headers, rows)]
 
 
 async def cmd_restart(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
@@ -104,7 +149,7 @@ def cmd_help(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
     return [{"text/plain": usage_text()}]
 
 
-COMMANDS = {"limits": cmd_limits, "status": cmd_status, "restart": cmd_restart, "help": cmd_help}
+COMMANDS = {"limits": cmd_limits, "status": cmd_status, "log": cmd_log, "restart": cmd_restart, "help": cmd_help}
 
 
 async def run(kernel: CapsuleKernel, line: str) -> list[Bundle]:

@@ -30,7 +30,8 @@ class _Parser(argparse.ArgumentParser):
 SUBCOMMANDS = {
     "status": "sandbox kind, pid, uptime, limits in force, memory in use, cells run",
     "limits": "show the limits in force and where each came from, or change them",
-    "restart": "start a fresh sandbox (the namespace is lost)",
+    "log": "checkpoints of this session: cell, id, names changed, size, time, unsaved names",
+    "restart": "start a fresh sandbox with an empty namespace",
     "help": "this list",
 }
 
@@ -55,6 +56,8 @@ def build_parser() -> _Parser:
     for name, text in SUBCOMMANDS.items():
         escaped = text.replace("%", "%%")  # argparse %-formats help strings
         sub = commands.add_parser(name, help=escaped, description=escaped, exit_on_error=False)
+        if name == "log":
+            sub.add_argument("-n", type=int, default=20, metavar="N", help="show the last N checkpoints (default 20)")
         if name == "limits":
             for limit in LIMIT_NAMES:
                 sub.add_argument(f"--{limit}", metavar="VALUE", help=_LIMIT_HELP[limit].replace("%", "%%"))

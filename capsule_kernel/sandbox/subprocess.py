@@ -73,6 +73,20 @@ class SandboxDied(Exception):
 
 
 @dataclass
+class _ReportPipe:
+    fd: int
+    decoder: protocol.FrameDecoder
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@dataclass
 class _Pipe:
     fd: int
     name: str
@@ -122,6 +136,7 @@ class SubprocessSandbox:
         cwd: Path | None = None,
         environ: Mapping[str, str] | None = None,
         python: str = sys.executable,
+        chunk_root: Path | None = None,
         spawn: Callable[..., subprocess.Popen] = subprocess.Popen,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -130,6 +145,7 @@ class SubprocessSandbox:
         self.cwd = cwd or Path.cwd()
         self.environ = worker_environment(os.environ if environ is None else environ)
         self.python = python
+        self.chunk_root = chunk_root
         self.spawn = spawn
         self.clock = clock
         self.process: subprocess.Popen | None = None
@@ -155,6 +171,8 @@ class SubprocessSandbox:
         self.stopping = False
         # Set once the kernel has told the user about this sandbox's death.
         self.death_noted = False
+        self._reports: _ReportPipe | None = None
+        self.snapshots_in_flight: dict[int, int] = {}
 
     # -- life cycle -------------------------------------------------------------
 
@@ -194,11 +212,14 @@ class SubprocessSandbox:
         from_worker_r, from_worker_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        report_r, report_w = os.pipe()
         config = {
             "read_fd": to_worker_r,
             "write_fd": from_worker_w,
             "parent_pid": os.getpid(),
             "limits": self.limits.to_json(),
+            "chunk_root": str(self.chunk_root) if self.chunk_root else None,
+            "report_fd": report_w,
         }
         try:
             self.process = self.spawn(
@@ -206,13 +227,13 @@ class SubprocessSandbox:
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=err_w,
-                pass_fds=(to_worker_r, from_worker_w),
+                pass_fds=(to_worker_r, from_worker_w, report_w),
                 cwd=self.cwd,
                 env=self.environ,
                 start_new_session=True,
             )
         finally:
-            for fd in (to_worker_r, from_worker_w, out_w, err_w):
+            for fd in (to_worker_r, from_worker_w, out_w, err_w, report_w):
                 os.close(fd)
         self.started_at = self.clock()
         self.cells_run = 0
@@ -220,9 +241,13 @@ class SubprocessSandbox:
         self._from_worker = from_worker_r
         self._decoder = protocol.FrameDecoder()
         self._place_in_cgroup()
-        for fd in (from_worker_r, out_r, err_r):
+        for fd in (from_worker_r, out_r, err_r, report_r):
             _nonblocking(fd)
         loop.add_reader(from_worker_r, self._on_frames_readable)
+        # Snapshot reports outlive the worker: this pipe closes only when the
+        # last snapshot child has written and exited.
+        self._reports = _ReportPipe(report_r, protocol.FrameDecoder())
+        loop.add_reader(report_r, self._on_reports_readable)
         self._pipes = [
             _Pipe(out_r, "stdout", codecs.getincrementaldecoder("utf-8")("replace")),
             _Pipe(err_r, "stderr", codecs.getincrementaldecoder("utf-8")("replace")),
@@ -472,6 +497,43 @@ class SubprocessSandbox:
         for message in messages:
             self._dispatch(message)
 
+    def _on_reports_readable(self) -> None:
+        reports = self._reports
+        assert reports is not None and self._loop is not None
+        data = _read_available(reports.fd)
+        if data is None:
+            return
+        if not data:
+            self._loop.remove_reader(reports.fd)
+            os.close(reports.fd)
+            self._reports = None
+            return
+        try:
+            messages = reports.decoder.feed(data)
+        except protocol.ProtocolError as err:
+            self.on_event({"type": "snapshot_failed", "execution_count": -1, "reason": f"bad report: {err}"})
+            return
+        for message in messages:
+            self.snapshots_in_flight.pop(message.get("execution_count"), None)
+            self.on_event(message)
+
+    async def snapshots_settled(self, timeout: float) -> None:
+        """Wait until every snapshot this worker started has reported or died."""
+        deadline = self.clock() + timeout
+        while self.snapshots_in_flight and self.clock() < deadline:
+            if self._reports is None:
+                # Every writer has gone: whatever was written has been read.
+                self.snapshots_in_flight.clear()
+                break
+            for count, pid in list(self.snapshots_in_flight.items()):
+                if pid == 0 and not self.process_ended:
+                    continue  # the worker has not forked it yet
+                if not _process_exists(pid):
+                    # Gone: its report, if it wrote one, is in the pipe now.
+                    self._on_reports_readable()
+                    self.snapshots_in_flight.pop(count, None)
+            await asyncio.sleep(0.01)
+
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "ready":
@@ -481,8 +543,14 @@ class SubprocessSandbox:
             # Everything the cell wrote to its raw descriptors is already in the
             # pipes: forward it now, so that it precedes the execute_reply.
             self.drain_raw_output()
+            if message.get("snapshot") is not None:
+                self.snapshots_in_flight[message["snapshot"]] = 0  # its pid follows
             if self._done is not None and not self._done.done():
                 self._done.set_result(message["reply"])
+        elif kind == "snapshot_started":
+            count = message.get("execution_count")
+            if count in self.snapshots_in_flight:
+                self.snapshots_in_flight[count] = int(message.get("pid", 0))
         elif kind == "reply":
             future = self._replies.get(message.get("id"))
             if future is not None and not future.done():

@@ -47,6 +47,9 @@ class Worker:
         self.shell = worker_shell.install(self.channel, self.flusher)
         self.shell.limits = dict(config.get("limits", {}))
         self.comms = worker_shell.comm_manager()
+        from capsule_kernel.sandbox.worker_snapshots import Snapshotter
+
+        self.snapshots = Snapshotter(self.shell, self.channel, config.get("chunk_root"), config.get("report_fd"))
         self.channel.start()
         self.flusher.start()
 
@@ -152,13 +155,22 @@ class Worker:
         self.flusher.flush_all()
         from ipykernel.jsonutil import json_clean
 
-        self.channel.send({"type": "done", "reply": json_clean(reply)})
+        snapshot = reply["status"] == "ok" and not silent and self.snapshots.enabled
+        count = int(message.get("execution_count", 0))
+        # "snapshot": a checkpoint of this cell follows, so the kernel can wait for it.
+        self.channel.send({"type": "done", "reply": json_clean(reply), "snapshot": count if snapshot else None})
+        if snapshot:
+            self.snapshots.after_cell(count, message.get("snapshot_candidates", []))
 
     def request(self, message: dict[str, Any]) -> None:
         from capsule_kernel.sandbox import worker_requests
 
         try:
-            content = worker_requests.handle(self.shell, self.comms, message["kind"], message.get("args", {}))
+            if message["kind"] == "restore":
+                args = message.get("args", {})
+                content = self.snapshots.restore(args["entries"], replace=bool(args.get("replace")))
+            else:
+                content = worker_requests.handle(self.shell, self.comms, message["kind"], message.get("args", {}))
         except Exception as err:  # noqa: BLE001 - a failed completion must not end the worker
             content = {"status": "error", "ename": type(err).__name__, "evalue": str(err), "traceback": []}
         from ipykernel.jsonutil import json_clean
@@ -192,7 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     # A segfault prints the cell's Python stack to the raw stderr, which the
     # kernel forwards as the dying sandbox's last words.
     faulthandler.enable(file=sys.__stderr__, all_threads=False)
-    for fd in (config["read_fd"], config["write_fd"]):
+    for fd in (config["read_fd"], config["write_fd"], config.get("report_fd")):
+        if fd is None:
+            continue
         # Shell commands started by cells must not hold the frame pipe open.
         os.set_inheritable(fd, False)
     confinement.die_with_parent(config["parent_pid"])

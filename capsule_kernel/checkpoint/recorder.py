@@ -1,0 +1,118 @@
+"""The kernel's side of checkpoints: record what sandboxes report, restore it.
+
+Snapshot manifests arrive from the sandbox as JSON frames. Before a
+checkpoint is recorded (and so reported complete) every new chunk it names
+is checked against its digest, off the event loop; then it is written to
+SQLite in one transaction. Restoring hands the manifest back to a sandbox,
+which does the unpickling: the kernel never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from capsule_kernel.checkpoint.store import Checkpoint, CheckpointStore, default_home
+
+_KEEP_CELL_SOURCES = 256
+
+
+class Checkpoints:
+    """Checkpointing for one kernel; inert when the store cannot be opened."""
+
+    def __init__(self, store: CheckpointStore | None, log: logging.Logger, problem: str | None = None) -> None:
+        self.store = store
+        self.log = log
+        self.problem = problem
+        self.failures: dict[int, str] = {}
+        self._sources: OrderedDict[int, str] = OrderedDict()
+        self._pending: set[asyncio.Task] = set()
+
+    @classmethod
+    def open(cls, log: logging.Logger) -> Checkpoints:
+        if os.environ.get("CAPSULE_CHECKPOINTS", "on").lower() in ("off", "0", "false", "no"):
+            return cls(None, log, "switched off by CAPSULE_CHECKPOINTS")
+        home = default_home()
+        try:
+            return cls(CheckpointStore(home), log)
+        except Exception as err:  # noqa: BLE001 - a broken store must not stop the kernel
+            log.error("checkpoints disabled: cannot open the store in %s: %s", home, err)
+            return cls(None, log, f"the store in {home} cannot be opened: {err}")
+
+    @property
+    def chunk_root(self) -> Path | None:
+        return self.store.chunks if self.store else None
+
+    def note_cell(self, execution_count: int, code: str) -> None:
+        self._sources[execution_count] = code
+        while len(self._sources) > _KEEP_CELL_SOURCES:
+            self._sources.popitem(last=False)
+
+    async def record(self, session: str, event: dict[str, Any]) -> Checkpoint | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._pending.add(task)
+        try:
+            return await self._record(session, event)
+        finally:
+            if task is not None:
+                self._pending.discard(task)
+
+    async def _record(self, session: str, event: dict[str, Any]) -> Checkpoint | None:
+        if self.store is None:
+            return None
+        entries = event.get("entries", {})
+        bad = await asyncio.to_thread(self.store.missing_chunks, entries)
+        count = int(event.get("execution_count", 0))
+        if bad:
+            reason = f"{len(bad)} chunk(s) missing or corrupt after writing"
+            self.failures[count] = reason
+            self.log.error("checkpoint after cell %s not recorded: %s", count, reason)
+            return None
+        checkpoint = self.store.record(
+            session,
+            count,
+            self._sources.get(count, ""),
+            entries,
+            list(event.get("removed", [])),
+            int(event.get("written", 0)),
+        )
+        self.log.debug("checkpoint %s recorded after cell %s", checkpoint.id[:8], count)
+        return checkpoint
+
+    async def settled(self, timeout: float = 30.0) -> None:
+        """Wait for checkpoints being recorded, so 'latest' means latest."""
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=timeout)
+
+    async def restore_latest(self, session: str, sandbox: Any, previous: Any = None) -> str:
+        """Restore the session's last checkpoint into sandbox; describe the outcome.
+
+        `previous` is the sandbox that died: a snapshot it had started may
+        still be on its way, and it is the newest state there is.
+        """
+        if previous is not None:
+            await previous.snapshots_settled(timeout=60.0)
+        await self.settled()
+        if self.store is None:
+            return f"the namespace was lost (checkpoints are off: {self.problem})"
+        latest = self.store.latest(session)
+        if latest is None:
+            return "no checkpoint had been taken yet, so the namespace starts empty"
+        return await self.restore(latest, sandbox, replace=True)
+
+    async def restore(self, checkpoint: Checkpoint, sandbox: Any, *, replace: bool) -> str:
+        result = await sandbox.request("restore", {"entries": checkpoint.entries, "replace": replace}, timeout=600)
+        restored = result.get("restored", [])
+        failed = dict(result.get("failed", {}))
+        text = (
+            f"checkpoint {checkpoint.id[:8]} (after cell [{checkpoint.execution_count}]) was restored"
+            f" ({len(restored)} name{'s' if len(restored) != 1 else ''})"
+        )
+        if failed:
+            text += "; not restored: " + "; ".join(f"{name} ({why})" for name, why in sorted(failed.items()))
+        return text

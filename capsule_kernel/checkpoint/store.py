@@ -1,0 +1,213 @@
+"""The durable checkpoint store: one SQLite database (WAL) plus chunk files.
+
+Lives under CAPSULE_HOME (default: the user's data directory, e.g.
+~/.local/share/capsule-kernel). A checkpoint row is written in one
+transaction, after every chunk it names has been written and checked, so a
+kill -9 at any instant leaves a database that opens and holds every
+checkpoint that was ever reported complete. Manifests are JSON; the kernel
+that owns this store never unpickles what they point to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capsule_kernel.checkpoint.chunks import verify
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id TEXT PRIMARY KEY,
+    session TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    parent TEXT,
+    execution_count INTEGER NOT NULL,
+    first_line TEXT NOT NULL,
+    created REAL NOT NULL,
+    status TEXT NOT NULL,
+    entries TEXT NOT NULL,
+    changed TEXT NOT NULL,
+    removed TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    written INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkpoints_by_session ON checkpoints (session, seq);
+"""
+
+
+def default_home(environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    if environ.get("CAPSULE_HOME"):
+        return Path(environ["CAPSULE_HOME"])
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("capsule-kernel"))
+
+
+def session_identity(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """Who this notebook is, and how we know: the frontend's path, or a fresh id."""
+    environ = os.environ if environ is None else environ
+    if environ.get("JPY_SESSION_NAME"):
+        return environ["JPY_SESSION_NAME"], "JPY_SESSION_NAME (the notebook's path)"
+    if environ.get("CAPSULE_SESSION"):
+        return environ["CAPSULE_SESSION"], "CAPSULE_SESSION"
+    return f"session-{uuid.uuid4().hex[:12]}", "fresh id (set CAPSULE_SESSION or %capsule session NAME to reuse)"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    id: str
+    session: str
+    seq: int
+    parent: str | None
+    execution_count: int
+    first_line: str
+    created: float
+    status: str
+    entries: dict[str, Any]
+    changed: list[str]
+    removed: list[str]
+    size: int
+    written: int
+
+    @property
+    def unsaved(self) -> dict[str, str]:
+        return {name: entry["error"] for name, entry in self.entries.items() if "error" in entry}
+
+
+class CheckpointStore:
+    """Checkpoints of every session, and the chunks they share."""
+
+    def __init__(self, home: Path, clock: Any = time.time) -> None:
+        self.home = home
+        self.chunks = home / "chunks"
+        self.chunks.mkdir(parents=True, exist_ok=True)
+        self.path = home / "capsule.sqlite"
+        self.clock = clock
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def latest(self, session: str) -> Checkpoint | None:
+        row = self._db.execute(
+            "SELECT * FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT 1", (session,)
+        ).fetchone()
+        return self._row(row) if row else None
+
+    def history(self, session: str, limit: int | None = None) -> list[Checkpoint]:
+        rows = self._db.execute(
+            "SELECT * FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT ?", (session, limit or -1)
+        ).fetchall()
+        return [self._row(row) for row in reversed(rows)]
+
+    def find(self, session: str, ref: str) -> Checkpoint | None:
+        """By execution count ('12') or checkpoint id prefix ('3fa9')."""
+        if ref.isdigit():
+            row = self._db.execute(
+                "SELECT * FROM checkpoints WHERE session = ? AND execution_count = ? ORDER BY seq DESC LIMIT 1",
+                (session, int(ref)),
+            ).fetchone()
+            if row:
+                return self._row(row)
+        rows = self._db.execute(
+            "SELECT * FROM checkpoints WHERE session = ? AND id LIKE ? ORDER BY seq DESC", (session, ref + "%")
+        ).fetchall()
+        return self._row(rows[0]) if len(rows) == 1 else None
+
+    def missing_chunks(self, entries: Mapping[str, Any]) -> list[str]:
+        """Chunks named by these entries that are absent or corrupt."""
+        bad = []
+        for entry in entries.values():
+            for digest in [*entry.get("pickle", []), *(d for b in entry.get("buffers", []) for d in b)]:
+                if not verify(self.chunks, digest):
+                    bad.append(digest)
+        return bad
+
+    def record(
+        self,
+        session: str,
+        execution_count: int,
+        code: str,
+        changed_entries: Mapping[str, Any],
+        removed: list[str],
+        written: int,
+        status: str = "ok",
+        base: Checkpoint | None = None,
+    ) -> Checkpoint:
+        """Add a checkpoint on top of `base` (default: the session's latest)."""
+        parent = base if base is not None else self.latest(session)
+        entries = dict(parent.entries) if parent else {}
+        for name in removed:
+            entries.pop(name, None)
+        entries.update(changed_entries)
+        first_line = next((line for line in code.splitlines() if line.strip()), "")[:120]
+        checkpoint = Checkpoint(
+            id=uuid.uuid4().hex,
+            session=session,
+            seq=(self._max_seq(session) + 1),
+            parent=parent.id if parent else None,
+            execution_count=execution_count,
+            first_line=first_line,
+            created=self.clock(),
+            status=status,
+            entries=entries,
+            changed=sorted(changed_entries),
+            removed=sorted(removed),
+            size=sum(entry.get("size", 0) for entry in entries.values()),
+            written=written,
+        )
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    checkpoint.id,
+                    session,
+                    checkpoint.seq,
+                    checkpoint.parent,
+                    execution_count,
+                    first_line,
+                    checkpoint.created,
+                    status,
+                    json.dumps(entries),
+                    json.dumps(checkpoint.changed),
+                    json.dumps(checkpoint.removed),
+                    checkpoint.size,
+                    written,
+                ),
+            )
+        return checkpoint
+
+    def _max_seq(self, session: str) -> int:
+        row = self._db.execute("SELECT MAX(seq) FROM checkpoints WHERE session = ?", (session,)).fetchone()
+        return row[0] or 0
+
+    @staticmethod
+    def _row(row: tuple) -> Checkpoint:
+        (cid, session, seq, parent, count, first_line, created, status, entries, changed, removed, size, written) = row
+        return Checkpoint(
+            cid,
+            session,
+            seq,
+            parent,
+            count,
+            first_line,
+            created,
+            status,
+            json.loads(entries),
+            json.loads(changed),
+            json.loads(removed),
+            size,
+            written,
+        )

@@ -1,0 +1,137 @@
+"""Checkpoints after every cell, and what a crash gives back."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.harness import wait_until
+
+
+def crash(kernel):
+    result = kernel.execute("import os\nos._exit(1)")
+    assert result.content["ename"] == "SandboxDied"
+    return result.content["evalue"]
+
+
+def latest_written(home: Path) -> int:
+    with sqlite3.connect(home / "capsule.sqlite") as db:
+        return db.execute("SELECT written FROM checkpoints ORDER BY created DESC LIMIT 1").fetchone()[0]
+
+
+def checkpoint_count(home: Path) -> int:
+    with sqlite3.connect(home / "capsule.sqlite") as db:
+        return db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
+
+
+@pytest.fixture
+def home(tmp_path):
+    return tmp_path / "capsule-home"
+
+
+def test_functions_classes_and_lambdas_survive_a_crash(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.execute(
+        "import math\n"
+        "def area(r):\n    return math.pi * r * r\n"
+        "class Point:\n    def __init__(self, x):\n        self.x = x\n"
+        "double = lambda v: 2 * v\n"
+        "p = Point(4)"
+    )
+    assert "was restored" in crash(kernel)
+    assert kernel.execute("round(area(1), 2), double(p.x), type(p).__name__").result_text == "(3.14, 8, 'Point')"
+
+
+def test_in_place_mutation_is_saved(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.execute("items = [1]")
+    kernel.execute("items.append(2)")
+    kernel.execute("def add():\n    items.append(3)")
+    kernel.execute("add()  # mutates items without naming it")
+    crash(kernel)
+    assert kernel.execute("items").result_text == "[1, 2, 3]"
+
+
+def test_deleted_names_stay_deleted(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.execute("temporary = 1\nkept = 2")
+    kernel.execute("del temporary")
+    crash(kernel)
+    assert kernel.execute("'temporary' in dir(), kept").result_text == "(False, 2)"
+
+
+def test_unpicklable_values_are_named_with_the_reason(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.execute("numbers = (i for i in range(3))\nimport threading\nguard = threading.Lock()\nfine = 'yes'")
+    log = kernel.execute("%capsule log").texts()
+    assert "numbers: TypeError" in log and "generator" in log
+    assert "guard: TypeError" in log
+    evalue = crash(kernel)
+    assert "not restored:" in evalue and "numbers (ValueError: it was not saved: TypeError" in evalue
+    assert kernel.execute("fine").result_text == "'yes'"
+
+
+def test_unchanged_buffers_are_not_stored_again(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.execute("big = bytes(range(256)) * (64 * 1024)  # 16 MiB")
+    wait_until(lambda: checkpoint_count(home) >= 1, what="the first checkpoint")
+    assert latest_written(home) >= 16 * 1024 * 1024
+    kernel.execute("small = 1")
+    wait_until(lambda: checkpoint_count(home) >= 2, what="the second checkpoint")
+    assert latest_written(home) < 1024 * 1024
+    crash(kernel)
+    assert kernel.execute("len(big), small").result_text == f"({16 * 1024 * 1024}, 1)"
+
+
+def test_a_corrupt_chunk_loses_only_its_value(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.execute("precious = 'x' * 100000\nother = 'fine'")
+    wait_until(lambda: checkpoint_count(home) >= 1, what="the first checkpoint")
+    digest = kernel.execute(
+        "import sqlite3, json, os\n"
+        "row = sqlite3.connect(os.environ['CAPSULE_HOME'] + '/capsule.sqlite').execute("
+        "'SELECT entries FROM checkpoints ORDER BY seq DESC LIMIT 1').fetchone()\n"
+        "json.loads(row[0])['precious']['pickle'][0]"
+    ).result_text.strip("'")
+    chunk = home / "chunks" / digest[:2] / digest
+    chunk.write_bytes(b"garbage")
+    evalue = crash(kernel)
+    assert "precious (ChunkError: chunk" in evalue and "corrupt" in evalue
+    assert kernel.execute("other").result_text == "'fine'"
+    assert kernel.execute("'precious' in dir()").result_text == "False"
+
+
+def test_log_lists_checkpoints(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "log-test"})
+    kernel.execute("a = 1")
+    kernel.execute("b = [a, 2]")
+    wait_until(lambda: checkpoint_count(home) >= 2, what="two checkpoints")
+    text = kernel.execute("%capsule log").texts()
+    assert "Checkpoints of session log-test" in text
+    lines = [line for line in text.splitlines() if line.startswith("[")]
+    assert lines[0].split()[0] == "[1]" and " a " in f" {lines[0]} "
+    assert lines[1].split()[0] == "[2]" and "b = [a, 2]" in lines[1]
+    assert kernel.execute("%capsule log -n 0").status == "error"
+    status = kernel.execute("%capsule status").texts()
+    assert "log-test (CAPSULE_SESSION)" in status and "last after cell [2]" in status
+
+
+def test_checkpoints_can_be_switched_off(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_CHECKPOINTS": "off"})
+    kernel.execute("x = 1")
+    assert "Checkpoints are off" in kernel.execute("%capsule log").texts()
+    assert "checkpoints are off" in crash(kernel)
+    assert not (home / "capsule.sqlite").exists()
+
+
+def test_snapshot_in_flight_lands_even_if_the_sandbox_dies(fresh_kernel, home):
+    """The cell right before a crash is not lost: its snapshot reports on its own pipe."""
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.kc.execute("last_words = 'saved'")
+    result = kernel.execute("import os\nos._exit(2)")
+    assert "was restored" in result.content["evalue"]
+    assert kernel.execute("last_words").result_text == "'saved'"
+    assert os.path.exists(home / "capsule.sqlite")
