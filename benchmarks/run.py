@@ -34,32 +34,30 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[index]
 
 
-def wait_reply(client, msg_id: str, timeout: float = 60.0) -> dict:
+def wait_for(get_msg, msg_id: str, accept=None, timeout: float = 60.0) -> dict:
+    """The first message on a channel answering msg_id that `accept` takes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            reply = client.get_shell_msg(timeout=0.5)
+            msg = get_msg(timeout=0.5)
         except queue.Empty:
             continue
-        if reply["parent_header"].get("msg_id") == msg_id:
-            return reply
+        if msg["parent_header"].get("msg_id") == msg_id and (accept is None or accept(msg)):
+            return msg
     raise TimeoutError(msg_id)
+
+
+def wait_reply(client, msg_id: str, timeout: float = 60.0) -> dict:
+    return wait_for(client.get_shell_msg, msg_id, timeout=timeout)
 
 
 def wait_idle(client, msg_id: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            msg = client.get_iopub_msg(timeout=0.5)
-        except queue.Empty:
-            continue
-        if (
-            msg["parent_header"].get("msg_id") == msg_id
-            and msg["msg_type"] == "status"
-            and msg["content"]["execution_state"] == "idle"
-        ):
-            return
-    raise TimeoutError(msg_id)
+    wait_for(
+        client.get_iopub_msg,
+        msg_id,
+        lambda msg: msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle",
+        timeout,
+    )
 
 
 def time_start(spec: str) -> float:
