@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import queue
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--starts", type=int, default=10, help="kernel starts per kernel (default 10)")
     parser.add_argument("--cells", type=int, default=300, help="trivial cells per kernel (default 300)")
     args = parser.parse_args(argv)
+    # Checkpoints stay on (they are part of every cell's cost) but go to a scratch store.
+    scratch = tempfile.TemporaryDirectory(prefix="capsule-bench-")
+    os.environ["CAPSULE_HOME"] = scratch.name
 
     starts: dict[str, list[float]] = {name: [] for name in KERNELS}
     for _ in range(args.starts):
@@ -160,10 +165,17 @@ def main(argv: list[str] | None = None) -> int:
 
     live = {name: start_ready(spec) for name, spec in KERNELS.items()}
     cells: dict[str, list[float]] = {name: [] for name in KERNELS}
+    state_cells: dict[str, list[float]] = {name: [] for name in KERNELS}
     try:
         for _ in range(args.cells):
             for name, (_, client) in live.items():
                 cells[name].append(time_cell(client))
+        # A cell that changes state: Capsule checkpoints after each one.
+        for _, client in live.values():
+            time_cell(client, "counter = 0\nsettings = {'alpha': 0.1, 'names': ['a', 'b']}\nrows = list(range(1000))")
+        for _ in range(args.cells):
+            for name, (_, client) in live.items():
+                state_cells[name].append(time_cell(client, "counter = counter + 1"))
         memory = {name: resident_memory(name, km, client) for name, (km, client) in live.items()}
     finally:
         for km, client in live.values():
@@ -174,21 +186,22 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.machine()},
         "start_to_kernel_info": summarize(starts),
         "trivial_cell_roundtrip": summarize(cells),
+        "state_changing_cell_roundtrip": summarize(state_cells),
         "resident_memory_after_cells": memory,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'measure':28} {'kernel':10} {'n':>4} {'median ms':>10} {'p95 ms':>9} {'p99 ms':>9}")
-    for measure in ("start_to_kernel_info", "trivial_cell_roundtrip"):
+    print(f"{'measure':30} {'kernel':10} {'n':>4} {'median ms':>10} {'p95 ms':>9} {'p99 ms':>9}")
+    for measure in ("start_to_kernel_info", "trivial_cell_roundtrip", "state_changing_cell_roundtrip"):
         section = report[measure]
         for name in KERNELS:
             row = section[name]
             timings = f"{row['median_ms']:>10.2f} {row['p95_ms']:>9.2f} {row['p99_ms']:>9.2f}"
-            print(f"{measure:28} {name:10} {row['n']:>4} {timings}")
-        print(f"{measure:28} {'ratio':10} {'':>4} {section['ratio_median']:>10.2f} {section['ratio_p95']:>9.2f}")
+            print(f"{measure:30} {name:10} {row['n']:>4} {timings}")
+        print(f"{measure:30} {'ratio':10} {'':>4} {section['ratio_median']:>10.2f} {section['ratio_p95']:>9.2f}")
     for name, row in memory.items():
         parts = ", ".join(f"{key} {value:.1f}" for key, value in row.items())
-        print(f"{'resident memory (MiB)':28} {name:10} {parts}")
+        print(f"{'resident memory (MiB)':30} {name:10} {parts}")
     print(f"written to {RESULTS}")
     return 0
 

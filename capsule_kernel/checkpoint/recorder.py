@@ -31,6 +31,7 @@ class Checkpoints:
         self.failures: dict[int, str] = {}
         self._sources: OrderedDict[int, str] = OrderedDict()
         self._pending: set[asyncio.Task] = set()
+        self._lock = asyncio.Lock()  # one writer at a time, in order
 
     @classmethod
     def open(cls, log: logging.Logger) -> Checkpoints:
@@ -66,21 +67,28 @@ class Checkpoints:
         if self.store is None:
             return None
         entries = event.get("entries", {})
-        bad = await asyncio.to_thread(self.store.missing_chunks, entries)
         count = int(event.get("execution_count", 0))
-        if bad:
-            reason = f"{len(bad)} chunk(s) missing or corrupt after writing"
-            self.failures[count] = reason
-            self.log.error("checkpoint after cell %s not recorded: %s", count, reason)
+        removed = list(event.get("removed", []))
+        if not entries and not removed:
+            return None  # nothing changed: the previous checkpoint still holds
+        store = self.store
+
+        def verify_and_record() -> Checkpoint | str:
+            # Off the event loop: hashing new chunks and an fsynced commit take time.
+            bad = store.missing_chunks(entries)
+            if bad:
+                return f"{len(bad)} chunk(s) missing or corrupt after writing"
+            return store.record(
+                session, count, self._sources.get(count, ""), entries, removed, int(event.get("written", 0))
+            )
+
+        async with self._lock:
+            outcome = await asyncio.to_thread(verify_and_record)
+        if isinstance(outcome, str):
+            self.failures[count] = outcome
+            self.log.error("checkpoint after cell %s not recorded: %s", count, outcome)
             return None
-        checkpoint = self.store.record(
-            session,
-            count,
-            self._sources.get(count, ""),
-            entries,
-            list(event.get("removed", [])),
-            int(event.get("written", 0)),
-        )
+        checkpoint = outcome
         self.log.debug("checkpoint %s recorded after cell %s", checkpoint.id[:8], count)
         return checkpoint
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -92,37 +93,42 @@ class CheckpointStore:
         self.path = home / "capsule.sqlite"
         self.clock = clock
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # The kernel records from a worker thread and reads from its loop.
+        self._guard = threading.RLock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
-        self._db.close()
+        with self._guard:
+            self._db.close()
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._guard:
+            return self._db.execute(sql, params).fetchall()
 
     def latest(self, session: str) -> Checkpoint | None:
-        row = self._db.execute(
-            "SELECT * FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT 1", (session,)
-        ).fetchone()
-        return self._row(row) if row else None
+        rows = self._query("SELECT * FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT 1", (session,))
+        return self._row(rows[0]) if rows else None
 
     def history(self, session: str, limit: int | None = None) -> list[Checkpoint]:
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT * FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT ?", (session, limit or -1)
-        ).fetchall()
+        )
         return [self._row(row) for row in reversed(rows)]
 
     def find(self, session: str, ref: str) -> Checkpoint | None:
         """By execution count ('12') or checkpoint id prefix ('3fa9')."""
         if ref.isdigit():
-            row = self._db.execute(
+            rows = self._query(
                 "SELECT * FROM checkpoints WHERE session = ? AND execution_count = ? ORDER BY seq DESC LIMIT 1",
                 (session, int(ref)),
-            ).fetchone()
-            if row:
-                return self._row(row)
-        rows = self._db.execute(
+            )
+            if rows:
+                return self._row(rows[0])
+        rows = self._query(
             "SELECT * FROM checkpoints WHERE session = ? AND id LIKE ? ORDER BY seq DESC", (session, ref + "%")
-        ).fetchall()
+        )
         return self._row(rows[0]) if len(rows) == 1 else None
 
     def missing_chunks(self, entries: Mapping[str, Any]) -> list[str]:
@@ -146,6 +152,20 @@ class CheckpointStore:
         base: Checkpoint | None = None,
     ) -> Checkpoint:
         """Add a checkpoint on top of `base` (default: the session's latest)."""
+        with self._guard:
+            return self._record(session, execution_count, code, changed_entries, removed, written, status, base)
+
+    def _record(
+        self,
+        session: str,
+        execution_count: int,
+        code: str,
+        changed_entries: Mapping[str, Any],
+        removed: list[str],
+        written: int,
+        status: str,
+        base: Checkpoint | None,
+    ) -> Checkpoint:
         parent = base if base is not None else self.latest(session)
         entries = dict(parent.entries) if parent else {}
         for name in removed:
@@ -190,8 +210,7 @@ class CheckpointStore:
         return checkpoint
 
     def _max_seq(self, session: str) -> int:
-        row = self._db.execute("SELECT MAX(seq) FROM checkpoints WHERE session = ?", (session,)).fetchone()
-        return row[0] or 0
+        return self._query("SELECT MAX(seq) FROM checkpoints WHERE session = ?", (session,))[0][0] or 0
 
     @staticmethod
     def _row(row: tuple) -> Checkpoint:

@@ -155,12 +155,14 @@ class Worker:
         self.flusher.flush_all()
         from ipykernel.jsonutil import json_clean
 
-        snapshot = reply["status"] == "ok" and not silent and self.snapshots.enabled
+        plan = None
+        if reply["status"] == "ok" and not silent:
+            plan = self.snapshots.plan(message.get("snapshot_candidates", []))
         count = int(message.get("execution_count", 0))
         # "snapshot": a checkpoint of this cell follows, so the kernel can wait for it.
-        self.channel.send({"type": "done", "reply": json_clean(reply), "snapshot": count if snapshot else None})
-        if snapshot:
-            self.snapshots.after_cell(count, message.get("snapshot_candidates", []))
+        self.channel.send({"type": "done", "reply": json_clean(reply), "snapshot": count if plan else None})
+        if plan:
+            self.snapshots.take(count, plan)
 
     def request(self, message: dict[str, Any]) -> None:
         from capsule_kernel.sandbox import worker_requests

@@ -54,9 +54,10 @@ class Snapshotter:
             self._collector.join()
             self._collector = None
 
-    def after_cell(self, execution_count: int, candidates: list[str]) -> None:
+    def plan(self, candidates: list[str]) -> tuple[list[str], list[str], dict[str, int]] | None:
+        """What the next snapshot must look at; None when nothing can have changed."""
         if self.root is None:
-            return
+            return None
         self.wait()
         namespace = self.shell.user_ns
         names = snapshot.saveable_names(namespace, set(self.shell.user_ns_hidden))
@@ -71,6 +72,14 @@ class Snapshotter:
             or self.sizes.get(name, 0) < SMALL_VALUE_BYTES
             or name not in self.digests
         ]
+        if not todo and not removed:
+            return None
+        return todo, removed, current
+
+    def take(self, execution_count: int, plan: tuple[list[str], list[str], dict[str, int]]) -> None:
+        """Fork; the child snapshots `plan` while this process serves on."""
+        todo, removed, current = plan
+        namespace = self.shell.user_ns
         previous = {name: self.digests[name] for name in todo if name in self.digests}
         read_fd, write_fd = os.pipe()
         with warnings.catch_warnings():
