@@ -34,6 +34,8 @@ _RESET = "\x1b[0m"
 _INPUT_POLL_SECONDS = 0.01
 _REQUEST_WAIT_SECONDS = 30.0
 _SANDBOX_START_DELAY_SECONDS = 0.5
+# Subcommands that replace the sandbox or its namespace: never from inside a running cell.
+_WHOLE_CELL_SUBCOMMANDS = {"restore", "restart"}
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,10 @@ class CapsuleKernel(Kernel):
     def _log_start_failure(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("the sandbox could not start: %s", task.exception())
+
+    async def ready_sandbox(self) -> SubprocessSandbox:
+        """The running sandbox (for magics that act on it)."""
+        return await self._ready_sandbox()
 
     async def _ready_sandbox(self) -> SubprocessSandbox:
         """The running sandbox, starting (or replacing) one when needed."""
@@ -439,8 +445,15 @@ class CapsuleKernel(Kernel):
         """A %capsule line inside a cell: run it here, answer the sandbox."""
         sandbox = self.sandbox
         answer: dict[str, Any] = {"type": "magic_reply", "id": event.get("id"), "ok": True}
+        words = event.get("line", "").split()
         if event.get("cell"):
             answer.update(ok=False, error=f"%%capsule {event.get('line', '')}: this subcommand takes no cell body")
+        elif words and words[0] in _WHOLE_CELL_SUBCOMMANDS:
+            answer.update(
+                ok=False,
+                error=f"%capsule {words[0]} replaces the sandbox's state, so it cannot run inside a cell "
+                "with other code; put it in a cell of its own",
+            )
         else:
             try:
                 for bundle in await magics.run(self, event.get("line", "")):

@@ -135,3 +135,58 @@ def test_snapshot_in_flight_lands_even_if_the_sandbox_dies(fresh_kernel, home):
     assert "was restored" in result.content["evalue"]
     assert kernel.execute("last_words").result_text == "'saved'"
     assert os.path.exists(home / "capsule.sqlite")
+
+
+def test_restore_back_and_forth(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "travel"})
+    first = kernel.execute("stage = 'one'\nfirst_only = True")
+    kernel.execute("stage = 'two'\ndel first_only")
+    third = kernel.execute("stage = 'three'\nlater = [1, 2]")
+    back = kernel.execute(f"%capsule restore {first.content['execution_count']}")
+    assert back.status == "ok", back.texts()
+    assert "Removed (created later): later" in back.texts()
+    assert kernel.execute("stage, first_only, 'later' in dir()").result_text == "('one', True, False)"
+    # Forward again, by checkpoint id prefix this time.
+    log = kernel.execute("%capsule log").texts()
+    third_row = next(line for line in log.splitlines() if line.startswith(f"[{third.content['execution_count']}]"))
+    assert "restored" in log
+    kernel.execute(f"%capsule restore {third_row.split()[1]}")
+    assert kernel.execute("stage, later, 'first_only' in dir()").result_text == "('three', [1, 2], False)"
+    # Work goes on from the restored state and is checkpointed as usual.
+    kernel.execute("stage = 'four'")
+    crash(kernel)
+    assert kernel.execute("stage, later").result_text == "('four', [1, 2])"
+
+
+def test_restore_wrong_arguments_change_nothing(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.execute("value = 1")
+    for code, message in [
+        ("%capsule restore 999", "no checkpoint '999'"),
+        ("%capsule restore", "the following arguments are required: N"),
+        ("%capsule restore zzz", "no checkpoint 'zzz'"),
+    ]:
+        result = kernel.execute(code)
+        assert result.status == "error" and message in result.content["evalue"], result.content["evalue"]
+        assert "\n" not in result.content["evalue"]
+    inside = kernel.execute("x = 2\n%capsule restore 1")
+    assert inside.status == "error" and "cell of its own" in inside.content["evalue"]
+    assert kernel.execute("value").result_text == "1"
+
+
+def test_diff_between_checkpoints(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    a = kernel.execute("keep = 1\nchange = [1, 2]\ndrop = 'x'").content["execution_count"]
+    b = kernel.execute("change.append(3)\ndel drop\nnew = {'k': 1}").content["execution_count"]
+    text = kernel.execute(f"%capsule diff {a} {b}").texts()
+    rows = {
+        line.split()[1]: line
+        for line in text.splitlines()
+        if line.split() and line.split()[0] in ("added", "removed", "changed")
+    }
+    assert set(rows) == {"change", "drop", "new"}
+    assert rows["change"].startswith("changed") and "len=2" in rows["change"] and "len=3" in rows["change"]
+    assert rows["drop"].startswith("removed") and rows["new"].startswith("added")
+    assert "keep" not in rows
+    assert "no differences" in kernel.execute(f"%capsule diff {a} {a}").texts()
+    assert kernel.execute("%capsule diff 1").status == "error"

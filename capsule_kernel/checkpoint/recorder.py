@@ -113,6 +113,16 @@ class Checkpoints:
             return "no checkpoint had been taken yet, so the namespace starts empty"
         return await self.restore(latest, sandbox, replace=True)
 
+    async def current_names(self, sandbox: Any) -> list[str]:
+        result = await sandbox.request("names", {}, timeout=60)
+        return list(result.get("names", []))
+
+    def record_restore(self, session: str, execution_count: int, code: str, target: Checkpoint) -> Checkpoint | None:
+        """The restore is history too: a checkpoint equal to the target, marked restored."""
+        if self.store is None:
+            return None
+        return self.store.record(session, execution_count, code, {}, [], 0, status="restored", base=target)
+
     async def restore(self, checkpoint: Checkpoint, sandbox: Any, *, replace: bool) -> str:
         result = await sandbox.request("restore", {"entries": checkpoint.entries, "replace": replace}, timeout=600)
         restored = result.get("restored", [])

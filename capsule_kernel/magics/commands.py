@@ -14,6 +14,7 @@ from capsule_kernel.magics.parser import MagicHelp, MagicUsageError, parse, usag
 from capsule_kernel.sandbox.limits import LIMIT_NAMES, LimitError, format_duration, format_size
 
 if TYPE_CHECKING:
+    from capsule_kernel.checkpoint.store import Checkpoint
     from capsule_kernel.kernel import CapsuleKernel
 
 Bundle = dict[str, str]
@@ -139,6 +140,65 @@ async def cmd_log(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
     return [_table(title, headers, rows)]
 
 
+def _checkpoint(kernel: CapsuleKernel, ref: str, command: str) -> Checkpoint:
+    store = kernel.checkpoints.store
+    if store is None:
+        raise MagicUsageError(f"%capsule {command}: checkpoints are off ({kernel.checkpoints.problem})")
+    found = store.find(kernel.session_name, ref)
+    if found is None:
+        raise MagicUsageError(
+            f"%capsule {command}: no checkpoint {ref!r} in session {kernel.session_name} (see %capsule log)"
+        )
+    return found
+
+
+async def cmd_restore(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+    await kernel.checkpoints_settled()
+    target = _checkpoint(kernel, args.ref, "restore")
+    sandbox = await kernel.ready_sandbox()
+    before = await kernel.checkpoints.current_names(sandbox)
+    outcome = await kernel.checkpoints.restore(target, sandbox, replace=True)
+    kernel.checkpoints.record_restore(
+        kernel.session_name, kernel.execution_count, f"%capsule restore {args.ref}", target
+    )
+    removed = sorted(set(before) - set(target.entries))
+    lines = [f"The namespace is now as after cell [{target.execution_count}]: {outcome}."]
+    if removed:
+        lines.append("Removed (created later): " + ", ".join(removed))
+    lines.append("This restore is itself a checkpoint: %capsule log shows it, and you can go forward again.")
+    return [{"text/plain": "\n".join(lines)}]
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    shape = (
+        f" shape={tuple(entry['shape'])}" if "shape" in entry else (f" len={entry['len']}" if "len" in entry else "")
+    )
+    return f"{entry.get('type', '?')}{shape}: {entry.get('repr', '')}"
+
+
+async def cmd_diff(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+    await kernel.checkpoints_settled()
+    a = _checkpoint(kernel, args.a, "diff")
+    b = _checkpoint(kernel, args.b, "diff")
+    rows = []
+    for name in sorted(set(a.entries) | set(b.entries)):
+        old, new = a.entries.get(name), b.entries.get(name)
+        if old is None:
+            rows.append(["added", name, "-", _describe(new)])
+        elif new is None:
+            rows.append(["removed", name, _describe(old), "-"])
+        elif _identity(old) != _identity(new):
+            rows.append(["changed", name, _describe(old), _describe(new)])
+    title = f"From cell [{a.execution_count}] ({a.id[:8]}) to cell [{b.execution_count}] ({b.id[:8]})"
+    if not rows:
+        return [{"text/plain": f"{title}: no differences"}]
+    return [_table(title, ["", "name", f"[{a.execution_count}]", f"[{b.execution_count}]"], rows)]
+
+
+def _identity(entry: dict[str, Any]) -> str:
+    return entry.get("digest") or entry.get("module") or entry.get("error", "")
+
+
 async def cmd_restart(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
     await kernel.restart_sandbox("restarted by %capsule restart")
     text = f"Started a fresh sandbox (pid {kernel.sandbox.pid}); the namespace was reset."
@@ -149,7 +209,15 @@ def cmd_help(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
     return [{"text/plain": usage_text()}]
 
 
-COMMANDS = {"limits": cmd_limits, "status": cmd_status, "log": cmd_log, "restart": cmd_restart, "help": cmd_help}
+COMMANDS = {
+    "limits": cmd_limits,
+    "status": cmd_status,
+    "log": cmd_log,
+    "restore": cmd_restore,
+    "diff": cmd_diff,
+    "restart": cmd_restart,
+    "help": cmd_help,
+}
 
 
 async def run(kernel: CapsuleKernel, line: str) -> list[Bundle]:

@@ -31,6 +31,8 @@ SUBCOMMANDS = {
     "status": "sandbox kind, pid, uptime, limits in force, memory in use, cells run",
     "limits": "show the limits in force and where each came from, or change them",
     "log": "checkpoints of this session: cell, id, names changed, size, time, unsaved names",
+    "restore": "make the namespace exactly what it was after a cell (N, or a checkpoint id prefix)",
+    "diff": "names added, removed and changed between two checkpoints",
     "restart": "start a fresh sandbox with an empty namespace",
     "help": "this list",
 }
@@ -58,6 +60,13 @@ def build_parser() -> _Parser:
         sub = commands.add_parser(name, help=escaped, description=escaped, exit_on_error=False)
         if name == "log":
             sub.add_argument("-n", type=int, default=20, metavar="N", help="show the last N checkpoints (default 20)")
+        if name == "restore":
+            sub.add_argument(
+                "ref", metavar="N", help="an execution count as %%capsule log shows it, or a checkpoint id prefix"
+            )
+        if name == "diff":
+            sub.add_argument("a", metavar="A", help="earlier checkpoint (execution count or id prefix)")
+            sub.add_argument("b", metavar="B", help="later checkpoint (execution count or id prefix)")
         if name == "limits":
             for limit in LIMIT_NAMES:
                 sub.add_argument(f"--{limit}", metavar="VALUE", help=_LIMIT_HELP[limit].replace("%", "%%"))

@@ -168,7 +168,11 @@ class Worker:
         from capsule_kernel.sandbox import worker_requests
 
         try:
-            if message["kind"] == "restore":
+            if message["kind"] == "names":
+                from capsule_kernel.checkpoint.snapshot import saveable_names
+
+                content = {"names": saveable_names(self.shell.user_ns, set(self.shell.user_ns_hidden))}
+            elif message["kind"] == "restore":
                 args = message.get("args", {})
                 content = self.snapshots.restore(args["entries"], replace=bool(args.get("replace")))
             else:
