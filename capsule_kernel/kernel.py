@@ -28,6 +28,7 @@ from capsule_kernel.router import route
 from capsule_kernel.sandbox import protocol
 from capsule_kernel.sandbox.limits import LimitSettings
 from capsule_kernel.sandbox.subprocess import SandboxDied, SubprocessSandbox
+from capsule_kernel.settings import KernelSettings
 
 _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
@@ -35,7 +36,7 @@ _INPUT_POLL_SECONDS = 0.01
 _REQUEST_WAIT_SECONDS = 30.0
 _SANDBOX_START_DELAY_SECONDS = 0.5
 # Subcommands that replace the sandbox or its namespace: never from inside a running cell.
-_WHOLE_CELL_SUBCOMMANDS = {"restore", "restart"}
+_WHOLE_CELL_SUBCOMMANDS = {"restore", "restart", "resume", "session"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,9 @@ class CapsuleKernel(Kernel):
         self._side_tasks: set[asyncio.Task] = set()
         self._idle_death: str | None = None
         self._restore_outcome = "the namespace starts empty"
+        self._resume_notice: str | None = None
+        self._resume_offer: str | None = None
+        self.settings = KernelSettings.load()
         self._last_meta: dict[str, Any] = {}
         self._completeness = TransformerManager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
@@ -129,8 +133,23 @@ class CapsuleKernel(Kernel):
         if self._main_loop is not None:
             return
         self._main_loop = asyncio.get_running_loop()
-        self._starting = asyncio.ensure_future(self._start_sandbox())
+        self._starting = asyncio.ensure_future(self._start_first_sandbox())
         self._starting.add_done_callback(self._log_start_failure)
+
+    async def _start_first_sandbox(self) -> SubprocessSandbox:
+        sandbox = await self._start_sandbox()
+        store = self.checkpoints.store
+        latest = store.latest(self.session_name) if store else None
+        if latest is not None and self.settings.auto_resume:
+            try:
+                self._resume_notice = await self.resume(latest, sandbox) + "\n"
+            except (SandboxDied, TimeoutError) as err:
+                self.log.error("auto_resume failed: %s", err)
+                self._resume_notice = f"auto_resume failed ({err}); the namespace starts empty.\n"
+                sandbox = await self._start_sandbox()
+        elif latest is not None:
+            self._offer_resume()
+        return sandbox
 
     async def _start_sandbox(self, *, restore: bool = False) -> SubprocessSandbox:
         """A new sandbox; with restore, holding the session's last checkpoint."""
@@ -182,6 +201,47 @@ class CapsuleKernel(Kernel):
     def _log_start_failure(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("the sandbox could not start: %s", task.exception())
+
+    async def resume(self, checkpoint: Any, sandbox: SubprocessSandbox | None = None) -> str:
+        """Bring back a checkpoint from an earlier kernel; numbering goes on from it."""
+        if sandbox is None:
+            sandbox = await self._ready_sandbox()
+        outcome = await self.checkpoints.restore(checkpoint, sandbox, replace=True)
+        self._next_count = max(self._next_count, checkpoint.execution_count + 1)
+        self._resume_offer = None
+        return (
+            f"Resumed session {self.session_name}: {outcome}. "
+            f"Execution counts continue from [{checkpoint.execution_count + 1}]."
+        )
+
+    async def switch_session(self, name: str, source: str) -> None:
+        """Checkpoints go to another session from now on, starting with a full one."""
+        if name == self.session_name:
+            return
+        self.session_name, self.session_source = name, source
+        if self.sandbox is not None and self.sandbox.alive:
+            # The next snapshot must hold every name, not a delta against
+            # another session's checkpoint.
+            with contextlib.suppress(SandboxDied, TimeoutError):
+                await self.sandbox.request("forget_digests", {})
+
+    async def _adopt_frontend_session(self, sandbox: SubprocessSandbox) -> None:
+        """VS Code names the notebook only in its start-up code (__vsc_ipynb_file__)."""
+        path = sandbox.notebook_path
+        if path and self.session_source.startswith("fresh id") and path != self.session_name:
+            await self.switch_session(path, "__vsc_ipynb_file__ (VS Code's notebook path)")
+            self._offer_resume()
+
+    def _offer_resume(self) -> None:
+        """A new kernel in a session that has checkpoints: say how to get them back."""
+        store = self.checkpoints.store
+        latest = store.latest(self.session_name) if store else None
+        if latest is not None:
+            self._resume_offer = (
+                f"Session {self.session_name} has checkpoints from an earlier kernel (the last after cell "
+                f"[{latest.execution_count}], {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(latest.created))}). "
+                "Run %capsule resume to restore them, or set auto_resume = true in capsule.toml.\n"
+            )
 
     async def ready_sandbox(self) -> SubprocessSandbox:
         """The running sandbox (for magics that act on it)."""
@@ -323,6 +383,11 @@ class CapsuleKernel(Kernel):
             sandbox = await self._ready_sandbox()
         except (SandboxDied, TimeoutError) as err:
             return self._fail(count, "SandboxUnavailable", f"the sandbox could not start: {err}")
+        for attribute in ("_resume_notice", "_resume_offer"):
+            text = getattr(self, attribute)
+            if text:
+                setattr(self, attribute, None)
+                self._publish("stream", {"name": "stderr", "text": text})
         if self._idle_death:
             notice, self._idle_death = self._idle_death, None
             self._publish(
@@ -331,7 +396,9 @@ class CapsuleKernel(Kernel):
             )
         self._cell_running = True
         try:
-            return await sandbox.execute(asdict(cell))
+            reply = await sandbox.execute(asdict(cell))
+            await self._adopt_frontend_session(sandbox)
+            return reply
         except SandboxDied as death:
             return await self._report_death(sandbox, death, count)
         finally:

@@ -190,3 +190,65 @@ def test_diff_between_checkpoints(fresh_kernel, home):
     assert "keep" not in rows
     assert "no differences" in kernel.execute(f"%capsule diff {a} {a}").texts()
     assert kernel.execute("%capsule diff 1").status == "error"
+
+
+def _kill_kernel(kernel) -> None:
+    import signal
+
+    kernel.kc.stop_channels()
+    os.kill(kernel.km.provisioner.process.pid, signal.SIGKILL)
+    wait_until(lambda: not kernel.km.is_alive(), what="the kernel to die")
+
+
+def test_resume_after_the_kernel_dies(fresh_kernel, home):
+    env = {"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "analysis.ipynb"}
+    first = fresh_kernel(env=env)
+    first.execute("import math\nresult = math.sqrt(16)\nnotes = ['kept']")
+    last = first.execute("notes.append('also kept')").content["execution_count"]
+    first.execute("%capsule log")  # waits for the last checkpoint to be recorded
+    _kill_kernel(first)
+
+    second = fresh_kernel(env=env)
+    offer = second.execute("1 + 1")
+    assert "%capsule resume" in offer.stderr and f"after cell [{last}]" in offer.stderr
+    resumed = second.execute("%capsule resume")
+    assert resumed.status == "ok" and "Resumed session analysis.ipynb" in resumed.texts()
+    after = second.execute("result, notes")
+    assert after.result_text == "(4.0, ['kept', 'also kept'])"
+    assert after.content["execution_count"] > last
+
+
+def test_auto_resume_from_capsule_toml(fresh_kernel, home, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "capsule.toml").write_text("auto_resume = true\n")
+    env = {"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "auto"}
+    first = fresh_kernel(env=env, cwd=project)
+    first.execute("carried = 'over'")
+    first.execute("%capsule log")
+    _kill_kernel(first)
+    second = fresh_kernel(env=env, cwd=project)
+    result = second.execute("carried")
+    assert result.result_text == "'over'", result.texts()
+    assert "Resumed session auto" in result.stderr
+
+
+def test_session_can_be_named_at_run_time(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.execute("before = 1")
+    assert "Checkpoints now go to session renamed" in kernel.execute("%capsule session renamed").texts()
+    kernel.execute("after = 2")
+    assert "renamed (%capsule session)" in kernel.execute("%capsule session").texts()
+    log = kernel.execute("%capsule log").texts()
+    assert "Checkpoints of session renamed" in log
+    _kill_kernel(kernel)
+    again = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "renamed"})
+    again.execute("%capsule resume")
+    assert again.execute("before, after").result_text == "(1, 2)"
+
+
+def test_vscode_notebook_path_names_the_session(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.execute("__vsc_ipynb_file__ = '/work/report.ipynb'", silent=True)
+    kernel.execute("x = 1")
+    assert "/work/report.ipynb (__vsc_ipynb_file__" in kernel.execute("%capsule status").texts()

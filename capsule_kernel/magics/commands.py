@@ -169,6 +169,27 @@ async def cmd_restore(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
     return [{"text/plain": "\n".join(lines)}]
 
 
+async def cmd_resume(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
+    store = kernel.checkpoints.store
+    if store is None:
+        raise MagicUsageError(f"%capsule resume: checkpoints are off ({kernel.checkpoints.problem})")
+    await kernel.checkpoints_settled()
+    latest = store.latest(kernel.session_name)
+    if latest is None:
+        raise MagicUsageError(f"%capsule resume: session {kernel.session_name} has no checkpoint to resume from")
+    return [{"text/plain": await kernel.resume(latest)}]
+
+
+async def cmd_session(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+    if args.name is None:
+        return [{"text/plain": f"Session: {kernel.session_name} ({kernel.session_source})"}]
+    name = args.name.strip()
+    if not name:
+        raise MagicUsageError("%capsule session: the name must not be empty")
+    await kernel.switch_session(name, "%capsule session")
+    return [{"text/plain": f"Checkpoints now go to session {name}."}]
+
+
 def _describe(entry: dict[str, Any]) -> str:
     shape = (
         f" shape={tuple(entry['shape'])}" if "shape" in entry else (f" len={entry['len']}" if "len" in entry else "")
@@ -215,6 +236,8 @@ COMMANDS = {
     "log": cmd_log,
     "restore": cmd_restore,
     "diff": cmd_diff,
+    "resume": cmd_resume,
+    "session": cmd_session,
     "restart": cmd_restart,
     "help": cmd_help,
 }

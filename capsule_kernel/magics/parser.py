@@ -33,6 +33,8 @@ SUBCOMMANDS = {
     "log": "checkpoints of this session: cell, id, names changed, size, time, unsaved names",
     "restore": "make the namespace exactly what it was after a cell (N, or a checkpoint id prefix)",
     "diff": "names added, removed and changed between two checkpoints",
+    "resume": "restore this session's latest checkpoint (after the kernel itself died)",
+    "session": "show or set the session this notebook's checkpoints belong to",
     "restart": "start a fresh sandbox with an empty namespace",
     "help": "this list",
 }
@@ -64,6 +66,8 @@ def build_parser() -> _Parser:
             sub.add_argument(
                 "ref", metavar="N", help="an execution count as %%capsule log shows it, or a checkpoint id prefix"
             )
+        if name == "session":
+            sub.add_argument("name", nargs="?", metavar="NAME", help="the new session name")
         if name == "diff":
             sub.add_argument("a", metavar="A", help="earlier checkpoint (execution count or id prefix)")
             sub.add_argument("b", metavar="B", help="later checkpoint (execution count or id prefix)")

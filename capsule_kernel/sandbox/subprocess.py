@@ -173,6 +173,8 @@ class SubprocessSandbox:
         self.death_noted = False
         self._reports: _ReportPipe | None = None
         self.snapshots_in_flight: dict[int, int] = {}
+        # What the frontend's start-up code said the notebook is (VS Code).
+        self.notebook_path: str | None = None
 
     # -- life cycle -------------------------------------------------------------
 
@@ -543,6 +545,8 @@ class SubprocessSandbox:
             # Everything the cell wrote to its raw descriptors is already in the
             # pipes: forward it now, so that it precedes the execute_reply.
             self.drain_raw_output()
+            if isinstance(message.get("notebook_path"), str):
+                self.notebook_path = message["notebook_path"]
             if message.get("snapshot") is not None:
                 self.snapshots_in_flight[message["snapshot"]] = 0  # its pid follows
             if self._done is not None and not self._done.done():

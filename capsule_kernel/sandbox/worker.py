@@ -160,7 +160,11 @@ class Worker:
             plan = self.snapshots.plan(message.get("snapshot_candidates", []))
         count = int(message.get("execution_count", 0))
         # "snapshot": a checkpoint of this cell follows, so the kernel can wait for it.
-        self.channel.send({"type": "done", "reply": json_clean(reply), "snapshot": count if plan else None})
+        done = {"type": "done", "reply": json_clean(reply), "snapshot": count if plan else None}
+        notebook = shell.user_ns.get("__vsc_ipynb_file__")
+        if isinstance(notebook, str):
+            done["notebook_path"] = notebook
+        self.channel.send(done)
         if plan:
             self.snapshots.take(count, plan)
 
@@ -168,7 +172,10 @@ class Worker:
         from capsule_kernel.sandbox import worker_requests
 
         try:
-            if message["kind"] == "names":
+            if message["kind"] == "forget_digests":
+                self.snapshots.forget()
+                content = {"status": "ok"}
+            elif message["kind"] == "names":
                 from capsule_kernel.checkpoint.snapshot import saveable_names
 
                 content = {"names": saveable_names(self.shell.user_ns, set(self.shell.user_ns_hidden))}

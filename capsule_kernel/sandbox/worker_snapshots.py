@@ -54,6 +54,13 @@ class Snapshotter:
             self._collector.join()
             self._collector = None
 
+    def forget(self) -> None:
+        """The next snapshot saves every name (a new session starts full)."""
+        self.wait()
+        self.digests.clear()
+        self.sizes.clear()
+        self.ids.clear()
+
     def plan(self, candidates: list[str]) -> tuple[list[str], list[str], dict[str, int]] | None:
         """What the next snapshot must look at; None when nothing can have changed."""
         if self.root is None:
