@@ -49,6 +49,6 @@ def test_store_survives_kill_minus_9(tmp_path):
     for cid in reported:
         checkpoint = by_id[cid]
         assert store.missing_chunks(checkpoint.entries) == [], cid
-        for name, entry in checkpoint.entries.items():
+        for entry in checkpoint.entries.values():
             snapshot.load(entry, store.chunks)  # every value loads
     assert len(reported) >= KILLS
