@@ -102,6 +102,7 @@ class CapsuleKernel(Kernel):
         self._resume_notice: str | None = None
         self._resume_offer: str | None = None
         self.settings = KernelSettings.load()
+        self.checkpoints.keep = self.settings.keep
         self._last_meta: dict[str, Any] = {}
         self._completeness = TransformerManager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):

@@ -10,14 +10,20 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capsule_kernel.sandbox.limits import LimitError, find_config_file, parse_switch
+from capsule_kernel.sandbox.limits import LimitError, find_config_file, parse_count, parse_duration, parse_switch
 
 log = logging.getLogger(__name__)
+
+
+DEFAULT_KEEP = 200
+DEFAULT_GC_GRACE_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
 class KernelSettings:
     auto_resume: bool = False
+    keep: int | None = DEFAULT_KEEP
+    gc_grace: float = DEFAULT_GC_GRACE_SECONDS
     source: Path | None = None
     warnings: tuple[str, ...] = field(default=())
 
@@ -31,12 +37,21 @@ class KernelSettings:
             return cls()
         path, table = found
         warnings = []
-        auto_resume = False
-        if "auto_resume" in table:
+        values: dict[str, object] = {}
+        checkpoints = table.get("checkpoints", {})
+        for key, raw, parser in (
+            ("auto_resume", table.get("auto_resume"), parse_switch),
+            ("keep", checkpoints.get("keep"), parse_count),
+            ("gc_grace", checkpoints.get("gc_grace"), parse_duration),
+        ):
+            if raw is None:
+                continue
             try:
-                auto_resume = parse_switch(table["auto_resume"])
+                values[key] = parser(raw)
             except LimitError as err:
-                warnings.append(f"{path}: auto_resume: {err}")
+                warnings.append(f"{path}: {key}: {err}")
+        if values.get("gc_grace") is None:
+            values.pop("gc_grace", None)
         for warning in warnings:
             log.warning(warning)
-        return cls(auto_resume=auto_resume, source=path, warnings=tuple(warnings))
+        return cls(**values, source=path, warnings=tuple(warnings))

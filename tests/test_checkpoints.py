@@ -252,3 +252,21 @@ def test_vscode_notebook_path_names_the_session(fresh_kernel, home):
     kernel.execute("__vsc_ipynb_file__ = '/work/report.ipynb'", silent=True)
     kernel.execute("x = 1")
     assert "/work/report.ipynb (__vsc_ipynb_file__" in kernel.execute("%capsule status").texts()
+
+
+def test_retention_and_gc(fresh_kernel, home, tmp_path):
+    project = tmp_path / "gc-project"
+    project.mkdir()
+    (project / "capsule.toml").write_text('[checkpoints]\nkeep = 2\ngc_grace = "1ms"\n')
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "gc"}, cwd=project)
+    for i in range(4):
+        kernel.execute(f"import os\nblob = os.urandom(2 * 1024 * 1024)\nround_ = {i}")
+    log = kernel.execute("%capsule log").texts()
+    assert len([line for line in log.splitlines() if line.startswith("[")]) == 2
+    report = kernel.execute("%capsule gc").texts()
+    assert "dropped 0 checkpoints beyond the newest 2" in report
+    freed_mib = float(report.split("Freed ")[1].split(" MiB")[0])
+    assert freed_mib >= 3.9  # the two oldest blobs
+    assert "Freed 0 B" in kernel.execute("%capsule gc").texts()
+    crash(kernel)
+    assert kernel.execute("round_, len(blob)").result_text == f"(3, {2 * 1024 * 1024})"

@@ -31,7 +31,12 @@ def write_chunk(root: Path, data: memoryview | bytes) -> tuple[str, bool]:
     digest = hashlib.sha256(data).hexdigest()
     path = chunk_path(root, digest)
     if path.exists():
-        return digest, False
+        # Touch it: garbage collection keeps recently used chunks.
+        try:
+            os.utime(path)
+            return digest, False
+        except FileNotFoundError:
+            pass  # collected just now: write it again
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{digest}.{os.getpid()}.tmp")
     with open(temporary, "wb") as handle:

@@ -24,6 +24,8 @@ _KEEP_CELL_SOURCES = 256
 class Checkpoints:
     """Checkpointing for one kernel; inert when the store cannot be opened."""
 
+    keep: int | None = None  # checkpoints kept per session (retention)
+
     def __init__(self, store: CheckpointStore | None, log: logging.Logger, problem: str | None = None) -> None:
         self.store = store
         self.log = log
@@ -78,9 +80,11 @@ class Checkpoints:
             bad = store.missing_chunks(entries)
             if bad:
                 return f"{len(bad)} chunk(s) missing or corrupt after writing"
-            return store.record(
+            checkpoint = store.record(
                 session, count, self._sources.get(count, ""), entries, removed, int(event.get("written", 0))
             )
+            store.prune(session, self.keep)
+            return checkpoint
 
         async with self._lock:
             outcome = await asyncio.to_thread(verify_and_record)
@@ -112,6 +116,19 @@ class Checkpoints:
         if latest is None:
             return "no checkpoint had been taken yet, so the namespace starts empty"
         return await self.restore(latest, sandbox, replace=True)
+
+    async def collect_garbage(self, grace_seconds: float) -> tuple[int, int, int]:
+        """Apply retention to every session, then drop unreferenced chunks."""
+        assert self.store is not None
+        store = self.store
+
+        def work() -> tuple[int, int, int]:
+            dropped = sum(store.prune(session, self.keep) for session in store.sessions())
+            files, freed = store.collect_garbage(grace_seconds)
+            return dropped, files, freed
+
+        async with self._lock:
+            return await asyncio.to_thread(work)
 
     async def current_names(self, sandbox: Any) -> list[str]:
         result = await sandbox.request("names", {}, timeout=60)

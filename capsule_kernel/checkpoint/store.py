@@ -209,6 +209,55 @@ class CheckpointStore:
             )
         return checkpoint
 
+    def prune(self, session: str, keep: int | None) -> int:
+        """Drop all but the newest `keep` checkpoints of a session; return how many went."""
+        if keep is None:
+            return 0
+        keep = max(keep, 1)  # the latest is never dropped
+        with self._guard, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cursor = self._db.execute(
+                "DELETE FROM checkpoints WHERE session = ? AND seq <= "
+                "(SELECT MAX(seq) FROM checkpoints WHERE session = ?) - ?",
+                (session, session, keep),
+            )
+            return cursor.rowcount
+
+    def sessions(self) -> list[str]:
+        return [row[0] for row in self._query("SELECT DISTINCT session FROM checkpoints")]
+
+    def referenced_chunks(self) -> set[str]:
+        digests: set[str] = set()
+        for (entries,) in self._query("SELECT entries FROM checkpoints"):
+            for entry in json.loads(entries).values():
+                digests.update(entry.get("pickle", []))
+                for buffer in entry.get("buffers", []):
+                    digests.update(buffer)
+        return digests
+
+    def collect_garbage(self, grace_seconds: float) -> tuple[int, int]:
+        """Delete chunks no checkpoint names; return (files, bytes) freed.
+
+        Chunks younger than the grace period are kept: another kernel sharing
+        this store may be writing a checkpoint that names them.
+        """
+        referenced = self.referenced_chunks()
+        cutoff = self.clock() - grace_seconds
+        files = freed = 0
+        for path in self.chunks.glob("*/*"):
+            if path.name in referenced or path.name.startswith("."):
+                continue
+            try:
+                info = path.stat()
+                if info.st_mtime > cutoff:
+                    continue
+                path.unlink()
+            except OSError:
+                continue
+            files += 1
+            freed += info.st_size
+        return files, freed
+
     def _max_seq(self, session: str) -> int:
         return self._query("SELECT MAX(seq) FROM checkpoints WHERE session = ?", (session,))[0][0] or 0
 

@@ -180,6 +180,24 @@ async def cmd_resume(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa:
     return [{"text/plain": await kernel.resume(latest)}]
 
 
+async def cmd_gc(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
+    if kernel.checkpoints.store is None:
+        raise MagicUsageError(f"%capsule gc: checkpoints are off ({kernel.checkpoints.problem})")
+    await kernel.checkpoints_settled()
+    grace = kernel.settings.gc_grace
+    dropped, files, freed = await kernel.checkpoints.collect_garbage(grace)
+    keep = kernel.checkpoints.keep
+    return [
+        {
+            "text/plain": (
+                f"Freed {format_size(freed) if freed else '0 B'} ({files} chunk files); dropped {dropped} checkpoints "
+                f"beyond the newest {keep if keep else 'unlimited'} per session. Chunks used in the last "
+                f"{format_duration(grace)} are kept in case another kernel is writing them."
+            )
+        }
+    ]
+
+
 async def cmd_session(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
     if args.name is None:
         return [{"text/plain": f"Session: {kernel.session_name} ({kernel.session_source})"}]
@@ -237,6 +255,7 @@ COMMANDS = {
     "restore": cmd_restore,
     "diff": cmd_diff,
     "resume": cmd_resume,
+    "gc": cmd_gc,
     "session": cmd_session,
     "restart": cmd_restart,
     "help": cmd_help,

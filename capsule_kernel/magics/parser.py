@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "diff": "names added, removed and changed between two checkpoints",
     "resume": "restore this session's latest checkpoint (after the kernel itself died)",
     "session": "show or set the session this notebook's checkpoints belong to",
+    "gc": "drop checkpoints beyond the retention limit and chunks nothing refers to; report what was freed",
     "restart": "start a fresh sandbox with an empty namespace",
     "help": "this list",
 }
