@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import os
 import signal
 import sys
 import time
+import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -22,6 +26,7 @@ from IPython.core.inputtransformer2 import TransformerManager
 
 from capsule_kernel import __version__, magics
 from capsule_kernel.analyzer import Analyzer, ExecutionPlan
+from capsule_kernel.checkpoint.promises import CellPromises
 from capsule_kernel.checkpoint.recorder import Checkpoints
 from capsule_kernel.checkpoint.store import session_identity
 from capsule_kernel.router import route
@@ -102,6 +107,10 @@ class CapsuleKernel(Kernel):
         self._resume_notice: str | None = None
         self._resume_offer: str | None = None
         self.settings = KernelSettings.load()
+        self.kernel_id = uuid.uuid4().hex[:12]
+        self.promises: CellPromises | None = None
+        self._cell_outputs: Counter[str] = Counter()
+        self._outputs_by_cell: dict[int, dict[str, int]] = {}
         self.checkpoints.keep = self.settings.keep
         self._last_meta: dict[str, Any] = {}
         self._completeness = TransformerManager()
@@ -134,8 +143,19 @@ class CapsuleKernel(Kernel):
         if self._main_loop is not None:
             return
         self._main_loop = asyncio.get_running_loop()
+        self._open_promises()
         self._starting = asyncio.ensure_future(self._start_first_sandbox())
         self._starting.add_done_callback(self._log_start_failure)
+
+    def _open_promises(self) -> None:
+        """Durable promises need the running loop; a failure only costs the bookkeeping."""
+        store = self.checkpoints.store
+        if store is None:
+            return
+        try:
+            self.promises = CellPromises.open(store.path, self.kernel_id, self.log, os.environ)
+        except Exception:
+            self.log.exception("durable promises are off: resonate-sdk could not start")
 
     async def _start_first_sandbox(self) -> SubprocessSandbox:
         sandbox = await self._start_sandbox()
@@ -396,17 +416,79 @@ class CapsuleKernel(Kernel):
                 {"name": "stderr", "text": f"{notice} A fresh sandbox was started; {self._restore_outcome}.\n"},
             )
         self._cell_running = True
+        self._cell_outputs = Counter()
+        self._promise_started(cell, sandbox)
         try:
             reply = await sandbox.execute(asdict(cell))
             await self._adopt_frontend_session(sandbox)
+            self._promise_after_reply(cell, reply, sandbox.last_done_snapshot)
             return reply
         except SandboxDied as death:
-            return await self._report_death(sandbox, death, count)
+            reply = await self._report_death(sandbox, death, count)
+            self._promise_after_reply(cell, reply, None)
+            return reply
         finally:
             self._cell_running = False
             for task in list(self._side_tasks):
                 if getattr(task, "cell_scoped", False):
                     task.cancel()
+
+    def _promise_started(self, cell: Cell, sandbox: SubprocessSandbox) -> None:
+        if self.promises is None or cell.silent:
+            return
+        store = self.checkpoints.store
+        parent = store.latest(self.session_name) if store else None
+        first_line = next((line for line in cell.code.splitlines() if line.strip()), "")[:120]
+        param = {
+            "code_sha256": hashlib.sha256(cell.code.encode("utf-8", "surrogatepass")).hexdigest(),
+            "first_line": first_line,
+            "parent_checkpoint": parent.id if parent else None,
+            "sandbox": sandbox.kind,
+            "limits": sandbox.limits.to_json(),
+        }
+        self.promises.started(self.session_name, cell.execution_count, param)
+
+    def _promise_after_reply(self, cell: Cell, reply: dict[str, Any], snapshot_follows: int | None) -> None:
+        """Reject a failed cell now; resolve a good one once its checkpoint is recorded."""
+        if self.promises is None or cell.silent:
+            return
+        outputs = dict(self._cell_outputs)
+        if reply.get("status") != "ok":
+            value = {"ename": reply.get("ename"), "evalue": reply.get("evalue"), "outputs": outputs}
+            self.promises.rejected(self.session_name, cell.execution_count, value)
+        elif snapshot_follows is None:
+            store = self.checkpoints.store
+            latest = store.latest(self.session_name) if store else None
+            value = {"checkpoint": latest.id if latest else None, "changed": False, "outputs": outputs}
+            self.promises.resolved(self.session_name, cell.execution_count, value)
+        else:
+            self._outputs_by_cell[cell.execution_count] = outputs
+
+    async def _record_checkpoint(self, event: dict[str, Any]) -> None:
+        checkpoint = await self.checkpoints.record(self.session_name, event)
+        count = int(event.get("execution_count", 0))
+        outputs = self._outputs_by_cell.pop(count, None)
+        if self.promises is None or outputs is None:
+            return
+        changed = bool(event.get("entries") or event.get("removed"))
+        if checkpoint is None and not changed:
+            # The snapshot found nothing new: the latest checkpoint still holds.
+            store = self.checkpoints.store
+            checkpoint = store.latest(self.session_name) if store else None
+        value = {"checkpoint": checkpoint.id if checkpoint else None, "changed": changed, "outputs": outputs}
+        if checkpoint is None:
+            value["checkpoint_error"] = self.checkpoints.failures.get(count, "no checkpoint")
+        self.promises.resolved(self.session_name, count, value)
+
+    def _snapshot_failed(self, event: dict[str, Any]) -> None:
+        count = int(event.get("execution_count", 0))
+        reason = event.get("reason", "")
+        self.log.warning("checkpoint after cell %s failed: %s", count, reason)
+        self.checkpoints.failures[count] = reason
+        outputs = self._outputs_by_cell.pop(count, None)
+        if self.promises is not None and outputs is not None:
+            value = {"checkpoint": None, "checkpoint_error": reason, "outputs": outputs}
+            self.promises.resolved(self.session_name, count, value)
 
     async def _report_death(self, sandbox: SubprocessSandbox, death: SandboxDied, count: int) -> dict[str, Any]:
         pid = sandbox.pid
@@ -432,6 +514,7 @@ class CapsuleKernel(Kernel):
 
     def _publish(self, msg_type: str, content: dict[str, Any], **extra: Any) -> None:
         assert self.session is not None
+        self._cell_outputs[msg_type] += 1
         self.session.send(
             self.iopub_socket, msg_type, content, self._output_parent, ident=self._topic(msg_type), **extra
         )
@@ -458,10 +541,9 @@ class CapsuleKernel(Kernel):
         elif kind == "magic":
             self._side_task(self._answer_magic(event), cell_scoped=True)
         elif kind == "snapshot":
-            self._side_task(self.checkpoints.record(self.session_name, event), cell_scoped=False)
+            self._side_task(self._record_checkpoint(event), cell_scoped=False)
         elif kind == "snapshot_failed":
-            self.log.warning("checkpoint after cell %s failed: %s", event.get("execution_count"), event.get("reason"))
-            self.checkpoints.failures[event.get("execution_count", 0)] = event.get("reason", "")
+            self._snapshot_failed(event)
         else:
             self.log.warning("ignoring unknown sandbox event %r", kind)
 
@@ -688,6 +770,11 @@ class CapsuleKernel(Kernel):
         if self.sandbox is not None:
             self.sandbox.stopping = True
             await self.sandbox.shutdown()
+        with contextlib.suppress(Exception):
+            await self.checkpoints.settled(10.0)
+        if self.promises is not None:
+            with contextlib.suppress(Exception):
+                await self.promises.close()
 
     async def do_debug_request(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -270,3 +270,67 @@ def test_retention_and_gc(fresh_kernel, home, tmp_path):
     assert "Freed 0 B" in kernel.execute("%capsule gc").texts()
     crash(kernel)
     assert kernel.execute("round_, len(blob)").result_text == f"(3, {2 * 1024 * 1024})"
+
+
+def _promises_in(home: Path, session: str) -> dict[int, object]:
+    """Replay the kernel's promise journal, as a later kernel would, and read it."""
+    from capsule_kernel.checkpoint.promises import JournaledLocalConnection
+
+    connection = JournaledLocalConnection(home / "capsule.sqlite")
+    try:
+        return {
+            int(p.tags["capsule.cell"]): p
+            for p in connection.state.promises.values()
+            if p.tags.get("capsule.session") == session
+        }
+    finally:
+        connection.close()
+
+
+def test_every_cell_is_a_durable_promise(fresh_kernel, home):
+    import base64
+    import json
+
+    env = {"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "promised"}
+    kernel = fresh_kernel(env=env)
+    good = kernel.execute("answer = 42").content["execution_count"]
+    same = kernel.execute("answer").content["execution_count"]
+    bad = kernel.execute("1/0").content["execution_count"]
+    kernel.execute("%capsule log")  # settles checkpoints and promises
+    promises = _promises_in(home, "promised")
+
+    def value(p):
+        return json.loads(base64.b64decode(p.value["data"]))
+
+    assert promises[good].state == "resolved"
+    assert value(promises[good])["checkpoint"]
+    assert json.loads(base64.b64decode(promises[good].param["data"]))["sandbox"] == "subprocess"
+    assert promises[same].state == "resolved" and value(promises[same])["changed"] is False
+    assert value(promises[same])["outputs"].get("execute_result") == 1
+    assert promises[bad].state == "rejected" and value(promises[bad])["ename"] == "ZeroDivisionError"
+
+
+def test_a_cell_running_when_the_kernel_dies_shows_as_interrupted(fresh_kernel, home):
+    env = {"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "interrupted-session"}
+    first = fresh_kernel(env=env)
+    first.execute("done_before = 1")
+    msg_id = first.kc.execute("import time\nprint('working', flush=True)\ntime.sleep(120)")
+    wait_until(lambda: _saw_stream(first, msg_id, "working"), what="the long cell to start")
+    _kill_kernel(first)
+    second = fresh_kernel(env=env)
+    log = second.execute("%capsule log").texts()
+    row = next(line for line in log.splitlines() if line.startswith("[") and " interrupted " in f" {line} ")
+    assert "import time" in row
+    assert any(line.startswith("[1]") and " ok " in f" {line} " for line in log.splitlines())
+
+
+def _saw_stream(kernel, msg_id, text) -> bool:
+    import queue
+
+    try:
+        msg = kernel.kc.get_iopub_msg(timeout=0.1)
+    except queue.Empty:
+        return False
+    if msg["parent_header"].get("msg_id") != msg_id or msg["msg_type"] != "stream":
+        return False
+    return text in msg["content"]["text"]

@@ -117,22 +117,34 @@ async def cmd_log(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
     if args.n < 1:
         raise MagicUsageError("%capsule log: -n must be at least 1")
     await kernel.checkpoints_settled()
-    rows = []
+    timed_rows: list[tuple[float, list[str]]] = []
     for checkpoint in store.history(kernel.session_name, args.n):
         changed = ", ".join(checkpoint.changed[:6]) + (" ..." if len(checkpoint.changed) > 6 else "")
         unsaved = "; ".join(f"{name}: {why}" for name, why in sorted(checkpoint.unsaved.items()))
-        rows.append(
-            [
-                f"[{checkpoint.execution_count}]",
-                checkpoint.id[:8],
-                checkpoint.first_line[:40],
-                changed or "-",
-                format_size(checkpoint.size) if checkpoint.size else "0 B",
-                time.strftime("%H:%M:%S", time.localtime(checkpoint.created)),
-                checkpoint.status,
-                unsaved or "-",
-            ]
+        timed_rows.append(
+            (
+                checkpoint.created,
+                [
+                    f"[{checkpoint.execution_count}]",
+                    checkpoint.id[:8],
+                    checkpoint.first_line[:40],
+                    changed or "-",
+                    format_size(checkpoint.size) if checkpoint.size else "0 B",
+                    time.strftime("%H:%M:%S", time.localtime(checkpoint.created)),
+                    checkpoint.status,
+                    unsaved or "-",
+                ],
+            )
         )
+    if kernel.promises is not None:
+        await kernel.promises.settled()
+        for cell in kernel.promises.interrupted(kernel.session_name)[-args.n :]:
+            param = cell["param"] or {}
+            created = cell["created"] / 1000
+            when = time.strftime("%H:%M:%S", time.localtime(created))
+            first = str(param.get("first_line", ""))[:40]
+            timed_rows.append((created, [f"[{cell['cell']}]", "-", first, "-", "-", when, "interrupted", "-"]))
+    rows = [row for _, row in sorted(timed_rows, key=lambda item: item[0])]
     title = f"Checkpoints of session {kernel.session_name}"
     if not rows:
         return [{"text/plain": f"{title}: none yet (one is taken after every successful cell)"}]

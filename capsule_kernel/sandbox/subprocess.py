@@ -175,6 +175,8 @@ class SubprocessSandbox:
         self.snapshots_in_flight: dict[int, int] = {}
         # What the frontend's start-up code said the notebook is (VS Code).
         self.notebook_path: str | None = None
+        # The execution count whose checkpoint the last "done" announced, if any.
+        self.last_done_snapshot: int | None = None
 
     # -- life cycle -------------------------------------------------------------
 
@@ -547,6 +549,7 @@ class SubprocessSandbox:
             self.drain_raw_output()
             if isinstance(message.get("notebook_path"), str):
                 self.notebook_path = message["notebook_path"]
+            self.last_done_snapshot = message.get("snapshot")
             if message.get("snapshot") is not None:
                 self.snapshots_in_flight[message["snapshot"]] = 0  # its pid follows
             if self._done is not None and not self._done.done():

@@ -1,0 +1,202 @@
+"""Every cell execution as a durable promise, through resonate-sdk.
+
+Created pending when the cell starts (param: code hash, parent checkpoint,
+sandbox, limits), resolved with the checkpoint id and a summary of outputs,
+rejected with the error. A cell whose kernel died mid-way stays pending for
+ever; a later kernel shows it as "interrupted" in %capsule log.
+
+The SDK's local mode keeps its server state in memory only. To make it
+durable, JournaledLocalConnection writes every request the local state
+machine applies (with the clock value it applied it at) into the checkpoint
+store's SQLite file, and replays the journal into a fresh state machine on
+start. That uses resonate-sdk internals (ServerState.apply, the envelope
+helpers), so the SDK is pinned (pyproject) and the replay is tested. When
+CAPSULE_RESONATE_URL names a Resonate server, the same code talks to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import sqlite3
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from resonate.connections import LocalConnection
+from resonate.connections.local import unwrap_request_envelope, wrap_response_envelope
+from resonate.error import DecodingError
+from resonate.resonate import Resonate
+from resonate.timing import now_ms
+from resonate.types import Value
+
+_READ_ONLY_KINDS = {"promise.get", "promise.search", "schedule.get", "schedule.search"}
+_CENTURY_MS = 100 * 365 * 24 * 3600 * 1000
+
+
+class JournaledLocalConnection(LocalConnection):
+    """resonate-sdk's in-process server, made durable by a SQLite journal."""
+
+    def __init__(self, db_path: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS resonate_journal (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "now INTEGER NOT NULL, request BLOB NOT NULL)"
+        )
+        self._db_guard = threading.Lock()
+        self.replayed = self._replay()
+
+    def _replay(self) -> int:
+        count = 0
+        for now, request in self._db.execute("SELECT now, request FROM resonate_journal ORDER BY seq"):
+            # A request that failed when first applied was never journalled;
+            # one that fails now would have failed then: skip it alike.
+            with contextlib.suppress(Exception):
+                self.state.apply(now, msgspec.json.decode(request))
+            count += 1
+        self.state.outgoing = []
+        return count
+
+    def _journal(self, now: int, request: bytes) -> None:
+        with self._db_guard, self._db:
+            self._db.execute("INSERT INTO resonate_journal (now, request) VALUES (?, ?)", (now, request))
+
+    async def send(self, req: str, headers: dict[str, str] | None = None) -> str:  # noqa: ARG002
+        """As LocalConnection.send, but a change is journalled before it is answered."""
+        try:
+            flat = unwrap_request_envelope(msgspec.json.decode(req))
+        except msgspec.DecodeError as exc:
+            raise DecodingError(f"invalid JSON request: {exc}") from exc
+        now = self._clock()
+        async with self._lock:
+            response = self.state.apply(now, flat)
+            outgoing, self.state.outgoing = self.state.outgoing, []
+            if flat.get("kind") not in _READ_ONLY_KINDS:
+                await asyncio.to_thread(self._journal, now, msgspec.json.encode(flat))
+        self._dispatch_messages(outgoing)
+        return msgspec.json.encode(wrap_response_envelope(response)).decode("utf-8")
+
+    def close(self) -> None:
+        with self._db_guard:
+            self._db.close()
+
+
+def promise_id(session: str, kernel_id: str, execution_count: int) -> str:
+    session_key = hashlib.sha256(session.encode()).hexdigest()[:16]
+    return f"capsule.{session_key}.{kernel_id}.{execution_count}"
+
+
+class CellPromises:
+    """Creates and settles one promise per cell, in order, off the critical path."""
+
+    def __init__(
+        self, resonate: Resonate, local: JournaledLocalConnection | None, kernel_id: str, log: logging.Logger
+    ) -> None:
+        self.resonate = resonate
+        self.local = local
+        self.kernel_id = kernel_id
+        self.log = log
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._worker = asyncio.ensure_future(self._run())
+
+    @classmethod
+    def open(cls, db_path: Path, kernel_id: str, log: logging.Logger, environ: Mapping[str, str]) -> CellPromises:
+        """Requires a running event loop (the SDK starts its connection tasks)."""
+        url = environ.get("CAPSULE_RESONATE_URL")
+        if url:
+            return cls(Resonate(url=url, env={}), None, kernel_id, log)
+        local = JournaledLocalConnection(db_path, pid=kernel_id, group="capsule")
+        return cls(Resonate(network=local, env={}), local, kernel_id, log)
+
+    def started(self, session: str, count: int, param: dict[str, Any]) -> None:
+        tags = {"capsule.session": session, "capsule.kernel": self.kernel_id, "capsule.cell": str(count)}
+        self._queue.put_nowait(("create", promise_id(session, self.kernel_id, count), param, tags))
+
+    def resolved(self, session: str, count: int, value: dict[str, Any]) -> None:
+        self._queue.put_nowait(("resolve", promise_id(session, self.kernel_id, count), value, None))
+
+    def rejected(self, session: str, count: int, value: dict[str, Any]) -> None:
+        self._queue.put_nowait(("reject", promise_id(session, self.kernel_id, count), value, None))
+
+    async def settled(self, timeout: float = 30.0) -> None:
+        """Wait until every queued operation has been applied."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
+
+    async def _run(self) -> None:
+        promises = self.resonate.promises
+        while True:
+            op, pid, data, tags = await self._queue.get()
+            try:
+                if op == "create":
+                    await promises.create(pid, now_ms() + _CENTURY_MS, Value(data=data), tags)
+                elif op == "resolve":
+                    await promises.resolve(pid, Value(data=data))
+                else:
+                    await promises.reject(pid, Value(data=data))
+            except Exception as err:  # noqa: BLE001 - bookkeeping must never disturb a cell
+                self.log.warning("durable promise %s %s failed: %s", op, pid, err)
+            finally:
+                self._queue.task_done()
+
+    def interrupted(self, session: str) -> list[dict[str, Any]]:
+        """Cells of this session left pending by kernels that are gone.
+
+        Read from the local state machine (the SDK's local mode has no
+        search); with a remote server this is not available yet.
+        """
+        if self.local is None:
+            return []
+        found = []
+        for promise in self.local.state.promises.values():
+            tags = promise.tags or {}
+            if (
+                promise.state == "pending"
+                and tags.get("capsule.session") == session
+                and tags.get("capsule.kernel") != self.kernel_id
+            ):
+                found.append(
+                    {
+                        "id": promise.id,
+                        "cell": int(tags.get("capsule.cell", 0)),
+                        "created": promise.created_at,
+                        "param": _decode(promise.param),
+                    }
+                )
+        return sorted(found, key=lambda p: p["created"])
+
+    def state_of(self, session: str, count: int) -> tuple[str, Any] | None:
+        """(state, decoded value) of one cell's promise in the local state, for tests and log."""
+        if self.local is None:
+            return None
+        promise = self.local.state.promises.get(promise_id(session, self.kernel_id, count))
+        return (promise.state, _decode(promise.value)) if promise else None
+
+    async def close(self) -> None:
+        await self.settled(5.0)
+        self._worker.cancel()
+        with contextlib.suppress(Exception):
+            await self.resonate.stop()
+        if self.local is not None:
+            self.local.close()
+
+
+def _decode(wire: Any) -> Any:
+    """A promise param/value as stored: {"data": base64 JSON} -> the JSON value."""
+    import base64
+    import json
+
+    data = wire.get("data") if isinstance(wire, dict) else None
+    if not data:
+        return None
+    try:
+        return json.loads(base64.b64decode(data))
+    except (ValueError, TypeError):
+        return None
