@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from ipykernel.kernelbase import Kernel
@@ -26,7 +26,6 @@ from IPython.core.inputtransformer2 import TransformerManager
 
 from capsule_kernel import __version__, magics
 from capsule_kernel.analyzer import Analyzer, ExecutionPlan
-from capsule_kernel.checkpoint.promises import CellPromises
 from capsule_kernel.checkpoint.recorder import Checkpoints
 from capsule_kernel.checkpoint.store import session_identity
 from capsule_kernel.router import route
@@ -34,6 +33,9 @@ from capsule_kernel.sandbox import protocol
 from capsule_kernel.sandbox.limits import LimitSettings
 from capsule_kernel.sandbox.subprocess import SandboxDied, SubprocessSandbox
 from capsule_kernel.settings import KernelSettings
+
+if TYPE_CHECKING:
+    from capsule_kernel.checkpoint.promises import CellPromises
 
 _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
@@ -108,7 +110,7 @@ class CapsuleKernel(Kernel):
         self._resume_offer: str | None = None
         self.settings = KernelSettings.load()
         self.kernel_id = uuid.uuid4().hex[:12]
-        self.promises: CellPromises | None = None
+        self.promises: CellPromises | None = None  # opened on the running loop
         self._cell_outputs: Counter[str] = Counter()
         self._outputs_by_cell: dict[int, dict[str, int]] = {}
         self.checkpoints.keep = self.settings.keep
@@ -153,6 +155,10 @@ class CapsuleKernel(Kernel):
         if store is None:
             return
         try:
+            # Imported here, after the first kernel_info reply: resonate-sdk
+            # brings aiohttp and friends, which would slow every kernel start.
+            from capsule_kernel.checkpoint.promises import CellPromises
+
             self.promises = CellPromises.open(store.path, self.kernel_id, self.log, os.environ)
         except Exception:
             self.log.exception("durable promises are off: resonate-sdk could not start")
