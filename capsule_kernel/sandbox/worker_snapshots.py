@@ -43,16 +43,16 @@ class Snapshotter:
         self.sizes: dict[str, int] = {}
         self.ids: dict[str, int] = {}
         self._collector: threading.Thread | None = None
+        self._digests_known = threading.Event()
+        self._digests_known.set()
 
     @property
     def enabled(self) -> bool:
         return self.root is not None
 
     def wait(self) -> None:
-        """Block until the snapshot in flight (if any) has been reported."""
-        if self._collector is not None:
-            self._collector.join()
-            self._collector = None
+        """Block until the snapshot in flight (if any) has told us its digests."""
+        self._digests_known.wait()
 
     def forget(self) -> None:
         """The next snapshot saves every name (a new session starts full)."""
@@ -98,6 +98,7 @@ class Snapshotter:
         os.close(write_fd)
         self.channel.send({"type": "snapshot_started", "execution_count": execution_count, "pid": pid})
         self.ids = current
+        self._digests_known.clear()
         self._collector = threading.Thread(
             target=self._collect,
             args=(pid, read_fd),
@@ -144,16 +145,25 @@ class Snapshotter:
             if self.report_fd is not None:
                 protocol.write_frame(self.report_fd, report)
             _write_all(digest_fd, json.dumps({"ok": status == 0, "digests": digests, "removed": removed}).encode())
+            # Close before exiting: tearing down a large copy-on-write address
+            # space takes a while, and the parent only needs the digests.
+            os.close(digest_fd)
         finally:
             os._exit(status)
 
     def _collect(self, pid: int, read_fd: int) -> None:
-        """Learn the new digests from the child, for the next comparison."""
+        """Learn the new digests from the child, then reap it."""
+        try:
+            self._learn_digests(read_fd)
+        finally:
+            self._digests_known.set()
+        os.waitpid(pid, 0)
+
+    def _learn_digests(self, read_fd: int) -> None:
         chunks = []
         with os.fdopen(read_fd, "rb") as pipe:
             while block := pipe.read(1 << 20):
                 chunks.append(block)
-        os.waitpid(pid, 0)
         try:
             result = json.loads(b"".join(chunks) or b"{}")
         except ValueError:
