@@ -153,61 +153,48 @@ class CheckpointStore:
     ) -> Checkpoint:
         """Add a checkpoint on top of `base` (default: the session's latest)."""
         with self._guard:
-            return self._record(session, execution_count, code, changed_entries, removed, written, status, base)
-
-    def _record(
-        self,
-        session: str,
-        execution_count: int,
-        code: str,
-        changed_entries: Mapping[str, Any],
-        removed: list[str],
-        written: int,
-        status: str,
-        base: Checkpoint | None,
-    ) -> Checkpoint:
-        parent = base if base is not None else self.latest(session)
-        entries = dict(parent.entries) if parent else {}
-        for name in removed:
-            entries.pop(name, None)
-        entries.update(changed_entries)
-        first_line = next((line for line in code.splitlines() if line.strip()), "")[:120]
-        checkpoint = Checkpoint(
-            id=uuid.uuid4().hex,
-            session=session,
-            seq=(self._max_seq(session) + 1),
-            parent=parent.id if parent else None,
-            execution_count=execution_count,
-            first_line=first_line,
-            created=self.clock(),
-            status=status,
-            entries=entries,
-            changed=sorted(changed_entries),
-            removed=sorted(removed),
-            size=sum(entry.get("size", 0) for entry in entries.values()),
-            written=written,
-        )
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "INSERT INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    checkpoint.id,
-                    session,
-                    checkpoint.seq,
-                    checkpoint.parent,
-                    execution_count,
-                    first_line,
-                    checkpoint.created,
-                    status,
-                    json.dumps(entries),
-                    json.dumps(checkpoint.changed),
-                    json.dumps(checkpoint.removed),
-                    checkpoint.size,
-                    written,
-                ),
+            parent = base if base is not None else self.latest(session)
+            entries = dict(parent.entries) if parent else {}
+            for name in removed:
+                entries.pop(name, None)
+            entries.update(changed_entries)
+            first_line = next((line for line in code.splitlines() if line.strip()), "")[:120]
+            checkpoint = Checkpoint(
+                id=uuid.uuid4().hex,
+                session=session,
+                seq=(self._max_seq(session) + 1),
+                parent=parent.id if parent else None,
+                execution_count=execution_count,
+                first_line=first_line,
+                created=self.clock(),
+                status=status,
+                entries=entries,
+                changed=sorted(changed_entries),
+                removed=sorted(removed),
+                size=sum(entry.get("size", 0) for entry in entries.values()),
+                written=written,
             )
-        return checkpoint
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        checkpoint.id,
+                        session,
+                        checkpoint.seq,
+                        checkpoint.parent,
+                        execution_count,
+                        first_line,
+                        checkpoint.created,
+                        status,
+                        json.dumps(entries),
+                        json.dumps(checkpoint.changed),
+                        json.dumps(checkpoint.removed),
+                        checkpoint.size,
+                        written,
+                    ),
+                )
+            return checkpoint
 
     def prune(self, session: str, keep: int | None) -> int:
         """Drop all but the newest `keep` checkpoints of a session; return how many went."""
