@@ -165,8 +165,7 @@ class CapsuleKernel(Kernel):
 
     async def _start_first_sandbox(self) -> SubprocessSandbox:
         sandbox = await self._start_sandbox()
-        store = self.checkpoints.store
-        latest = store.latest(self.session_name) if store else None
+        latest = self.checkpoints.latest(self.session_name)
         if latest is not None and self.settings.auto_resume:
             try:
                 self._resume_notice = await self.resume(latest, sandbox) + "\n"
@@ -203,9 +202,7 @@ class CapsuleKernel(Kernel):
         )
         self.sandbox = sandbox
         await sandbox.start()
-        watcher = asyncio.ensure_future(self._watch_sandbox(sandbox))
-        self._side_tasks.add(watcher)
-        watcher.add_done_callback(self._side_tasks.discard)
+        self._side_task(self._watch_sandbox(sandbox), cell_scoped=False)
         self.log.info("capsule sandbox started, pid %s", sandbox.pid)
         return sandbox
 
@@ -232,7 +229,7 @@ class CapsuleKernel(Kernel):
     async def resume(self, checkpoint: Any, sandbox: SubprocessSandbox | None = None) -> str:
         """Bring back a checkpoint from an earlier kernel; numbering goes on from it."""
         if sandbox is None:
-            sandbox = await self._ready_sandbox()
+            sandbox = await self.ready_sandbox()
         outcome = await self.checkpoints.restore(checkpoint, sandbox, replace=True)
         self._next_count = max(self._next_count, checkpoint.execution_count + 1)
         self._resume_offer = None
@@ -261,8 +258,7 @@ class CapsuleKernel(Kernel):
 
     def _offer_resume(self) -> None:
         """A new kernel in a session that has checkpoints: say how to get them back."""
-        store = self.checkpoints.store
-        latest = store.latest(self.session_name) if store else None
+        latest = self.checkpoints.latest(self.session_name)
         if latest is not None:
             self._resume_offer = (
                 f"Session {self.session_name} has checkpoints from an earlier kernel (the last after cell "
@@ -271,10 +267,6 @@ class CapsuleKernel(Kernel):
             )
 
     async def ready_sandbox(self) -> SubprocessSandbox:
-        """The running sandbox (for magics that act on it)."""
-        return await self._ready_sandbox()
-
-    async def _ready_sandbox(self) -> SubprocessSandbox:
         """The running sandbox, starting (or replacing) one when needed."""
         sandbox = self.sandbox
         if sandbox is not None and sandbox.process_ended and not sandbox.stopping:
@@ -292,7 +284,7 @@ class CapsuleKernel(Kernel):
 
     async def restart_sandbox(self, why: str) -> SubprocessSandbox:
         """Replace the sandbox with a fresh one (the namespace is lost)."""
-        old = await self._ready_sandbox()
+        old = await self.ready_sandbox()
         old.stopping = True
         self.log.info("restarting the sandbox: %s", why)
         await old.shutdown()
@@ -356,24 +348,16 @@ class CapsuleKernel(Kernel):
         try:
             magic_lines = magics.capsule_lines(code)
         except magics.MagicUsageError as err:
-            magic_lines = None
             reply = self._fail(count, "UsageError", str(err))
-            meta = {"sandbox": "kernel", "mode": "magic", "reason": "%%capsule cell"}
-        else:
-            if magic_lines is not None:
-                reply = await self._execute_magic_cell(code, magic_lines, count)
-                meta = {"sandbox": "kernel", "mode": "magic", "reason": "%capsule lines run in the kernel"}
-            else:
-                plan = self._plan(code)
-                decision = route(plan)
-                meta = {
-                    "sandbox": decision.sandbox,
-                    "mode": plan.mode,
-                    "reason": decision.reason,
-                    "routing": "subprocess",
-                }
-                candidates = tuple(sorted(plan.reads | plan.mutates | plan.writes))
-                reply = await self._execute_in_sandbox(replace(cell, snapshot_candidates=candidates))
+            return reply, {"sandbox": "kernel", "mode": "magic", "reason": "%%capsule cell"}
+        if magic_lines is not None:
+            reply = await self._execute_magic_cell(code, magic_lines, count)
+            return reply, {"sandbox": "kernel", "mode": "magic", "reason": "%capsule lines run in the kernel"}
+        plan = self._plan(code)
+        decision = route(plan)
+        meta = {"sandbox": decision.sandbox, "mode": plan.mode, "reason": decision.reason, "routing": "subprocess"}
+        candidates = tuple(sorted(plan.reads | plan.mutates | plan.writes))
+        reply = await self._execute_in_sandbox(replace(cell, snapshot_candidates=candidates))
         return reply, meta
 
     def _plan(self, code: str) -> ExecutionPlan:
@@ -407,7 +391,7 @@ class CapsuleKernel(Kernel):
         count = cell.execution_count
         self.checkpoints.note_cell(count, cell.code)
         try:
-            sandbox = await self._ready_sandbox()
+            sandbox = await self.ready_sandbox()
         except (SandboxDied, TimeoutError) as err:
             return self._fail(count, "SandboxUnavailable", f"the sandbox could not start: {err}")
         for attribute in ("_resume_notice", "_resume_offer"):
@@ -442,13 +426,11 @@ class CapsuleKernel(Kernel):
     def _promise_started(self, cell: Cell, sandbox: SubprocessSandbox) -> None:
         if self.promises is None or cell.silent:
             return
-        store = self.checkpoints.store
-        parent = store.latest(self.session_name) if store else None
         first_line = next((line for line in cell.code.splitlines() if line.strip()), "")[:120]
         param = {
             "code_sha256": hashlib.sha256(cell.code.encode("utf-8", "surrogatepass")).hexdigest(),
             "first_line": first_line,
-            "parent_checkpoint": parent.id if parent else None,
+            "parent_checkpoint": self.checkpoints.latest_id(self.session_name),
             "sandbox": sandbox.kind,
             "limits": sandbox.limits.to_json(),
         }
@@ -463,9 +445,8 @@ class CapsuleKernel(Kernel):
             value = {"ename": reply.get("ename"), "evalue": reply.get("evalue"), "outputs": outputs}
             self.promises.rejected(self.session_name, cell.execution_count, value)
         elif snapshot_follows is None:
-            store = self.checkpoints.store
-            latest = store.latest(self.session_name) if store else None
-            value = {"checkpoint": latest.id if latest else None, "changed": False, "outputs": outputs}
+            latest = self.checkpoints.latest_id(self.session_name)
+            value = {"checkpoint": latest, "changed": False, "outputs": outputs}
             self.promises.resolved(self.session_name, cell.execution_count, value)
         else:
             self._outputs_by_cell[cell.execution_count] = outputs
@@ -477,12 +458,12 @@ class CapsuleKernel(Kernel):
         if self.promises is None or outputs is None:
             return
         changed = bool(event.get("entries") or event.get("removed"))
+        checkpoint_id = checkpoint.id if checkpoint else None
         if checkpoint is None and not changed:
             # The snapshot found nothing new: the latest checkpoint still holds.
-            store = self.checkpoints.store
-            checkpoint = store.latest(self.session_name) if store else None
-        value = {"checkpoint": checkpoint.id if checkpoint else None, "changed": changed, "outputs": outputs}
-        if checkpoint is None:
+            checkpoint_id = self.checkpoints.latest_id(self.session_name)
+        value = {"checkpoint": checkpoint_id, "changed": changed, "outputs": outputs}
+        if checkpoint_id is None:
             value["checkpoint_error"] = self.checkpoints.failures.get(count, "no checkpoint")
         self.promises.resolved(self.session_name, count, value)
 
@@ -665,7 +646,7 @@ class CapsuleKernel(Kernel):
 
     async def _ask_sandbox(self, kind: str, args: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
         try:
-            sandbox = await self._ready_sandbox()
+            sandbox = await self.ready_sandbox()
             return await sandbox.request(kind, args, timeout=_REQUEST_WAIT_SECONDS)
         except (SandboxDied, TimeoutError) as err:
             self.log.warning("%s request failed: %s", kind, err)

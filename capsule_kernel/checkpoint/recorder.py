@@ -50,6 +50,13 @@ class Checkpoints:
     def chunk_root(self) -> Path | None:
         return self.store.chunks if self.store else None
 
+    def latest(self, session: str) -> Checkpoint | None:
+        return self.store.latest(session) if self.store else None
+
+    def latest_id(self, session: str) -> str | None:
+        """The latest checkpoint's id alone: cheap enough for every cell."""
+        return self.store.latest_id(session) if self.store else None
+
     def note_cell(self, execution_count: int, code: str) -> None:
         self._sources[execution_count] = code
         while len(self._sources) > _KEEP_CELL_SOURCES:
@@ -112,7 +119,7 @@ class Checkpoints:
         await self.settled()
         if self.store is None:
             return f"the namespace was lost (checkpoints are off: {self.problem})"
-        latest = self.store.latest(session)
+        latest = self.latest(session)
         if latest is None:
             return "no checkpoint had been taken yet, so the namespace starts empty"
         return await self.restore(latest, sandbox, replace=True)

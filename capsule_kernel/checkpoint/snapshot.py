@@ -78,12 +78,11 @@ def take(
     previous: dict[str, str],
     chunk_root: Path,
 ) -> dict[str, Any]:
-    """Snapshot the given names; unchanged ones (same digest) are only listed.
+    """Snapshot the given names; unchanged ones (same digest) are left out.
 
-    Returns {"entries": {name: entry}, "unchanged": [...], "written": bytes}.
+    Returns {"entries": {name: entry}, "written": bytes newly stored}.
     """
     entries: dict[str, Any] = {}
-    unchanged: list[str] = []
     written = 0
     for name in names:
         if name not in namespace:
@@ -99,7 +98,6 @@ def take(
             continue
         digest = content_digest(data, buffers)
         if previous.get(name) == digest:
-            unchanged.append(name)
             continue
         pickle_chunks, new_bytes = write_bytes(chunk_root, data)
         written += new_bytes
@@ -116,7 +114,7 @@ def take(
             "buffers": buffer_chunks,
             "size": size,
         }
-    return {"entries": entries, "unchanged": unchanged, "written": written}
+    return {"entries": entries, "written": written}
 
 
 def load(entry: dict[str, Any], chunk_root: Path) -> Any:

@@ -111,6 +111,10 @@ class CheckpointStore:
         rows = self._query("SELECT * FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT 1", (session,))
         return self._row(rows[0]) if rows else None
 
+    def latest_id(self, session: str) -> str | None:
+        rows = self._query("SELECT id FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT 1", (session,))
+        return rows[0][0] if rows else None
+
     def history(self, session: str, limit: int | None = None) -> list[Checkpoint]:
         rows = self._query(
             "SELECT * FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT ?", (session, limit or -1)

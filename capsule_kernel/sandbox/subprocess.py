@@ -580,15 +580,9 @@ class SubprocessSandbox:
     def drain_raw_output(self) -> None:
         for pipe in self._pipes:
             chunks = []
-            while True:
-                try:
-                    data = os.read(pipe.fd, 1 << 16)
-                except (BlockingIOError, OSError):
-                    break
-                if not data:
-                    break
+            while data := _read_available(pipe.fd):
                 chunks.append(data)
-            text = pipe.decoder.decode(b"".join(chunks)) if chunks else ""
+            text = pipe.decoder.decode(b"".join(chunks))
             if text:
                 self.on_event({"type": "stream", "name": pipe.name, "text": text})
 

@@ -42,7 +42,6 @@ class Snapshotter:
         self.digests: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
         self.ids: dict[str, int] = {}
-        self._collector: threading.Thread | None = None
         self._digests_known = threading.Event()
         self._digests_known.set()
 
@@ -99,13 +98,7 @@ class Snapshotter:
         self.channel.send({"type": "snapshot_started", "execution_count": execution_count, "pid": pid})
         self.ids = current
         self._digests_known.clear()
-        self._collector = threading.Thread(
-            target=self._collect,
-            args=(pid, read_fd),
-            name="capsule-snapshot",
-            daemon=True,
-        )
-        self._collector.start()
+        threading.Thread(target=self._collect, args=(pid, read_fd), name="capsule-snapshot", daemon=True).start()
 
     def _child(
         self,
