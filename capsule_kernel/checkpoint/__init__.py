@@ -1,6 +1,7 @@
-"""Namespace checkpoints and durable promises (not built yet).
+"""Namespace checkpoints and durable promises.
 
-This package is where snapshots, the durable store and time travel will live
-(see the checkpoint issue). Until then a sandbox death loses the namespace and
-the kernel says so plainly in the cell's error.
+snapshot.py and chunks.py run inside sandboxes (the subprocess worker and the
+Wasm guest alike) and never import anything beyond the stdlib and
+cloudpickle; store.py, recorder.py and promises.py run in the kernel, which
+stores snapshot bytes without ever unpickling them.
 """

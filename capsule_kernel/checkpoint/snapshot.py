@@ -18,6 +18,7 @@ import pickle
 import re
 import reprlib
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ import cloudpickle
 from capsule_kernel.checkpoint.chunks import read_bytes, write_bytes
 
 _IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython)$")
+# Values whose pickle is smaller than this are re-hashed after every cell, so
+# an in-place change the analyzer could not see (a function appending to a
+# global list) is still caught. Larger values are re-hashed when the cell
+# names them or rebinds them.
+SMALL_VALUE_BYTES = 1024 * 1024
 _short_repr = reprlib.Repr(maxstring=80, maxother=80, maxlist=6, maxdict=6)
 
 
@@ -72,49 +78,99 @@ def content_digest(data: bytes, buffers: list[pickle.PickleBuffer]) -> str:
     return hasher.hexdigest()
 
 
+def pickled(
+    namespace: dict[str, Any], names: list[str], previous: dict[str, str]
+) -> Iterator[tuple[str, dict[str, Any], bytes | None, list[pickle.PickleBuffer]]]:
+    """Each named value as (name, entry, pickle, buffers); unchanged ones (same digest) left out.
+
+    Modules and values that refuse pickling come with pickle None and an entry
+    that says so. Shared by the subprocess sandbox (which writes chunks
+    itself) and the Wasm guest (which hands the bytes to its host).
+    """
+    for name in names:
+        if name not in namespace:
+            continue
+        value = namespace[name]
+        if isinstance(value, types.ModuleType):
+            yield name, {"module": value.__name__, "type": "module", "repr": f"<module {value.__name__}>"}, None, []
+            continue
+        try:
+            data, buffers = snapshot_value(value)
+        except Exception as err:  # noqa: BLE001 - any value may refuse pickling; say why
+            yield name, {**describe(value), "error": f"{type(err).__name__}: {err}"}, None, []
+            continue
+        digest = content_digest(data, buffers)
+        if previous.get(name) == digest:
+            continue
+        size = len(data) + sum(buffer.raw().nbytes for buffer in buffers)
+        yield name, {**describe(value), "digest": digest, "size": size}, data, buffers
+
+
+def write_entry(
+    chunk_root: Path, entry: dict[str, Any], data: bytes, buffers: list[Any]
+) -> tuple[dict[str, Any], int]:
+    """Store one pickled value's bytes as chunks; return its entry and the bytes newly written."""
+    pickle_chunks, written = write_bytes(chunk_root, data)
+    buffer_chunks = []
+    for buffer in buffers:
+        raw = buffer.raw() if isinstance(buffer, pickle.PickleBuffer) else buffer
+        digests, new_bytes = write_bytes(chunk_root, raw)
+        written += new_bytes
+        buffer_chunks.append(digests)
+    return {**entry, "pickle": pickle_chunks, "buffers": buffer_chunks}, written
+
+
 def take(
     namespace: dict[str, Any],
     names: list[str],
     previous: dict[str, str],
     chunk_root: Path,
 ) -> dict[str, Any]:
-    """Snapshot the given names; unchanged ones (same digest) are left out.
+    """Snapshot the given names into chunk files.
 
     Returns {"entries": {name: entry}, "written": bytes newly stored}.
     """
     entries: dict[str, Any] = {}
     written = 0
-    for name in names:
-        if name not in namespace:
+    for name, entry, data, buffers in pickled(namespace, names, previous):
+        if data is None:
+            entries[name] = entry
             continue
-        value = namespace[name]
-        if isinstance(value, types.ModuleType):
-            entries[name] = {"module": value.__name__, "type": "module", "repr": f"<module {value.__name__}>"}
-            continue
-        try:
-            data, buffers = snapshot_value(value)
-        except Exception as err:  # noqa: BLE001 - any value may refuse pickling; say why
-            entries[name] = {**describe(value), "error": f"{type(err).__name__}: {err}"}
-            continue
-        digest = content_digest(data, buffers)
-        if previous.get(name) == digest:
-            continue
-        pickle_chunks, new_bytes = write_bytes(chunk_root, data)
+        entries[name], new_bytes = write_entry(chunk_root, entry, data, buffers)
         written += new_bytes
-        buffer_chunks = []
-        for buffer in buffers:
-            digests, new_bytes = write_bytes(chunk_root, buffer.raw())
-            written += new_bytes
-            buffer_chunks.append(digests)
-        size = len(data) + sum(buffer.raw().nbytes for buffer in buffers)
-        entries[name] = {
-            **describe(value),
-            "digest": digest,
-            "pickle": pickle_chunks,
-            "buffers": buffer_chunks,
-            "size": size,
-        }
     return {"entries": entries, "written": written}
+
+
+def changed_names(
+    namespace: dict[str, Any],
+    hidden: set[str],
+    known_ids: dict[str, int],
+    sizes: dict[str, int],
+    digests: dict[str, str],
+    candidates: list[str],
+) -> tuple[list[str], list[str], dict[str, int]] | None:
+    """What the next snapshot must look at: (names to pickle, names removed, ids now).
+
+    A name is looked at when it was rebound (a new object), when the cell
+    named it, when it is small enough to re-hash every time (an in-place
+    change nobody named), or when it was never saved. None: nothing can
+    have changed.
+    """
+    names = saveable_names(namespace, hidden)
+    current = {name: id(namespace[name]) for name in names}
+    removed = sorted(name for name in known_ids if name not in current)
+    wanted = set(candidates)
+    todo = [
+        name
+        for name in names
+        if known_ids.get(name) != current[name]
+        or name in wanted
+        or sizes.get(name, 0) < SMALL_VALUE_BYTES
+        or name not in digests
+    ]
+    if not todo and not removed:
+        return None
+    return todo, removed, current
 
 
 def load(entry: dict[str, Any], chunk_root: Path) -> Any:
@@ -125,4 +181,15 @@ def load(entry: dict[str, Any], chunk_root: Path) -> Any:
         raise ValueError(f"it was not saved: {entry['error']}")
     data = read_bytes(chunk_root, entry["pickle"])
     buffers = [read_bytes(chunk_root, digests) for digests in entry["buffers"]]
+    return pickle.loads(data, buffers=buffers)
+
+
+def load_bytes(entry: dict[str, Any], data: bytes | None, buffers: list[Any]) -> Any:
+    """One value back from bytes already read (the Wasm guest gets them from its host)."""
+    if "module" in entry:
+        return importlib.import_module(entry["module"])
+    if "error" in entry:
+        raise ValueError(f"it was not saved: {entry['error']}")
+    if data is None:
+        raise ValueError(entry.get("unreadable", "its bytes could not be read"))
     return pickle.loads(data, buffers=buffers)

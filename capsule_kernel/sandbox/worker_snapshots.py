@@ -24,12 +24,6 @@ from capsule_kernel.checkpoint import snapshot
 from capsule_kernel.sandbox import protocol
 from capsule_kernel.sandbox.worker_io import FrameChannel
 
-# Values whose pickle is smaller than this are re-hashed after every cell, so
-# an in-place change the analyzer could not see (a function appending to a
-# global list) is still caught. Larger values are re-hashed when the cell
-# names them or rebinds them.
-SMALL_VALUE_BYTES = 1024 * 1024
-
 
 class Snapshotter:
     def __init__(self, shell: Any, channel: FrameChannel, chunk_root: str | None, report_fd: int | None) -> None:
@@ -65,22 +59,9 @@ class Snapshotter:
         if self.root is None:
             return None
         self.wait()
-        namespace = self.shell.user_ns
-        names = snapshot.saveable_names(namespace, set(self.shell.user_ns_hidden))
-        current = {name: id(namespace[name]) for name in names}
-        removed = sorted(name for name in self.ids if name not in current)
-        wanted = set(candidates)
-        todo = [
-            name
-            for name in names
-            if self.ids.get(name) != current[name]
-            or name in wanted
-            or self.sizes.get(name, 0) < SMALL_VALUE_BYTES
-            or name not in self.digests
-        ]
-        if not todo and not removed:
-            return None
-        return todo, removed, current
+        return snapshot.changed_names(
+            self.shell.user_ns, set(self.shell.user_ns_hidden), self.ids, self.sizes, self.digests, candidates
+        )
 
     def take(self, execution_count: int, plan: tuple[list[str], list[str], dict[str, int]]) -> None:
         """Fork; the child snapshots `plan` while this process serves on."""
