@@ -9,6 +9,7 @@ IPython, and what comes back is JSON that is only forwarded.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hashlib
 import os
@@ -28,10 +29,11 @@ from capsule_kernel import __version__, magics
 from capsule_kernel.analyzer import Analyzer, ExecutionPlan
 from capsule_kernel.checkpoint.recorder import Checkpoints
 from capsule_kernel.checkpoint.store import session_identity
-from capsule_kernel.router import route
+from capsule_kernel.router import REFUSED, route
 from capsule_kernel.sandbox import protocol
 from capsule_kernel.sandbox.limits import LimitSettings
 from capsule_kernel.sandbox.subprocess import SandboxDied, SubprocessSandbox
+from capsule_kernel.sandbox.wasm import WasmSandbox
 from capsule_kernel.settings import KernelSettings
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ _INPUT_POLL_SECONDS = 0.01
 _REQUEST_WAIT_SECONDS = 30.0
 _SANDBOX_START_DELAY_SECONDS = 0.5
 # Subcommands that replace the sandbox or its namespace: never from inside a running cell.
-_WHOLE_CELL_SUBCOMMANDS = {"restore", "restart", "resume", "session"}
+_WHOLE_CELL_SUBCOMMANDS = {"restore", "restart", "resume", "session", "mount"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class Cell:
     allow_stdin: bool
     execution_count: int
     snapshot_candidates: tuple[str, ...] = ()
+    # The cell as typed, when `code` was transformed for a sandbox without IPython.
+    raw_code: str | None = None
 
 
 def _error_content(ename: str, evalue: str) -> dict[str, Any]:
@@ -95,7 +99,13 @@ class CapsuleKernel(Kernel):
         self.session_name, self.session_source = session_identity()
         self.checkpoints = Checkpoints.open(self.log)
         self.analyzer = Analyzer()
-        self.sandbox: SubprocessSandbox | None = None
+        # One sandbox per kind; the active kind runs (or last ran) the cell.
+        self.sandboxes: dict[str, SubprocessSandbox] = {}
+        self.active_kind = "subprocess"
+        # Where each name was last written (sandbox kind, execution count, type),
+        # and which version of it each sandbox holds: the merge rule of auto mode.
+        self.origins: dict[str, tuple[str, int, str]] = {}
+        self.held: dict[str, dict[str, int]] = {"subprocess": {}, "wasm": {}}
         self._starting: asyncio.Task | None = None
         self._next_count = 1
         self._cell_running = False
@@ -109,6 +119,8 @@ class CapsuleKernel(Kernel):
         self._resume_notice: str | None = None
         self._resume_offer: str | None = None
         self.settings = KernelSettings.load()
+        self.routing_mode = self.settings.mode
+        self.mounts: list[dict[str, Any]] = [dict(m) for m in self.settings.fs_access]
         self.kernel_id = uuid.uuid4().hex[:12]
         self.promises: CellPromises | None = None  # opened on the running loop
         self._cell_outputs: Counter[str] = Counter()
@@ -118,6 +130,15 @@ class CapsuleKernel(Kernel):
         self._completeness = TransformerManager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = getattr(self, f"_forward_{msg_type}")
+
+    @property
+    def sandbox(self) -> SubprocessSandbox | None:
+        """The sandbox of the active kind (the one the current or last cell ran in)."""
+        return self.sandboxes.get(self.active_kind)
+
+    @sandbox.setter
+    def sandbox(self, sandbox: SubprocessSandbox) -> None:
+        self.sandboxes[sandbox.kind] = sandbox
 
     # -- start-up and signals ----------------------------------------------------
 
@@ -180,11 +201,18 @@ class CapsuleKernel(Kernel):
     async def _start_sandbox(self, *, restore: bool = False) -> SubprocessSandbox:
         """A new sandbox; with restore, holding the session's last checkpoint."""
         previous = self.sandbox
+        held_before = set(self.held.get(self.active_kind, {}))
         sandbox = await self._spawn_sandbox()
         if not restore:
             return sandbox
+        # In a session that used both sandboxes, a replacement gets back what its predecessor held.
+        mixed = any(kind != sandbox.kind for kind, _, _ in self.origins.values())
+        names = held_before if mixed else None
         try:
-            self._restore_outcome = await self.checkpoints.restore_latest(self.session_name, sandbox, previous)
+            self._restore_outcome = await self.checkpoints.restore_latest(
+                self.session_name, sandbox, previous, names=names
+            )
+            self._note_held(sandbox.kind, names)
         except (SandboxDied, TimeoutError) as err:
             # Restoring must never become a crash loop: give up on it once.
             self.log.error("restoring the last checkpoint failed: %s", err)
@@ -197,10 +225,15 @@ class CapsuleKernel(Kernel):
         return sandbox
 
     async def _spawn_sandbox(self) -> SubprocessSandbox:
-        sandbox = SubprocessSandbox(
-            self.limit_settings.limits, self._on_sandbox_event, chunk_root=self.checkpoints.chunk_root
-        )
+        on_event = self._event_handler(self.active_kind)
+        if self.active_kind == "wasm":
+            sandbox: SubprocessSandbox = WasmSandbox(
+                self.limit_settings.limits, on_event, chunk_root=self.checkpoints.chunk_root, mounts=self.mounts
+            )
+        else:
+            sandbox = SubprocessSandbox(self.limit_settings.limits, on_event, chunk_root=self.checkpoints.chunk_root)
         self.sandbox = sandbox
+        self.held[sandbox.kind] = {}
         await sandbox.start()
         self._side_task(self._watch_sandbox(sandbox), cell_scoped=False)
         self.log.info("capsule sandbox started, pid %s", sandbox.pid)
@@ -209,8 +242,10 @@ class CapsuleKernel(Kernel):
     async def _watch_sandbox(self, sandbox: SubprocessSandbox) -> None:
         """Notice a sandbox that dies between cells, and replace it at once."""
         await sandbox.wait_exit()
-        if sandbox is not self.sandbox or self._cell_running or sandbox.stopping:
+        if sandbox is not self.sandboxes.get(sandbox.kind) or self._cell_running or sandbox.stopping:
             return
+        if sandbox.kind != self.active_kind:
+            return  # replaced when a cell needs it again, with its checkpointed names
         self._note_death_between_cells(sandbox)
         if self._starting is None or self._starting.done():
             self._starting = asyncio.ensure_future(self._start_sandbox(restore=True))
@@ -231,6 +266,7 @@ class CapsuleKernel(Kernel):
         if sandbox is None:
             sandbox = await self.ready_sandbox()
         outcome = await self.checkpoints.restore(checkpoint, sandbox, replace=True)
+        await self.namespace_replaced(checkpoint)
         self._next_count = max(self._next_count, checkpoint.execution_count + 1)
         self._resume_offer = None
         return (
@@ -288,13 +324,47 @@ class CapsuleKernel(Kernel):
         old.stopping = True
         self.log.info("restarting the sandbox: %s", why)
         await old.shutdown()
-        return await self._start_sandbox()
+        fresh = await self._start_sandbox()
+        await self.namespace_replaced(None)
+        return fresh
 
     async def checkpoints_settled(self, timeout: float = 60.0) -> None:
         """Wait for the snapshot of the last cell to be recorded (for log and status)."""
-        if self.sandbox is not None:
-            await self.sandbox.snapshots_settled(timeout)
+        for sandbox in list(self.sandboxes.values()):
+            await sandbox.snapshots_settled(timeout)
         await self.checkpoints.settled(timeout)
+
+    async def replace_wasm_sandbox(self) -> None:
+        """A new Wasm instance (new mounts or memory cap) holding what the old one held."""
+        await self.checkpoints_settled()
+        old = self.sandboxes.get("wasm")
+        if old is None:
+            return
+        previous_kind, self.active_kind = self.active_kind, "wasm"
+        try:
+            old.stopping = True
+            await old.shutdown()
+            await self._start_sandbox(restore=True)
+        finally:
+            self.active_kind = previous_kind
+
+    async def namespace_replaced(self, checkpoint: Any | None) -> None:
+        """After a restore, resume or restart: the active sandbox alone holds the truth.
+
+        The other sandbox's namespace is stale now, so it is stopped; when a
+        cell needs it again it starts fresh and receives the names it reads.
+        """
+        self.origins.clear()
+        self.held = {"subprocess": {}, "wasm": {}}
+        if checkpoint is not None:
+            for name, entry in checkpoint.entries.items():
+                self.origins[name] = (self.active_kind, checkpoint.execution_count, str(entry.get("type", "")))
+                self.held[self.active_kind][name] = checkpoint.execution_count
+        for kind, sandbox in list(self.sandboxes.items()):
+            if kind != self.active_kind:
+                sandbox.stopping = True
+                del self.sandboxes[kind]
+                await sandbox.shutdown()
 
     def _interrupt_sandbox(self) -> None:
         if self.sandbox is not None and self._cell_running:
@@ -354,10 +424,30 @@ class CapsuleKernel(Kernel):
             reply = await self._execute_magic_cell(code, magic_lines, count)
             return reply, {"sandbox": "kernel", "mode": "magic", "reason": "%capsule lines run in the kernel"}
         plan = self._plan(code)
-        decision = route(plan)
-        meta = {"sandbox": decision.sandbox, "mode": plan.mode, "reason": decision.reason, "routing": "subprocess"}
+        reads = plan.reads | plan.mutates
+        if self.routing_mode != "subprocess" and self._origins_pending(reads):
+            # Where a name lives and what it is decide the route: learn it from the snapshot in flight.
+            await self.checkpoints_settled()
+        value_types = {name: self.origins[name][2] for name in reads if name in self.origins}
+        decision = route(plan, self.routing_mode, value_types)
+        meta = {"sandbox": decision.sandbox, "mode": plan.mode, "reason": decision.reason, "routing": self.routing_mode}
+        if decision.sandbox == REFUSED:
+            reply = self._fail(
+                count,
+                "WasmRefused",
+                f"the Wasm sandbox cannot run this cell: {decision.reason}. "
+                "Run %capsule mode auto (such cells then go to the subprocess sandbox) or %capsule mode subprocess.",
+            )
+            return reply, meta
         candidates = tuple(sorted(plan.reads | plan.mutates | plan.writes))
-        reply = await self._execute_in_sandbox(replace(cell, snapshot_candidates=candidates))
+        cell = replace(cell, snapshot_candidates=candidates)
+        if decision.sandbox == "wasm":
+            # No IPython inside: the kernel turns %magics and !commands into the calls IPython would make.
+            cell = replace(cell, code=self._completeness.transform_cell(code), raw_code=code)
+        reply = await self._execute_in_sandbox(cell, decision.sandbox, reads)
+        sandbox = self.sandboxes.get(decision.sandbox)
+        if isinstance(sandbox, WasmSandbox) and sandbox.last_fuel is not None:
+            meta["fuel_consumed"] = sandbox.last_fuel
         return reply, meta
 
     def _plan(self, code: str) -> ExecutionPlan:
@@ -387,13 +477,21 @@ class CapsuleKernel(Kernel):
                 await self.sandbox.request("store_history", {"code": code, "execution_count": count})
         return {"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}
 
-    async def _execute_in_sandbox(self, cell: Cell) -> dict[str, Any]:
+    async def _execute_in_sandbox(
+        self, cell: Cell, kind: str = "subprocess", reads: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
         count = cell.execution_count
-        self.checkpoints.note_cell(count, cell.code)
+        self.checkpoints.note_cell(count, cell.raw_code or cell.code)
+        switching = kind != self.active_kind
+        if switching and self.sandbox is not None:
+            # The other sandbox's last snapshot must be recorded before names cross.
+            await self.checkpoints_settled()
+        self.active_kind = kind
         try:
             sandbox = await self.ready_sandbox()
         except (SandboxDied, TimeoutError) as err:
-            return self._fail(count, "SandboxUnavailable", f"the sandbox could not start: {err}")
+            return self._fail(count, "SandboxUnavailable", f"the {kind} sandbox could not start: {err}")
+        await self._bring_names(sandbox, reads)
         for attribute in ("_resume_notice", "_resume_offer"):
             text = getattr(self, attribute)
             if text:
@@ -422,6 +520,70 @@ class CapsuleKernel(Kernel):
             for task in list(self._side_tasks):
                 if getattr(task, "cell_scoped", False):
                     task.cancel()
+
+    def _origins_pending(self, reads: frozenset[str]) -> bool:
+        """Whether a name the cell reads may be in a snapshot not recorded yet."""
+        unknown = [name for name in reads if name not in self.origins and not hasattr(builtins, name)]
+        return bool(unknown) and any(s.snapshots_in_flight for s in self.sandboxes.values())
+
+    async def _bring_names(self, sandbox: SubprocessSandbox, reads: frozenset[str]) -> None:
+        """Merge into this sandbox the names the cell reads that the other sandbox wrote later."""
+        held = self.held.setdefault(sandbox.kind, {})
+        wanted = sorted(
+            name
+            for name in reads
+            if name in self.origins
+            and self.origins[name][0] != sandbox.kind
+            and held.get(name, -1) < self.origins[name][1]
+        )
+        if not wanted:
+            return
+        latest = self.checkpoints.latest(self.session_name)
+        if latest is None:
+            return
+        entries = {name: latest.entries[name] for name in wanted if name in latest.entries}
+        failed: dict[str, str] = {}
+        try:
+            result = await sandbox.request("restore", {"entries": entries, "replace": False}, timeout=600)
+            failed = dict(result.get("failed", {}))
+        except (SandboxDied, TimeoutError) as err:
+            failed = dict.fromkeys(entries, f"the transfer failed: {err}")
+        for name in wanted:
+            held[name] = self.origins[name][1]  # tried once per write: no retry storm
+            if name not in entries:
+                failed.setdefault(name, "it was not in the last checkpoint")
+        if failed:
+            other = "subprocess" if sandbox.kind == "wasm" else "wasm"
+            lines = "".join(f"  {name}: {why}\n" for name, why in sorted(failed.items()))
+            self._publish(
+                "stream",
+                {"name": "stderr", "text": f"Not brought over from the {other} sandbox:\n{lines}"},
+            )
+
+    def _note_held(self, kind: str, names: set[str] | None) -> None:
+        """After a restore: this sandbox holds the checkpointed version of those names."""
+        held = self.held.setdefault(kind, {})
+        for name, (_, count, _) in self.origins.items():
+            if names is None or name in names:
+                held[name] = count
+
+    def _note_snapshot(self, kind: str, event: dict[str, Any]) -> None:
+        count = int(event.get("execution_count", 0))
+        held = self.held.setdefault(kind, {})
+        for name, entry in event.get("entries", {}).items():
+            self.origins[name] = (kind, count, str(entry.get("type", "")))
+            held[name] = count
+        for name in event.get("removed", []):
+            self.origins.pop(name, None)
+            held.pop(name, None)
+
+    def _event_handler(self, kind: str) -> Any:
+        def handle(event: dict[str, Any]) -> None:
+            if event.get("type") == "snapshot":
+                self._note_snapshot(kind, event)
+            self._on_sandbox_event(event)
+
+        return handle
 
     def _promise_started(self, cell: Cell, sandbox: SubprocessSandbox) -> None:
         if self.promises is None or cell.silent:
@@ -485,7 +647,8 @@ class CapsuleKernel(Kernel):
         except (SandboxDied, TimeoutError) as err:
             after = f"A fresh sandbox could not be started ({err}); the next cell will try again"
         ename = "CellTimeout" if death.timed_out else "SandboxDied"
-        return self._fail(count, ename, f"the sandbox process (pid {pid}) {death.reason}. {after}")
+        what = f"the Wasm sandbox (host pid {pid})" if sandbox.kind == "wasm" else f"the sandbox process (pid {pid})"
+        return self._fail(count, ename, f"{what} {death.reason}. {after}")
 
     def finish_metadata(
         self,

@@ -7,6 +7,7 @@ never a failed start.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,10 @@ class KernelSettings:
     auto_resume: bool = False
     keep: int | None = DEFAULT_KEEP
     gc_grace: float = DEFAULT_GC_GRACE_SECONDS
+    # Where cells run unless %capsule mode says otherwise: subprocess, wasm or auto.
+    mode: str = "subprocess"
+    # Host directories Wasm cells may use: [{"path": absolute path, "writable": bool}].
+    fs_access: tuple[dict[str, object], ...] = ()
     source: Path | None = None
     warnings: tuple[str, ...] = field(default=())
 
@@ -34,7 +39,8 @@ class KernelSettings:
         except LimitError as err:
             return cls(warnings=(str(err),))
         if not found:
-            return cls()
+            mode = os.environ.get("CAPSULE_MODE")
+            return cls(mode=mode) if mode in ("subprocess", "wasm", "auto") else cls()
         path, table = found
         warnings = []
         values: dict[str, object] = {}
@@ -52,6 +58,26 @@ class KernelSettings:
                 warnings.append(f"{path}: {key}: {err}")
         if values.get("gc_grace") is None:
             values.pop("gc_grace", None)
+        mode = os.environ.get("CAPSULE_MODE") or table.get("mode")
+        if mode is not None:
+            if mode in ("subprocess", "wasm", "auto"):
+                values["mode"] = mode
+            else:
+                warnings.append(f"{path}: mode: {mode!r} is not subprocess, wasm or auto; keeping subprocess")
+        access = table.get("fs_access", {})
+        if isinstance(access, dict):
+            mounts = []
+            for key, writable in (("read", False), ("write", True)):
+                for entry in access.get(key, []) or []:
+                    target = Path(str(entry)).expanduser()
+                    target = target if target.is_absolute() else path.parent / target
+                    if target.is_dir():
+                        mounts.append({"path": str(target.resolve()), "writable": writable})
+                    else:
+                        warnings.append(f"{path}: fs_access.{key}: {entry} is not a directory; not mounted")
+            values["fs_access"] = tuple(mounts)
+        else:
+            warnings.append(f"{path}: fs_access must be a table with read = [...] and write = [...]")
         for warning in warnings:
             log.warning(warning)
         return cls(**values, source=path, warnings=tuple(warnings))

@@ -108,7 +108,9 @@ class Checkpoints:
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=timeout)
 
-    async def restore_latest(self, session: str, sandbox: Any, previous: Any = None) -> str:
+    async def restore_latest(
+        self, session: str, sandbox: Any, previous: Any = None, names: set[str] | None = None
+    ) -> str:
         """Restore the session's last checkpoint into sandbox; describe the outcome.
 
         `previous` is the sandbox that died: a snapshot it had started may
@@ -122,7 +124,7 @@ class Checkpoints:
         latest = self.latest(session)
         if latest is None:
             return "no checkpoint had been taken yet, so the namespace starts empty"
-        return await self.restore(latest, sandbox, replace=True)
+        return await self.restore(latest, sandbox, replace=True, names=names)
 
     async def collect_garbage(self, grace_seconds: float) -> tuple[int, int, int]:
         """Apply retention to every session, then drop unreferenced chunks."""
@@ -147,8 +149,14 @@ class Checkpoints:
             return None
         return self.store.record(session, execution_count, code, {}, [], 0, status="restored", base=target)
 
-    async def restore(self, checkpoint: Checkpoint, sandbox: Any, *, replace: bool) -> str:
-        result = await sandbox.request("restore", {"entries": checkpoint.entries, "replace": replace}, timeout=600)
+    async def restore(
+        self, checkpoint: Checkpoint, sandbox: Any, *, replace: bool, names: set[str] | None = None
+    ) -> str:
+        """Load a checkpoint (or, with names, only those of its names) into a sandbox."""
+        entries = checkpoint.entries
+        if names is not None:
+            entries = {name: entry for name, entry in entries.items() if name in names}
+        result = await sandbox.request("restore", {"entries": entries, "replace": replace}, timeout=600)
         restored = result.get("restored", [])
         failed = dict(result.get("failed", {}))
         text = (

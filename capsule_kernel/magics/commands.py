@@ -54,6 +54,8 @@ def _kernel_enforced(name: str) -> str:
         return "enforced by the kernel: interrupt, then kill after a grace period"
     if name == "cpu":
         return "RLIMIT_CPU, re-armed by the kernel before each cell"
+    if name == "fuel":
+        return "Wasm cells only: wasmtime fuel, topped up before each cell"
     return ""
 
 
@@ -85,6 +87,13 @@ def cmd_status(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG00
             ["memory in use", format_size(memory) if memory else "-"],
             ["cells run", str(sandbox.cells_run)],
         ]
+    rows.append(["routing mode", kernel.routing_mode])
+    wasm = kernel.sandboxes.get("wasm")
+    if wasm is not None and wasm is not sandbox:
+        rows.append(["wasm sandbox", f"pid {wasm.pid}, {wasm.cells_run} cells" if wasm.alive else "stopped"])
+    if wasm is not None:
+        last = f"{wasm.last_fuel:,}" if getattr(wasm, "last_fuel", None) is not None else "-"
+        rows.append(["wasm fuel", f"last cell {last}; this instance {getattr(wasm, 'total_fuel', 0):,}"])
     rows += [["session cells", str(kernel.execution_count - 1)]]
     rows += [["session", f"{kernel.session_name} ({kernel.session_source})"]]
     store = kernel.checkpoints.store
@@ -170,6 +179,7 @@ async def cmd_restore(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
     sandbox = await kernel.ready_sandbox()
     before = await kernel.checkpoints.current_names(sandbox)
     outcome = await kernel.checkpoints.restore(target, sandbox, replace=True)
+    await kernel.namespace_replaced(target)
     kernel.checkpoints.record_restore(
         kernel.session_name, kernel.execution_count, f"%capsule restore {args.ref}", target
     )
@@ -256,11 +266,67 @@ async def cmd_restart(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa
     return [{"text/plain": text}]
 
 
+def cmd_mode(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+    explanations = {
+        "subprocess": "every cell runs in the subprocess sandbox (CPython with your packages, under OS limits)",
+        "wasm": "every cell runs in the Wasm sandbox; cells it cannot run (native imports, shell) are refused",
+        "auto": "the analyzer sends pure-Python, stdlib-only cells to Wasm and the rest to the subprocess sandbox; "
+        "names a cell reads are brought over from the other sandbox",
+    }
+    if args.mode is None:
+        text = f"Routing mode: {kernel.routing_mode}: {explanations[kernel.routing_mode]}."
+        return [{"text/plain": text + "\nChange it with %capsule mode subprocess | wasm | auto."}]
+    if args.mode in ("wasm", "auto"):
+        from capsule_kernel.sandbox.wasm_runtime import RuntimeUnavailable, find_runtime
+
+        try:
+            find_runtime()
+        except RuntimeUnavailable as err:
+            raise MagicUsageError(f"%capsule mode {args.mode}: no Wasm runtime: {err}") from None
+    old, kernel.routing_mode = kernel.routing_mode, args.mode
+    return [{"text/plain": f"Routing mode: {args.mode} (was {old}): {explanations[args.mode]}."}]
+
+
+async def cmd_mount(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+    from pathlib import Path
+
+    if args.path is None:
+        if args.rw or args.remove:
+            raise MagicUsageError("%capsule mount: --rw and --remove need a PATH")
+        rows = [[m["path"], "read-write" if m.get("writable") else "read-only"] for m in kernel.mounts]
+        notes = [
+            "Wasm cells see these directories at the same paths, and no other host file.",
+            "The subprocess sandbox sees the host filesystem (no Landlock on this OS kernel to confine it).",
+        ]
+        return [_table("Mounts for Wasm cells", ["path", "access"], rows or [["(none)", "-"]], notes)]
+    path = Path(args.path).expanduser().resolve()
+    if args.remove:
+        before = len(kernel.mounts)
+        kernel.mounts = [m for m in kernel.mounts if m["path"] != str(path)]
+        if len(kernel.mounts) == before:
+            raise MagicUsageError(f"%capsule mount --remove: {path} is not mounted")
+        text = f"Unmounted {path}."
+    else:
+        if not path.is_dir():
+            raise MagicUsageError(f"%capsule mount: {path} is not a directory")
+        kernel.mounts = [m for m in kernel.mounts if m["path"] != str(path)]
+        kernel.mounts.append({"path": str(path), "writable": bool(args.rw)})
+        text = f"Mounted {path} for Wasm cells ({'read-write' if args.rw else 'read-only'})."
+    wasm = kernel.sandboxes.get("wasm")
+    if wasm is not None and wasm.alive:
+        # WASI preopens are fixed when the instance starts: restart it, keeping its names.
+        await kernel.replace_wasm_sandbox()
+        text += " The Wasm sandbox was restarted with its checkpointed names to apply it."
+    return [{"text/plain": text}]
+
+
 def cmd_help(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
     return [{"text/plain": usage_text()}]
 
 
 COMMANDS = {
+    "mode": cmd_mode,
+    "mount": cmd_mount,
     "limits": cmd_limits,
     "status": cmd_status,
     "log": cmd_log,

@@ -37,6 +37,8 @@ SUBCOMMANDS = {
     "session": "show or set the session this notebook's checkpoints belong to",
     "gc": "drop checkpoints beyond the retention limit and chunks nothing refers to; report what was freed",
     "restart": "start a fresh sandbox with an empty namespace",
+    "mode": "show or set where cells run: subprocess, wasm, or auto (the analyzer decides per cell)",
+    "mount": "show the host paths Wasm cells may use, or add one (read-only unless --rw)",
     "help": "this list",
 }
 
@@ -47,6 +49,7 @@ _LIMIT_HELP = {
     "files": "open file descriptors, e.g. 256",
     "procs": "processes and threads, e.g. 64",
     "network": "on or off (changes apply after %capsule restart)",
+    "fuel": "Wasm instructions per cell (Wasm cells only), e.g. 5G, 2.5e9, unlimited",
 }
 
 
@@ -72,6 +75,12 @@ def build_parser() -> _Parser:
         if name == "diff":
             sub.add_argument("a", metavar="A", help="earlier checkpoint (execution count or id prefix)")
             sub.add_argument("b", metavar="B", help="later checkpoint (execution count or id prefix)")
+        if name == "mode":
+            sub.add_argument("mode", nargs="?", choices=("subprocess", "wasm", "auto"), help="the routing mode")
+        if name == "mount":
+            sub.add_argument("path", nargs="?", metavar="PATH", help="a host directory")
+            sub.add_argument("--rw", action="store_true", help="let Wasm cells write there too")
+            sub.add_argument("--remove", action="store_true", help="take PATH away again")
         if name == "limits":
             for limit in LIMIT_NAMES:
                 sub.add_argument(f"--{limit}", metavar="VALUE", help=_LIMIT_HELP[limit].replace("%", "%%"))

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-LIMIT_NAMES = ("memory", "cpu", "timeout", "files", "procs", "network")
+LIMIT_NAMES = ("memory", "cpu", "timeout", "files", "procs", "network", "fuel")
+# Limits that only the Wasm sandbox can enforce.
+WASM_ONLY_LIMITS = ("fuel",)
 
 ENV_PREFIX = "CAPSULE_"
 
@@ -105,6 +107,32 @@ def parse_count(text: str | int) -> int | None:
     return value
 
 
+_FUEL_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_fuel(text: str | int) -> int | None:
+    """Wasm fuel units per cell: '5000000000', '5G', '2.5e9', 'unlimited'.
+
+    Suffixes are decimal (k, M, G, T): fuel counts instructions, not bytes.
+    """
+    if isinstance(text, bool):
+        raise LimitError(f"invalid fuel {text!r}")
+    if isinstance(text, int):
+        return text if text > 0 else None
+    if text.strip().lower() in _UNLIMITED:
+        return None
+    cleaned = text.strip().replace("_", "").replace(",", "")
+    unit = cleaned[-1:].lower() if cleaned[-1:].isalpha() and cleaned[-1:].lower() != "e" else ""
+    number = cleaned[: len(cleaned) - len(unit)]
+    try:
+        value = int(float(number) * _FUEL_UNITS[unit])
+    except (ValueError, KeyError):
+        raise LimitError(f"invalid fuel {text!r} (examples: 5000000000, 5G, 2.5e9, unlimited)") from None
+    if value <= 0:
+        raise LimitError(f"invalid fuel {text!r}: must be positive")
+    return value
+
+
 def parse_switch(text: str | bool) -> bool:
     """'on'/'off' (also true/false, yes/no, 1/0) -> bool."""
     if isinstance(text, bool):
@@ -124,6 +152,7 @@ _PARSERS = {
     "files": parse_count,
     "procs": parse_count,
     "network": parse_switch,
+    "fuel": parse_fuel,
 }
 
 
@@ -156,6 +185,8 @@ def format_value(name: str, value: Any) -> str:
         return format_duration(value)
     if name == "network":
         return "on" if value else "off"
+    if name == "fuel" and value is not None:
+        return f"{value:,} units per cell"
     return "unlimited" if value is None else str(value)
 
 
@@ -176,6 +207,7 @@ class Limits:
     files: int | None = None
     procs: int | None = None
     network: bool = False
+    fuel: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in LIMIT_NAMES}
@@ -193,7 +225,8 @@ def default_limits() -> Limits:
 
     Memory is half the machine's RAM (address space, so leave room for virtual
     reservations); no CPU or wall-clock cap, since long training cells are
-    normal; 1024 open files; 512 processes; no network.
+    normal; 1024 open files; 512 processes; no network; no fuel cap (Wasm
+    cells still report the fuel they used).
     """
     return Limits(
         memory=_physical_memory() // 2,
@@ -202,6 +235,7 @@ def default_limits() -> Limits:
         files=1024,
         procs=512,
         network=False,
+        fuel=None,
     )
 
 

@@ -127,6 +127,8 @@ class SubprocessSandbox:
     """
 
     kind = "subprocess"
+    # The program that runs inside: ``python -m <worker_module> CONFIG``.
+    worker_module = "capsule_kernel.sandbox.worker"
 
     def __init__(
         self,
@@ -224,10 +226,11 @@ class SubprocessSandbox:
             "limits": self.limits.to_json(),
             "chunk_root": str(self.chunk_root) if self.chunk_root else None,
             "report_fd": report_w,
+            **self.extra_config(),
         }
         try:
             self.process = self.spawn(
-                [self.python, "-m", "capsule_kernel.sandbox.worker", json.dumps(config)],
+                [self.python, "-m", self.worker_module, json.dumps(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=err_w,
@@ -264,6 +267,10 @@ class SubprocessSandbox:
         if self._cgroup is not None:
             # The worker reports on RLIMIT_NPROC; the cgroup is what binds.
             self.enforcement["procs"] = "enforced: pids cgroup"
+
+    def extra_config(self) -> dict[str, Any]:
+        """What a subclass's worker needs beyond the pipes and limits."""
+        return {}
 
     def _place_in_cgroup(self) -> None:
         assert self.process is not None

@@ -173,11 +173,15 @@ class Snapshotter:
                 namespace.pop(name, None)
                 continue
             restored.append(name)
-        self.digests = {
-            name: entry["digest"] for name, entry in entries.items() if "digest" in entry and name in restored
-        }
-        self.sizes = {name: entry.get("size", 0) for name, entry in entries.items() if name in restored}
-        self.ids = {name: id(namespace[name]) for name in restored}
+        digests = {name: entry["digest"] for name, entry in entries.items() if "digest" in entry and name in restored}
+        sizes = {name: entry.get("size", 0) for name, entry in entries.items() if name in restored}
+        ids = {name: id(namespace[name]) for name in restored}
+        if replace:
+            self.digests, self.sizes, self.ids = digests, sizes, ids
+        else:  # names merged in from elsewhere: what was known of the others still holds
+            self.digests.update(digests)
+            self.sizes.update(sizes)
+            self.ids.update(ids)
         return {"restored": sorted(restored), "failed": failed}
 
 

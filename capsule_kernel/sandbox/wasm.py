@@ -1,0 +1,111 @@
+"""The Wasm sandbox, seen from the kernel: a host process running wasmtime.
+
+It speaks the subprocess worker's frames on the same pipes, so start-up,
+death, restore and output forwarding are the subprocess sandbox's code. What
+differs: the host enforces fuel, memory and the wall clock itself (the kernel
+only keeps a backstop), interrupts are relayed by the host into the guest, a
+trap ends the host with a reason the kernel shows, and each reply carries
+the fuel the cell used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from typing import Any
+
+from capsule_kernel.sandbox.limits import Limits, format_duration
+from capsule_kernel.sandbox.subprocess import SandboxDied, SubprocessSandbox
+from capsule_kernel.sandbox.wasm_host import STOP_GRACE_SECONDS
+
+# Beyond the host's own timeout handling, when the kernel gives up on the host.
+_BACKSTOP_SECONDS = 10.0
+
+
+class WasmSandbox(SubprocessSandbox):
+    kind = "wasm"
+    worker_module = "capsule_kernel.sandbox.wasm_host"
+
+    def __init__(self, limits: Limits, on_event: Any, *, mounts: list[dict[str, Any]] | None = None, **kwargs: Any):
+        super().__init__(limits, on_event, **kwargs)
+        self.mounts = list(mounts or [])
+        self.last_fuel: int | None = None
+        self.total_fuel = 0
+        self.python_version = "3.12 (WASI)"
+
+    def extra_config(self) -> dict[str, Any]:
+        return {"mounts": self.mounts}
+
+    async def start(self) -> None:
+        await super().start()
+        self.python_version = f"{self.python_version.split()[0]} (WASI, wasmtime)"
+
+    async def execute(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run one cell; the host stops it at its limits, the kernel only if the host stops answering."""
+        assert self._loop is not None
+        self._done = self._loop.create_future()
+        self._timed_out = False
+        self.last_fuel = None
+        self.send({"type": "execute", **request, "limits": self.limits.to_json()})
+        self.cells_run += 1
+        backstop = None
+        if self.limits.timeout:
+            backstop = self.limits.timeout + STOP_GRACE_SECONDS + _BACKSTOP_SECONDS
+        try:
+            return await self._await_or_death(self._done, backstop, on_timeout=self._backstop_kill)
+        finally:
+            self._done = None
+
+    async def _backstop_kill(self) -> None:
+        self._timed_out = True
+        limit = format_duration(self.limits.timeout)
+        self.death_reason = f"did not stop at the wall-clock limit of {limit} (timeout), so the Wasm host was killed"
+        self.kill()
+
+    def interrupt(self) -> None:
+        """SIGINT to the host alone: it raises KeyboardInterrupt in the guest."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.process.pid, signal.SIGINT)
+
+    def _arm_cpu_limit(self) -> None:
+        """Fuel, not CPU seconds, meters Wasm cells."""
+
+    def update_limits(self, limits: Limits) -> dict[str, str]:
+        old, self.limits = self.limits, limits
+        notes: dict[str, str] = {}
+        for name in ("fuel", "timeout"):
+            if getattr(old, name) != getattr(limits, name):
+                notes[name] = "applies from the next Wasm cell"
+        if old.memory != limits.memory:
+            notes["memory"] = "the Wasm store's memory cap is fixed at start: applies after %capsule restart"
+        for name in ("cpu", "files", "procs", "network"):
+            if getattr(old, name) != getattr(limits, name):
+                notes[name] = "not used by Wasm cells (fuel meters CPU; there are no files, processes or sockets)"
+        if self.alive:
+            with contextlib.suppress(SandboxDied):
+                self.send({"type": "limits", "limits": limits.to_json()})
+        return notes
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "trap":
+            self.death_reason = str(message.get("reason", "trapped"))
+            return
+        if kind == "done":
+            fuel = message.get("fuel_consumed")
+            self.last_fuel = int(fuel) if isinstance(fuel, int) else None
+            self.total_fuel += self.last_fuel or 0
+            message = {**message, "snapshot": None}
+            super()._dispatch(message)
+            # The snapshot (if any) was sent before "done", on this same pipe: already on its way.
+            self.last_done_snapshot = message.get("snapshot_sent")
+            return
+        super()._dispatch(message)
+
+    async def snapshots_settled(self, timeout: float) -> None:  # noqa: ARG002 - the base class's signature
+        """Snapshots arrive before "done" on the frame pipe: nothing is ever in flight."""
+        await asyncio.sleep(0)
+
