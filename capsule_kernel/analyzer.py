@@ -365,15 +365,22 @@ class Analyzer:
         return plan
 
     def _analyze(self, code: str, digest: str) -> ExecutionPlan:
+        flags = ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
         try:
-            source = self._transformer.transform_cell(code)
-        except Exception as err:  # noqa: BLE001 - IPython reports it properly when the cell runs
-            return ExecutionPlan(digest, syntax_error=f"{type(err).__name__}: {err}")
-        try:
-            tree = compile(source, "<cell>", "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-        except (SyntaxError, ValueError) as err:
-            where = f" (line {err.lineno})" if isinstance(err, SyntaxError) else ""
-            return ExecutionPlan(digest, syntax_error=f"{type(err).__name__}: {getattr(err, 'msg', err)}{where}")
+            # Plain Python parses as is: IPython's transforms only change cells
+            # that do not (magics, !shell, help?, prompts, leading indentation),
+            # and they cost more than the parse itself.
+            tree = compile(code, "<cell>", "exec", flags=flags)
+        except (SyntaxError, ValueError):
+            try:
+                source = self._transformer.transform_cell(code)
+            except Exception as err:  # noqa: BLE001 - IPython reports it properly when the cell runs
+                return ExecutionPlan(digest, syntax_error=f"{type(err).__name__}: {err}")
+            try:
+                tree = compile(source, "<cell>", "exec", flags=flags)
+            except (SyntaxError, ValueError) as err:
+                where = f" (line {err.lineno})" if isinstance(err, SyntaxError) else ""
+                return ExecutionPlan(digest, syntax_error=f"{type(err).__name__}: {getattr(err, 'msg', err)}{where}")
         visitor = _Visitor()
         visitor.visit(tree)
         if visitor.top_level_await:
