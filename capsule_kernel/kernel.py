@@ -907,19 +907,20 @@ class CapsuleKernel(Kernel):
                 await asyncio.wait_for(asyncio.wrap_future(future), timeout=10)
             except (TimeoutError, Exception):
                 self.log.exception("sandbox did not stop cleanly; killing it")
-                if self.sandbox is not None:
-                    self.sandbox.kill()
-        elif self.sandbox is not None:
-            self.sandbox.kill()
+                for sandbox in list(self.sandboxes.values()):
+                    sandbox.kill()
+        else:
+            for sandbox in list(self.sandboxes.values()):
+                sandbox.kill()
         return {"status": "ok", "restart": restart}
 
     async def _stop_sandbox(self) -> None:
         if self._starting is not None:
             with contextlib.suppress(Exception):
                 await self._starting
-        if self.sandbox is not None:
-            self.sandbox.stopping = True
-            await self.sandbox.shutdown()
+        for sandbox in list(self.sandboxes.values()):
+            sandbox.stopping = True
+            await sandbox.shutdown()
         with contextlib.suppress(Exception):
             await self.checkpoints.settled(10.0)
         if self.promises is not None:

@@ -6,6 +6,7 @@ that trap, restart or reconfigure start their own.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -297,3 +298,28 @@ def test_capsule_toml_sets_mode_and_fs_access(fresh_kernel, tmp_path):
     assert result.result_text == "[['a', 'b'], ['1', '2']]", result.texts()
     listed = kernel.execute("%capsule mount").texts()
     assert str(project / "data") in listed and "read-only" in listed
+
+
+def test_shutdown_stops_both_sandboxes(tmp_path):
+    import re
+
+    from tests.harness import wait_until
+
+    kernel = start_kernel(env={"CAPSULE_MODE": "auto"}, cwd=tmp_path)
+    try:
+        assert meta(kernel.execute("a = 1")).get("sandbox") == "wasm"
+        worker = int(kernel.execute("import os, numpy\nos.getpid()").result_text)
+        status = kernel.execute("%capsule status").texts()
+        host = int(re.search(r"wasm sandbox\s+pid (\d+)", status).group(1))
+        assert os.path.exists(f"/proc/{worker}") and os.path.exists(f"/proc/{host}")
+    finally:
+        kernel.close()
+
+    def gone(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except OSError:
+            return True
+
+    wait_until(lambda: gone(worker) and gone(host), timeout=30, what="both sandboxes stopped")
