@@ -44,6 +44,7 @@ _RESET = "\x1b[0m"
 _INPUT_POLL_SECONDS = 0.01
 _REQUEST_WAIT_SECONDS = 30.0
 _SANDBOX_START_DELAY_SECONDS = 0.5
+_REINTERRUPT_SECONDS = 1.0
 # Subcommands that replace the sandbox or its namespace: never from inside a running cell.
 _WHOLE_CELL_SUBCOMMANDS = {"restore", "restart", "resume", "session", "mount"}
 
@@ -109,6 +110,7 @@ class CapsuleKernel(Kernel):
         self._starting: asyncio.Task | None = None
         self._next_count = 1
         self._cell_running = False
+        self._cell_serial = 0  # which cell an interrupt was meant for
         self._output_parent: dict[str, Any] = {}
         self._stdin_ident: Any = b""
         self._main_loop: asyncio.AbstractEventLoop | None = None
@@ -367,8 +369,19 @@ class CapsuleKernel(Kernel):
                 await sandbox.shutdown()
 
     def _interrupt_sandbox(self) -> None:
-        if self.sandbox is not None and self._cell_running:
-            self.sandbox.interrupt()
+        sandbox = self.sandbox
+        if sandbox is None or not self._cell_running:
+            return
+        sandbox.interrupt()
+        # A SIGINT that lands while the cell is starting a child (between
+        # fork and exec of `!cmd`) reaches no one who acts on it: say it again.
+        loop, serial = self._main_loop, self._cell_serial
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.call_later, _REINTERRUPT_SECONDS, self._interrupt_again, sandbox, serial)
+
+    def _interrupt_again(self, sandbox: SubprocessSandbox, serial: int) -> None:
+        if sandbox is self.sandbox and self._cell_running and serial == self._cell_serial:
+            sandbox.interrupt()
 
     # -- execution count -------------------------------------------------------------
 
@@ -504,6 +517,7 @@ class CapsuleKernel(Kernel):
                 {"name": "stderr", "text": f"{notice} A fresh sandbox was started; {self._restore_outcome}.\n"},
             )
         self._cell_running = True
+        self._cell_serial += 1
         self._cell_outputs = Counter()
         self._promise_started(cell, sandbox)
         try:
