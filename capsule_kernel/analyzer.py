@@ -94,6 +94,9 @@ class ExecutionPlan:
     magics: tuple[str, ...] = ()
     uses_shell: bool = False
     syntax_error: str | None = None
+    # The cell as IPython would run it, when that differs from the source
+    # (magics, !shell, help?): what a sandbox without IPython is given.
+    transformed: str | None = None
 
     @property
     def uses_magics(self) -> bool:
@@ -366,6 +369,7 @@ class Analyzer:
 
     def _analyze(self, code: str, digest: str) -> ExecutionPlan:
         flags = ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+        transformed = None
         try:
             # Plain Python parses as is: IPython's transforms only change cells
             # that do not (magics, !shell, help?, prompts, leading indentation),
@@ -378,6 +382,7 @@ class Analyzer:
                 return ExecutionPlan(digest, syntax_error=f"{type(err).__name__}: {err}")
             try:
                 tree = compile(source, "<cell>", "exec", flags=flags)
+                transformed = source
             except (SyntaxError, ValueError) as err:
                 where = f" (line {err.lineno})" if isinstance(err, SyntaxError) else ""
                 return ExecutionPlan(digest, syntax_error=f"{type(err).__name__}: {getattr(err, 'msg', err)}{where}")
@@ -402,4 +407,5 @@ class Analyzer:
             blocking_calls=tuple(dict.fromkeys(visitor.blocking)),
             magics=tuple(dict.fromkeys(visitor.magics)),
             uses_shell=visitor.uses_shell,
+            transformed=transformed,
         )

@@ -454,9 +454,9 @@ class CapsuleKernel(Kernel):
             return reply, meta
         candidates = tuple(sorted(plan.reads | plan.mutates | plan.writes))
         cell = replace(cell, snapshot_candidates=candidates)
-        if decision.sandbox == "wasm":
-            # No IPython inside: the kernel turns %magics and !commands into the calls IPython would make.
-            cell = replace(cell, code=self._completeness.transform_cell(code), raw_code=code)
+        if decision.sandbox == "wasm" and plan.transformed is not None:
+            # No IPython inside: it gets %magics as the calls IPython would make (the analyzer's transform).
+            cell = replace(cell, code=plan.transformed, raw_code=code)
         reply = await self._execute_in_sandbox(cell, decision.sandbox, reads)
         sandbox = self.sandboxes.get(decision.sandbox)
         if isinstance(sandbox, WasmSandbox) and sandbox.last_fuel is not None:

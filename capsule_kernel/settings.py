@@ -34,15 +34,13 @@ class KernelSettings:
 
     @classmethod
     def load(cls, cwd: Path | None = None) -> KernelSettings:
+        warnings = []
         try:
             found = find_config_file(Path.cwd() if cwd is None else cwd)
         except LimitError as err:
-            return cls(warnings=(str(err),))
-        if not found:
-            mode = os.environ.get("CAPSULE_MODE")
-            return cls(mode=mode) if mode in ("subprocess", "wasm", "auto") else cls()
-        path, table = found
-        warnings = []
+            found = None
+            warnings.append(str(err))
+        path, table = found or (None, {})
         values: dict[str, object] = {}
         checkpoints = table.get("checkpoints", {})
         for key, raw, parser in (
@@ -59,18 +57,17 @@ class KernelSettings:
         if values.get("gc_grace") is None:
             values.pop("gc_grace", None)
         mode = os.environ.get("CAPSULE_MODE") or table.get("mode")
-        if mode is not None:
-            if mode in ("subprocess", "wasm", "auto"):
-                values["mode"] = mode
-            else:
-                warnings.append(f"{path}: mode: {mode!r} is not subprocess, wasm or auto; keeping subprocess")
+        if mode in ("subprocess", "wasm", "auto"):
+            values["mode"] = mode
+        elif mode is not None:
+            warnings.append(f"{path or 'CAPSULE_MODE'}: mode: {mode!r} is not subprocess, wasm or auto")
         access = table.get("fs_access", {})
         if isinstance(access, dict):
             mounts = []
             for key, writable in (("read", False), ("write", True)):
                 for entry in access.get(key, []) or []:
                     target = Path(str(entry)).expanduser()
-                    target = target if target.is_absolute() else path.parent / target
+                    target = target if target.is_absolute() or path is None else path.parent / target
                     if target.is_dir():
                         mounts.append({"path": str(target.resolve()), "writable": writable})
                     else:

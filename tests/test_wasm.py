@@ -104,6 +104,13 @@ def test_input_goes_through_the_frontend(wasm):
     assert "does not support input requests" in refused.error["evalue"]
 
 
+def test_capsule_lines_inside_a_wasm_cell(wasm):
+    result = wasm.execute("%capsule mode\nanswer = 6 * 7\nanswer")
+    assert meta(result)["sandbox"] == "wasm"
+    assert "Routing mode: wasm" in result.texts()
+    assert result.result_text == "42"
+
+
 def test_native_imports_and_shell_are_refused_with_the_way_out(wasm):
     numpy = wasm.execute("import numpy as np")
     assert numpy.error["ename"] == "WasmRefused"

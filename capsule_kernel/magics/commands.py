@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import html
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capsule_kernel.magics.parser import MagicHelp, MagicUsageError, parse, usage_text
 from capsule_kernel.sandbox.limits import LIMIT_NAMES, LimitError, format_duration, format_size
+from capsule_kernel.sandbox.wasm_runtime import RuntimeUnavailable, find_runtime
 
 if TYPE_CHECKING:
     from capsule_kernel.checkpoint.store import Checkpoint
@@ -277,8 +279,6 @@ def cmd_mode(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
         text = f"Routing mode: {kernel.routing_mode}: {explanations[kernel.routing_mode]}."
         return [{"text/plain": text + "\nChange it with %capsule mode subprocess | wasm | auto."}]
     if args.mode in ("wasm", "auto"):
-        from capsule_kernel.sandbox.wasm_runtime import RuntimeUnavailable, find_runtime
-
         try:
             find_runtime()
         except RuntimeUnavailable as err:
@@ -288,8 +288,6 @@ def cmd_mode(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
 
 
 async def cmd_mount(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
-    from pathlib import Path
-
     if args.path is None:
         if args.rw or args.remove:
             raise MagicUsageError("%capsule mount: --rw and --remove need a PATH")

@@ -105,17 +105,17 @@ class Channel:
             missing -= len(block)
         return b"".join(parts)
 
-    def receive(self) -> dict[str, Any]:
-        if self.queued:
-            return self.queued.pop(0)
+    def _read_frame(self) -> dict[str, Any]:
         (length,) = _HEADER.unpack(self._read_exactly(_HEADER.size))
         return json.loads(self._read_exactly(length).decode("utf-8"))
+
+    def receive(self) -> dict[str, Any]:
+        return self.queued.pop(0) if self.queued else self._read_frame()
 
     def wait_for(self, kind: str, request_id: int) -> dict[str, Any]:
         """The reply to one request; other frames wait their turn."""
         while True:
-            (length,) = _HEADER.unpack(self._read_exactly(_HEADER.size))
-            message = json.loads(self._read_exactly(length).decode("utf-8"))
+            message = self._read_frame()
             if message.get("type") == kind and message.get("id") == request_id:
                 return message
             if message.get("type") in ("shutdown", "eof"):
@@ -378,7 +378,7 @@ class Guest:
         store_history = bool(message.get("store_history", not silent))
         code = message["code"]
         if store_history:
-            self.history.append((count, message.get("raw_code", code)))
+            self.history.append((count, message.get("raw_code") or code))
         error = None
         self.in_cell = True
         try:

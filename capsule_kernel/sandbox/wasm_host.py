@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import queue
@@ -46,8 +47,6 @@ STOP_GRACE_SECONDS = 1.0
 TRAP_EXIT_CODE = 86
 _GUEST_ROOT = "/capsule"
 
-_I32 = None  # set once wasmtime is imported
-
 
 def guest_library(cache: Path) -> Path:
     """The guest's read-only library: our pure-Python modules, cloudpickle and the shims.
@@ -73,8 +72,6 @@ def guest_library(cache: Path) -> Path:
     cloudpickle_dir = Path(cloudpickle.__file__).parent
     for path in sorted(cloudpickle_dir.glob("*.py")):
         files[f"cloudpickle/{path.name}"] = path
-    import hashlib
-
     hasher = hashlib.sha256()
     for name, source in sorted(files.items()):
         hasher.update(name.encode())
@@ -109,7 +106,6 @@ class Stopper:
         self.wake_guest = wake_guest
         self.lock = threading.Condition()
         self.in_cell = False
-        self.generation = 0
         self.deadline: float | None = None
         self.hard_stop_at: float | None = None
         self.pending: str | None = None  # "interrupt" or "timeout", not yet delivered
@@ -120,7 +116,6 @@ class Stopper:
 
     def begin_cell(self, timeout: float | None) -> None:
         with self.lock:
-            self.generation += 1
             self.in_cell = True
             self.pending = self.reason = None
             self.hard_stop_at = None
@@ -216,7 +211,6 @@ class WasmHost:
         runtime = wasm_runtime.find_runtime()
         engine = wasmtime.Engine(wasm_runtime.engine_config())
         module, _ = wasm_runtime.load_module(engine, runtime, self.note)
-        self.engine = engine
         self.stopper = Stopper(engine, lambda: self.inbox.put({"type": "_wake"}))
         store = wasmtime.Store(engine)
         memory = min(self.limits.get("memory") or WASM_MEMORY_CEILING, WASM_MEMORY_CEILING)
@@ -259,14 +253,21 @@ class WasmHost:
         linker.define_func("wasi_snapshot_preview1", "clock_time_get", clock, self._clock_time_get, access_caller=True)
         poll = wasmtime.FuncType([i32, i32, i32, i32], [i32])
         linker.define_func("wasi_snapshot_preview1", "poll_oneoff", poll, self._poll_oneoff, access_caller=True)
-        instance = linker.instantiate(store, module)
-        self.store = store
-        return store, instance
+        return store, linker.instantiate(store, module)
 
     def _raw_output(self, name: str, data: bytes) -> None:
         self.send({"type": "stream", "name": name, "text": data.decode("utf-8", "replace")})
 
     # -- shadowed WASI calls -------------------------------------------------------------
+
+    def _cancel_errno(self) -> int | None:
+        """The errno that tells the guest to stop its cell, if a stop is pending."""
+        if not self.in_cell:
+            return None
+        why = self.stopper.take_pending()
+        if why is None:
+            return None
+        return _CANCELED if why == "interrupt" else _TIMEDOUT
 
     @staticmethod
     def _iovecs(caller: Any, memory: Any, iovs: int, count: int) -> list[tuple[int, int]]:
@@ -276,15 +277,15 @@ class WasmHost:
     def _fd_pread(self, caller: Any, fd: int, iovs: int, iovs_len: int, offset: int, nread: int) -> int:  # noqa: ARG002
         if fd != 0:
             return _SPIPE  # positional reads are the channel's; files are read sequentially
-        if self.in_cell and (why := self.stopper.take_pending()):
-            return _CANCELED if why == "interrupt" else _TIMEDOUT
+        if (cancel := self._cancel_errno()) is not None:
+            return cancel
         while not self.to_guest:
             message = self.inbox.get()
             if message is None:
                 message = {"type": "eof"}
             if message["type"] == "_wake":
-                if self.in_cell and (why := self.stopper.take_pending()):
-                    return _CANCELED if why == "interrupt" else _TIMEDOUT
+                if (cancel := self._cancel_errno()) is not None:
+                    return cancel
                 continue
             message = self._to_guest(caller, message)
             if message is not None:
@@ -304,8 +305,8 @@ class WasmHost:
     def _fd_pwrite(self, caller: Any, fd: int, iovs: int, iovs_len: int, offset: int, nwritten: int) -> int:  # noqa: ARG002
         if fd != 1:
             return _SPIPE
-        if self.in_cell and (why := self.stopper.take_pending()):
-            return _CANCELED if why == "interrupt" else _TIMEDOUT
+        if (cancel := self._cancel_errno()) is not None:
+            return cancel
         memory = caller["memory"]
         data = b"".join(
             memory.read(caller, pointer, pointer + length)
@@ -363,8 +364,10 @@ class WasmHost:
         out = bytearray()
         for userdata, tag in ready:
             out += struct.pack("<QHBxxxxxQHxxxxxx", userdata, _SUCCESS, tag, 0, 0)
+        # Descriptors answer at once; otherwise we slept until the soonest clock.
+        due = 0.0 if ready else (soonest or 0.0)
         for seconds, userdata in clocks:
-            if seconds <= (soonest or 0) or not ready:
+            if seconds <= due:
                 out += struct.pack("<QHBxxxxxQHxxxxxx", userdata, _SUCCESS, 0, 0, 0)
         memory.write(caller, bytes(out), events)
         memory.write(caller, struct.pack("<I", len(out) // 32), nevents)
