@@ -627,8 +627,8 @@ class CapsuleKernel(Kernel):
         else:
             self._outputs_by_cell[cell.execution_count] = outputs
 
-    async def _record_checkpoint(self, event: dict[str, Any]) -> None:
-        checkpoint = await self.checkpoints.record(self.session_name, event)
+    async def _record_checkpoint(self, event: dict[str, Any], recording: asyncio.Task) -> None:
+        checkpoint = await recording
         count = int(event.get("execution_count", 0))
         outputs = self._outputs_by_cell.pop(count, None)
         if self.promises is None or outputs is None:
@@ -705,7 +705,9 @@ class CapsuleKernel(Kernel):
         elif kind == "magic":
             self._side_task(self._answer_magic(event), cell_scoped=True)
         elif kind == "snapshot":
-            self._side_task(self._record_checkpoint(event), cell_scoped=False)
+            # Recording starts now, so whoever waits for settled checkpoints sees it.
+            recording = self.checkpoints.record(self.session_name, event)
+            self._side_task(self._record_checkpoint(event, recording), cell_scoped=False)
         elif kind == "snapshot_failed":
             self._snapshot_failed(event)
         else:

@@ -62,15 +62,12 @@ class Checkpoints:
         while len(self._sources) > _KEEP_CELL_SOURCES:
             self._sources.popitem(last=False)
 
-    async def record(self, session: str, event: dict[str, Any]) -> Checkpoint | None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._pending.add(task)
-        try:
-            return await self._record(session, event)
-        finally:
-            if task is not None:
-                self._pending.discard(task)
+    def record(self, session: str, event: dict[str, Any]) -> asyncio.Task:
+        """Start recording a snapshot report; `settled` waits for it from this instant on."""
+        task = asyncio.ensure_future(self._record(session, event))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
 
     async def _record(self, session: str, event: dict[str, Any]) -> Checkpoint | None:
         if self.store is None:
