@@ -1,19 +1,30 @@
-"""What checkpointing costs on big namespaces, and how fast a crash comes back.
+"""What checkpointing costs on big namespaces, and how fast state comes back.
 
-For a namespace of ~10 MB and one of ~1 GB (numpy arrays plus a pandas
+For a namespace of ~10 MB and one of ~1 GB (nine numpy arrays plus a pandas
 DataFrame), where one array (1/10 of the namespace) changes per cell:
 
   * added latency: execute_request -> idle of the changing cell on Capsule,
-    minus the same on stock ipykernel, interleaved (p50, p99)
+    minus the same on stock ipykernel, interleaved (p50, p99). Two paces:
+    "paced" lets the previous checkpoint land first (a person at the
+    keyboard); "back to back" sends the next cell as soon as the last one
+    is idle (papermill, nbclient, an agent)
   * store growth per cell against the bytes that changed
-  * restore after a sandbox death: the failing cell's round trip, which
-    includes starting a sandbox and restoring the namespace
+  * a sandbox death (os._exit): the failing cell's round trip, which includes
+    starting a sandbox and restoring the whole namespace
+  * time travel: `%capsule restore` to the checkpoint one cell back
   * dill.dump_module / load_module of the same namespace, the usual manual way
+  * Kishu 0.3.4 (PyPI `kishu`), default and with its experimental tracker,
+    in its own venv (benchmarks/.kishu-venv, made on first use: Kishu pins
+    its own ipykernel and IPython). See kishu_driver.py for how it is driven.
 
-Needs numpy, pandas and dill (pip install numpy pandas dill). Kishu is not
-driven here yet (see docs/benchmarks.md).
+Memory is pre-touched first (--prefault-gb): on a VM whose host backs guest
+memory lazily (Firecracker here) the first touch of each page costs about
+4 ms per MB, which would be measured as "the cell got slower" whenever the
+page cache Capsule's chunks fill pushes the sandbox onto never-touched
+memory. --prefault-gb 0 measures that case.
 
-    .venv/bin/python benchmarks/checkpoints.py [--cells 10] [--sizes 10MB,1GB]
+    ./dev bench            (runs this too)
+    .venv/bin/python benchmarks/checkpoints.py [--cells 10] [--sizes 10MB,1GB] [--no-kishu]
 """
 
 from __future__ import annotations
@@ -25,12 +36,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from jupyter_client.manager import KernelManager
 from run import percentile, time_cell, wait_idle, wait_reply
 
-RESULTS = Path(__file__).parent / "results" / "checkpoints.json"
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "checkpoints.json"
+KISHU_VENV = HERE / ".kishu-venv"
+KISHU_REQUIREMENT = "kishu==0.3.4"
 SIZES = {"10MB": 10 * 2**20, "1GB": 2**30}
 
 
@@ -48,6 +63,23 @@ def setup_code(total: int) -> str:
 CHANGE = "step += 1\narrays[step % 9] = arrays[step % 9] + 1.0"
 
 
+def prefault(gigabytes: float) -> float:
+    """Touch this much memory once in a throwaway process; seconds it took."""
+    if gigabytes <= 0:
+        return 0.0
+    script = (
+        "import mmap, sys\n"
+        "size = int(float(sys.argv[1]) * 2**30)\n"
+        "block = mmap.mmap(-1, size)\n"
+        "page = b'\\1' * 4096\n"
+        "for offset in range(0, size, 4096):\n"
+        "    block[offset:offset + 4096] = page\n"
+    )
+    began = time.perf_counter()
+    subprocess.run([sys.executable, "-c", script, str(gigabytes)], check=True)
+    return time.perf_counter() - began
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -61,46 +93,82 @@ def start(spec: str, home: Path):
     return km, client
 
 
+def settle(client) -> None:
+    """Wait until Capsule's last checkpoint is recorded (%capsule log waits for it)."""
+    time_cell(client, "%capsule log -n 1")
+
+
 def bench_size(total: int, cells: int) -> dict:
     home = Path(tempfile.mkdtemp(prefix="capsule-ckpt-bench-"))
     kernels = {"capsule": start("capsule", home), "ipykernel": start("python3", home)}
+    capsule = kernels["capsule"][1]
     try:
         for _, client in kernels.values():
             time_cell(client, setup_code(total))
-        # Let the first (full) checkpoint land before measuring the per-cell cost.
-        time_cell(kernels["capsule"][1], "%capsule log -n 1")
-        latencies: dict[str, list[float]] = {name: [] for name in kernels}
+        settle(capsule)
+        paced: dict[str, list[float]] = {name: [] for name in kernels}
         growth = []
         for _ in range(cells):
             before = dir_size(home)
             for name, (_, client) in kernels.items():
-                latencies[name].append(time_cell(client, CHANGE))
-            time_cell(kernels["capsule"][1], "%capsule log -n 1")  # wait for that checkpoint
+                paced[name].append(time_cell(client, CHANGE))
+            settle(capsule)
             growth.append(dir_size(home) - before)
+        back_to_back: dict[str, list[float]] = {name: [] for name in kernels}
+        for _ in range(cells):
+            for name, (_, client) in kernels.items():
+                back_to_back[name].append(time_cell(client, CHANGE))
+        settle(capsule)
+        time_travel = time_travel_restore(capsule)
+        death = time_cell(capsule, "import os\nos._exit(1)")
+        check = capsule.execute("int(step)")
+        wait_reply(capsule, check)
+        wait_idle(capsule, check)
         changed_bytes = total // 10
-        added = [c - i for c, i in zip(latencies["capsule"], latencies["ipykernel"], strict=True)]
-        client = kernels["capsule"][1]
-        restore = time_cell(client, "import os\nos._exit(1)")
-        check = client.execute("int(step)")
-        wait_reply(client, check)
-        wait_idle(client, check)
         return {
             "namespace_bytes": total,
             "changed_bytes_per_cell": changed_bytes,
-            "added_latency_ms": {
-                "p50": statistics.median(added) * 1000,
-                "p99": percentile(added, 99) * 1000,
-            },
-            "capsule_cell_ms_p50": statistics.median(latencies["capsule"]) * 1000,
-            "ipykernel_cell_ms_p50": statistics.median(latencies["ipykernel"]) * 1000,
+            "paced": added(paced),
+            "back_to_back": added(back_to_back),
             "store_growth_per_cell_over_changed": statistics.median(growth) / changed_bytes,
-            "death_to_restored_reply_s": restore,
+            "death_to_restored_reply_s": death,
+            "time_travel_restore_s": time_travel,
             "dill": dill_baseline(total),
         }
     finally:
         for km, client in kernels.values():
             client.stop_channels()
             km.shutdown_kernel(now=True)
+
+
+def time_travel_restore(client) -> float:
+    """Seconds for `%capsule restore` to the checkpoint before the latest one."""
+    msg_id = client.execute("%capsule log -n 2")
+    wait_reply(client, msg_id)
+    # The log's plain text lists checkpoints oldest first, a row per "[count] id ...".
+    texts = []
+    while True:
+        msg = client.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] in ("display_data", "execute_result"):
+            texts.append(msg["content"]["data"].get("text/plain", ""))
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    ids = [line.split()[1] for line in "\n".join(texts).splitlines() if line.startswith("[")]
+    if len(ids) < 2:
+        raise RuntimeError(f"cannot find two checkpoints in %capsule log output: {texts}")
+    return time_cell(client, f"%capsule restore {ids[0]}")
+
+
+def added(latencies: dict[str, list[float]]) -> dict:
+    extra = [c - i for c, i in zip(latencies["capsule"], latencies["ipykernel"], strict=True)]
+    return {
+        "added_ms_p50": statistics.median(extra) * 1000,
+        "added_ms_p99": percentile(extra, 99) * 1000,
+        "capsule_cell_ms_p50": statistics.median(latencies["capsule"]) * 1000,
+        "ipykernel_cell_ms_p50": statistics.median(latencies["ipykernel"]) * 1000,
+    }
 
 
 def dill_baseline(total: int) -> dict:
@@ -116,14 +184,57 @@ def dill_baseline(total: int) -> dict:
     return {"dump_s": float(out[0]), "load_s": float(out[1])}
 
 
+def kishu_python() -> Path | str:
+    """The interpreter of Kishu's venv, made on first use; or why there is none."""
+    python = KISHU_VENV / "bin" / "python"
+    if python.exists():
+        return python
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(KISHU_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", KISHU_REQUIREMENT, "numpy", "pandas"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    except subprocess.CalledProcessError as err:
+        return f"{KISHU_REQUIREMENT} did not install: {(err.stderr or '').strip().splitlines()[-1:]}"
+    return python
+
+
+def kishu_baseline(total: int, cells: int) -> dict:
+    python = kishu_python()
+    if isinstance(python, str):
+        return {"skipped": python}
+    results = {}
+    for label, experimental in (("default", "0"), ("experimental_tracker", "1")):
+        run = subprocess.run(
+            [str(python), str(HERE / "kishu_driver.py"), setup_code(total), CHANGE, str(cells), experimental],
+            capture_output=True,
+            text=True,
+        )
+        if run.returncode:
+            results[label] = {"failed": run.stderr.strip().splitlines()[-3:]}
+        else:
+            results[label] = json.loads(run.stdout.strip().splitlines()[-1])
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=10)
     parser.add_argument("--sizes", default="10MB,1GB")
+    parser.add_argument("--prefault-gb", type=float, default=8.0)
+    parser.add_argument("--no-kishu", action="store_true")
     args = parser.parse_args(argv)
-    report = {label: bench_size(SIZES[label], args.cells) for label in args.sizes.split(",")}
+    report: dict = {"prefault_gb": args.prefault_gb, "prefault_s": prefault(args.prefault_gb)}
+    for label in args.sizes.split(","):
+        total = SIZES[label]
+        report[label] = bench_size(total, args.cells)
+        if not args.no_kishu:
+            report[label]["kishu"] = kishu_baseline(total, min(args.cells, 5))
+        print(json.dumps({label: report[label]}, indent=2), flush=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
     return 0
 
 

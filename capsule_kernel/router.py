@@ -73,9 +73,7 @@ def wasm_obstacles(plan: ExecutionPlan, value_types: Mapping[str, str] | None = 
     return problems
 
 
-def route(
-    plan: ExecutionPlan, routing_mode: str = "subprocess", value_types: Mapping[str, str] | None = None
-) -> Route:
+def route(plan: ExecutionPlan, routing_mode: str = "subprocess", value_types: Mapping[str, str] | None = None) -> Route:
     """Decide where the cell runs; `value_types` maps names the cell reads to their types, when known."""
     if routing_mode not in ROUTING_MODES:
         raise ValueError(f"unknown routing mode {routing_mode!r} (available: {', '.join(ROUTING_MODES)})")

@@ -334,3 +334,55 @@ def _saw_stream(kernel, msg_id, text) -> bool:
     if msg["parent_header"].get("msg_id") != msg_id or msg["msg_type"] != "stream":
         return False
     return text in msg["content"]["text"]
+
+
+GATE = '''
+import os, time
+class Gate:
+    """Pickling waits for a file: holds its snapshot child in flight until the test opens it."""
+    def __init__(self, path):
+        self.path = path
+    def __reduce__(self):
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return (Gate, (self.path,))
+gate = Gate(GATE_PATH)
+'''
+
+
+def test_next_cells_reply_while_a_snapshot_is_still_running(fresh_kernel, home, tmp_path):
+    """A chained snapshot: the cell after a slow snapshot does not wait for it, and both land right."""
+    release = tmp_path / "release"
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "chain"})
+    kernel.execute(f"GATE_PATH = {str(release)!r}")
+    gated = kernel.execute(GATE)
+    assert gated.status == "ok", gated.texts()
+    # The snapshot of that cell is stuck in pickling `gate` until `release` exists.
+    second = kernel.execute("after_gate = 1\ndel GATE_PATH", timeout=30)
+    assert second.status == "ok"
+    assert not release.exists()  # so the reply above came while the snapshot was in flight
+    release.touch()
+    third = kernel.execute("after_gate += 1")
+    log = kernel.execute("%capsule log").texts()
+    rows = {line.split()[0]: line for line in log.splitlines() if line.startswith("[")}
+    assert "gate" in rows[f"[{gated.content['execution_count']}]"]
+    # Planned against the gated snapshot's digests: only the new name is saved again.
+    second_row = rows[f"[{second.content['execution_count']}]"].split()
+    assert "after_gate" in second_row and "gate" not in second_row and "Gate," not in second_row
+    back = kernel.execute(f"%capsule restore {second.content['execution_count']}")
+    assert back.status == "ok", back.texts()
+    assert kernel.execute("after_gate, 'GATE_PATH' in dir(), type(gate).__name__").result_text == "(1, False, 'Gate')"
+    assert third.status == "ok"
+
+
+def test_modules_and_notebook_classes_are_not_saved_again_when_unchanged(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "stable"})
+    kernel.execute("import os\nclass Point:\n    pass\norigin = Point()\nitems = [Point(), Point()]")
+    later = kernel.execute("x = 1")
+    kernel.execute("y = 2")
+    log = kernel.execute("%capsule log").texts()
+    row = next(line for line in log.splitlines() if line.startswith(f"[{later.content['execution_count']}]"))
+    changed = row.split()[row.split().index("1") + 1]  # the column after the first line "x = 1"
+    assert changed == "x", row
+    assert kernel.execute("%capsule diff 1 3").texts().count("changed") == 0

@@ -24,7 +24,7 @@ from typing import Any
 
 import cloudpickle
 
-from capsule_kernel.checkpoint.chunks import read_bytes, write_bytes
+from capsule_kernel.checkpoint.chunks import Mapper, piece_digests, read_bytes, write_bytes
 
 _IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython)$")
 # Values whose pickle is smaller than this are re-hashed after every cell, so
@@ -69,54 +69,70 @@ def snapshot_value(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     return data, buffers
 
 
-def content_digest(data: bytes, buffers: list[pickle.PickleBuffer]) -> str:
-    hasher = hashlib.sha256(data)
-    for buffer in buffers:
-        raw = buffer.raw()
-        hasher.update(len(raw).to_bytes(8, "little"))
-        hasher.update(raw)
-    return hasher.hexdigest()
+def _raw(buffer: Any) -> memoryview | bytes:
+    return buffer.raw() if isinstance(buffer, pickle.PickleBuffer) else buffer
+
+
+def chunk_layout(data: bytes, buffers: list[Any], mapper: Mapper = map) -> tuple[str, list[str], list[list[str]]]:
+    """The value's digest and the names of its chunks, each byte hashed once.
+
+    The value's digest is a hash of its chunk names (a Merkle list), so
+    finding out whether a 900 MB list of arrays changed costs one pass of
+    SHA-256 over it, and that pass already names the chunks to store.
+    """
+    pickle_chunks = piece_digests(data, mapper)
+    buffer_chunks = [piece_digests(_raw(buffer), mapper) for buffer in buffers]
+    listing = "\n".join(",".join(chunks) for chunks in [pickle_chunks, *buffer_chunks])
+    return hashlib.sha256(listing.encode()).hexdigest(), pickle_chunks, buffer_chunks
 
 
 def pickled(
-    namespace: dict[str, Any], names: list[str], previous: dict[str, str]
+    namespace: dict[str, Any], names: list[str], previous: dict[str, str], mapper: Mapper = map
 ) -> Iterator[tuple[str, dict[str, Any], bytes | None, list[pickle.PickleBuffer]]]:
     """Each named value as (name, entry, pickle, buffers); unchanged ones (same digest) left out.
 
     Modules and values that refuse pickling come with pickle None and an entry
     that says so. Shared by the subprocess sandbox (which writes chunks
-    itself) and the Wasm guest (which hands the bytes to its host).
+    itself) and the Wasm guest (which hands the bytes to its host). The
+    entry names the chunks the bytes split into; `mapper` may hash them in
+    parallel.
     """
     for name in names:
         if name not in namespace:
             continue
         value = namespace[name]
         if isinstance(value, types.ModuleType):
-            yield name, {"module": value.__name__, "type": "module", "repr": f"<module {value.__name__}>"}, None, []
+            digest = f"module:{value.__name__}"  # re-imported by name: the name is its content
+            if previous.get(name) != digest:
+                entry = {"module": value.__name__, "type": "module", "repr": f"<module {value.__name__}>"}
+                yield name, {**entry, "digest": digest, "size": 0}, None, []
             continue
         try:
             data, buffers = snapshot_value(value)
         except Exception as err:  # noqa: BLE001 - any value may refuse pickling; say why
             yield name, {**describe(value), "error": f"{type(err).__name__}: {err}"}, None, []
             continue
-        digest = content_digest(data, buffers)
+        digest, pickle_chunks, buffer_chunks = chunk_layout(data, buffers, mapper)
         if previous.get(name) == digest:
             continue
         size = len(data) + sum(buffer.raw().nbytes for buffer in buffers)
-        yield name, {**describe(value), "digest": digest, "size": size}, data, buffers
+        entry = {**describe(value), "digest": digest, "size": size, "pickle": pickle_chunks, "buffers": buffer_chunks}
+        yield name, entry, data, buffers
 
 
-def write_entry(
-    chunk_root: Path, entry: dict[str, Any], data: bytes, buffers: list[Any]
-) -> tuple[dict[str, Any], int]:
-    """Store one pickled value's bytes as chunks; return its entry and the bytes newly written."""
-    pickle_chunks, written = write_bytes(chunk_root, data)
+def write_entry(chunk_root: Path, entry: dict[str, Any], data: bytes, buffers: list[Any]) -> tuple[dict[str, Any], int]:
+    """Store one pickled value's bytes as chunks; return its entry and the bytes newly written.
+
+    Chunk names already in the entry (from pickled) are used as given; the
+    kernel checks every chunk against its name before it commits.
+    """
+    known = entry.get("buffers") or [None] * len(buffers)
+    pickle_chunks, written = write_bytes(chunk_root, data, entry.get("pickle"))
     buffer_chunks = []
-    for buffer in buffers:
-        raw = buffer.raw() if isinstance(buffer, pickle.PickleBuffer) else buffer
-        digests, new_bytes = write_bytes(chunk_root, raw)
+    for buffer, digests in zip(buffers, known, strict=True):
+        stored, new_bytes = write_bytes(chunk_root, _raw(buffer), digests)
         written += new_bytes
-        buffer_chunks.append(digests)
+        buffer_chunks.append(stored)
     return {**entry, "pickle": pickle_chunks, "buffers": buffer_chunks}, written
 
 
@@ -125,6 +141,7 @@ def take(
     names: list[str],
     previous: dict[str, str],
     chunk_root: Path,
+    mapper: Mapper = map,
 ) -> dict[str, Any]:
     """Snapshot the given names into chunk files.
 
@@ -132,7 +149,7 @@ def take(
     """
     entries: dict[str, Any] = {}
     written = 0
-    for name, entry, data, buffers in pickled(namespace, names, previous):
+    for name, entry, data, buffers in pickled(namespace, names, previous, mapper):
         if data is None:
             entries[name] = entry
             continue
@@ -158,7 +175,8 @@ def changed_names(
     """
     names = saveable_names(namespace, hidden)
     current = {name: id(namespace[name]) for name in names}
-    removed = sorted(name for name in known_ids if name not in current)
+    # Names saved before (digests) count too: after a failed snapshot known_ids is empty.
+    removed = sorted(name for name in {*known_ids, *digests} if name not in current)
     wanted = set(candidates)
     todo = [
         name
@@ -173,14 +191,14 @@ def changed_names(
     return todo, removed, current
 
 
-def load(entry: dict[str, Any], chunk_root: Path) -> Any:
+def load(entry: dict[str, Any], chunk_root: Path, mapper: Mapper = map) -> Any:
     """One value back from its entry (runs in the sandbox: this unpickles)."""
     if "module" in entry:
         return importlib.import_module(entry["module"])
     if "error" in entry:
         raise ValueError(f"it was not saved: {entry['error']}")
-    data = read_bytes(chunk_root, entry["pickle"])
-    buffers = [read_bytes(chunk_root, digests) for digests in entry["buffers"]]
+    data = read_bytes(chunk_root, entry["pickle"], mapper)
+    buffers = [read_bytes(chunk_root, digests, mapper) for digests in entry["buffers"]]
     return pickle.loads(data, buffers=buffers)
 
 

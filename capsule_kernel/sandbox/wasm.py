@@ -108,4 +108,3 @@ class WasmSandbox(SubprocessSandbox):
     async def snapshots_settled(self, timeout: float) -> None:  # noqa: ARG002 - the base class's signature
         """Snapshots arrive before "done" on the frame pipe: nothing is ever in flight."""
         await asyncio.sleep(0)
-

@@ -466,6 +466,9 @@ class WasmHost:
                     continue
                 data = base64.b64decode(entry.pop("data"))
                 buffers = [base64.b64decode(b) for b in entry.pop("buffer_data", [])]
+                # Chunk names come from the guest: hash the bytes here instead.
+                entry.pop("pickle", None)
+                entry.pop("buffers", None)
                 entries[name], new_bytes = snapshot.write_entry(self.chunk_root, entry, data, buffers)
                 written += new_bytes
         except (OSError, ValueError) as err:

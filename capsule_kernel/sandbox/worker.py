@@ -156,8 +156,9 @@ class Worker:
         from ipykernel.jsonutil import json_clean
 
         plan = None
+        candidates = message.get("snapshot_candidates", [])
         if reply["status"] == "ok" and not silent:
-            plan = self.snapshots.plan(message.get("snapshot_candidates", []))
+            plan = self.snapshots.plan(candidates)
         count = int(message.get("execution_count", 0))
         # "snapshot": a checkpoint of this cell follows, so the kernel can wait for it.
         done = {"type": "done", "reply": json_clean(reply), "snapshot": count if plan else None}
@@ -166,7 +167,7 @@ class Worker:
             done["notebook_path"] = notebook
         self.channel.send(done)
         if plan:
-            self.snapshots.take(count, plan)
+            self.snapshots.take(count, plan, candidates)
 
     def request(self, message: dict[str, Any]) -> None:
         from capsule_kernel.sandbox import worker_requests

@@ -4,8 +4,13 @@ After a successful cell the worker forks. The child, a copy-on-write image of
 the namespace frozen at that instant, pickles what may have changed into the
 chunk store and reports a JSON manifest; the parent answers the kernel at
 once and runs the next cell while the child works (Redis saves the same
-way). Only the next snapshot waits for the previous one, so the digests it
-compares against are current.
+way).
+
+A snapshot compares against the digests of the one before, so when a cell
+ends while the previous snapshot is still running, its child is forked at
+once all the same and waits, off the critical path, for the parent to pass
+it those digests (a chained snapshot). At most one child runs and one waits:
+a third cell in a row waits for the first snapshot before it replies.
 """
 
 from __future__ import annotations
@@ -17,12 +22,17 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from capsule_kernel.checkpoint import snapshot
+from capsule_kernel.checkpoint.chunks import HashingThreads
 from capsule_kernel.sandbox import protocol
 from capsule_kernel.sandbox.worker_io import FrameChannel
+
+Plan = tuple[list[str], list[str], dict[str, int]]
 
 
 class Snapshotter:
@@ -33,19 +43,24 @@ class Snapshotter:
         # snapshot in flight still lands if this worker dies meanwhile.
         self.report_fd = report_fd
         self.root = Path(chunk_root) if chunk_root else None
+        # As of the last snapshot whose digests came back:
         self.digests: dict[str, str] = {}
         self.sizes: dict[str, int] = {}
+        # Object ids at the latest fork: what the next snapshot compares to.
         self.ids: dict[str, int] = {}
-        self._digests_known = threading.Event()
-        self._digests_known.set()
+        self._changed = threading.Condition()
+        self._unlearned = 0  # children whose digests have not come back
+        self._latest_pid = 0
+        self._chained_fd: int | None = None  # pipe to a child waiting for those digests
 
     @property
     def enabled(self) -> bool:
         return self.root is not None
 
-    def wait(self) -> None:
-        """Block until the snapshot in flight (if any) has told us its digests."""
-        self._digests_known.wait()
+    def wait(self, below: int = 1) -> None:
+        """Block until fewer than `below` snapshots have digests still to report."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._unlearned < below)
 
     def forget(self) -> None:
         """The next snapshot saves every name (a new session starts full)."""
@@ -54,44 +69,71 @@ class Snapshotter:
         self.sizes.clear()
         self.ids.clear()
 
-    def plan(self, candidates: list[str]) -> tuple[list[str], list[str], dict[str, int]] | None:
-        """What the next snapshot must look at; None when nothing can have changed."""
+    def plan(self, candidates: list[str]) -> Plan | None:
+        """What the next snapshot must look at; None when nothing can have changed.
+
+        With a snapshot in flight the digests here may be one cell old; that
+        only ever adds names to look at (the chained child plans again with
+        the fresh ones), so None still means nothing changed.
+        """
         if self.root is None:
             return None
-        self.wait()
+        self.wait(below=2)
+        with self._changed:
+            digests, sizes = dict(self.digests), dict(self.sizes)
         return snapshot.changed_names(
-            self.shell.user_ns, set(self.shell.user_ns_hidden), self.ids, self.sizes, self.digests, candidates
+            self.shell.user_ns, set(self.shell.user_ns_hidden), self.ids, sizes, digests, candidates
         )
 
-    def take(self, execution_count: int, plan: tuple[list[str], list[str], dict[str, int]]) -> None:
-        """Fork; the child snapshots `plan` while this process serves on."""
-        todo, removed, current = plan
+    def take(self, execution_count: int, plan: Plan, candidates: list[str]) -> None:
+        """Fork; the child snapshots while this process serves on."""
         namespace = self.shell.user_ns
-        previous = {name: self.digests[name] for name in todo if name in self.digests}
+        _track_notebook_classes(namespace[name] for name in plan[0] if name in namespace)
         read_fd, write_fd = os.pipe()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: the child uses none
-            pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            self._child(namespace, todo, previous, write_fd, execution_count, removed)
+        state_read, state_write = os.pipe()
+        # Under the lock, so a collector cannot pass on digests (and close the
+        # pipe) between deciding to chain and the fork; the child never
+        # touches this lock.
+        with self._changed:
+            chained = self._unlearned > 0
+            if chained:
+                self._chained_fd = state_write
+            known_ids, digests, sizes = self.ids, dict(self.digests), dict(self.sizes)
+            with warnings.catch_warnings():
+                # fork with threads: the child starts its own (HashingThreads) and uses no inherited lock
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:
+                os.close(read_fd)
+                os.close(state_write)
+                if not chained:
+                    os.close(state_read)
+                    state_read = -1
+                self._child(namespace, execution_count, candidates, known_ids, digests, sizes, state_read, write_fd)
+            self._unlearned += 1
+            self._latest_pid = pid
+            self.ids = plan[2]
         os.close(write_fd)
+        os.close(state_read)
+        if not chained:
+            os.close(state_write)
         self.channel.send({"type": "snapshot_started", "execution_count": execution_count, "pid": pid})
-        self.ids = current
-        self._digests_known.clear()
         threading.Thread(target=self._collect, args=(pid, read_fd), name="capsule-snapshot", daemon=True).start()
 
     def _child(
         self,
         namespace: dict[str, Any],
-        names: list[str],
-        previous: dict[str, str],
-        digest_fd: int,
         execution_count: int,
-        removed: list[str],
+        candidates: list[str],
+        known_ids: dict[str, int],
+        digests: dict[str, str],
+        sizes: dict[str, int],
+        state_fd: int,
+        digest_fd: int,
     ) -> None:
         status = 1
-        digests: dict[str, Any] = {}
+        learned: dict[str, Any] = {}
+        removed: list[str] = []
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             for signum in (signal.SIGUSR2, signal.SIGXCPU):
@@ -99,7 +141,20 @@ class Snapshotter:
             # Locks of the parent's threads may be held: never print or use the channel here.
             sys.stdout = sys.stderr = io.StringIO()
             assert self.root is not None
-            result = snapshot.take(namespace, names, previous, self.root)
+            if state_fd >= 0:
+                # Chained: wait for the previous snapshot's outcome.
+                state = json.loads(_read_all(state_fd) or b'{"ok": false}')
+                digests, sizes = state.get("digests", {}), state.get("sizes", {})
+                if not state.get("ok"):
+                    known_ids = {}  # it failed: compare everything
+            # Planned here, not in the parent: these are the digests as of the fork (or the chain).
+            plan = snapshot.changed_names(
+                namespace, set(self.shell.user_ns_hidden), known_ids, sizes, digests, candidates
+            )
+            todo, removed = (plan[0], plan[1]) if plan else ([], [])
+            previous = {name: digests[name] for name in todo if name in digests}
+            with HashingThreads() as pool:
+                result = snapshot.take(namespace, todo, previous, self.root, pool.map)
             report = {
                 "type": "snapshot",
                 "execution_count": execution_count,
@@ -107,7 +162,7 @@ class Snapshotter:
                 "removed": removed,
                 "written": result["written"],
             }
-            digests = {name: [entry.get("digest"), entry.get("size", 0)] for name, entry in result["entries"].items()}
+            learned = {name: [entry.get("digest"), entry.get("size", 0)] for name, entry in result["entries"].items()}
             status = 0
         except BaseException as err:  # noqa: BLE001 - report, never raise, in a forked child
             report = {
@@ -118,7 +173,7 @@ class Snapshotter:
         try:
             if self.report_fd is not None:
                 protocol.write_frame(self.report_fd, report)
-            _write_all(digest_fd, json.dumps({"ok": status == 0, "digests": digests, "removed": removed}).encode())
+            _write_all(digest_fd, json.dumps({"ok": status == 0, "digests": learned, "removed": removed}).encode())
             # Close before exiting: tearing down a large copy-on-write address
             # space takes a while, and the parent only needs the digests.
             os.close(digest_fd)
@@ -126,25 +181,42 @@ class Snapshotter:
             os._exit(status)
 
     def _collect(self, pid: int, read_fd: int) -> None:
-        """Learn the new digests from the child, then reap it."""
+        """Learn the new digests from the child, pass them on to a chained child, reap it."""
+        forward, state, result = None, b"", {}
         try:
-            self._learn_digests(read_fd)
+            result = self._read_digests(read_fd)
         finally:
-            self._digests_known.set()
+            with self._changed:
+                ok = self._learn(result, pid)
+                self._unlearned -= 1
+                forward, self._chained_fd = self._chained_fd, None
+                if forward is not None:
+                    state = json.dumps({"ok": ok, "digests": self.digests, "sizes": self.sizes}).encode()
+                self._changed.notify_all()
+        if forward is not None:
+            try:
+                _write_all(forward, state)
+            except OSError:
+                pass  # the chained child died: its own report says so
+            finally:
+                os.close(forward)
         os.waitpid(pid, 0)
 
-    def _learn_digests(self, read_fd: int) -> None:
-        chunks = []
+    @staticmethod
+    def _read_digests(read_fd: int) -> dict[str, Any]:
         with os.fdopen(read_fd, "rb") as pipe:
-            while block := pipe.read(1 << 20):
-                chunks.append(block)
+            raw = pipe.read()
         try:
-            result = json.loads(b"".join(chunks) or b"{}")
+            return json.loads(raw or b"{}")
         except ValueError:
-            result = {}
+            return {}
+
+    def _learn(self, result: dict[str, Any], pid: int) -> bool:
+        """Merge one child's digests (called under the lock); False if it failed."""
         if not result.get("ok"):
-            self.ids = {}  # compare everything next time
-            return
+            if pid == self._latest_pid:
+                self.ids = {}  # compare everything next time
+            return False
         for name, (digest, size) in result["digests"].items():
             if digest:
                 self.digests[name] = digest
@@ -154,6 +226,7 @@ class Snapshotter:
         for name in result["removed"]:
             self.digests.pop(name, None)
             self.sizes.pop(name, None)
+        return True
 
     def restore(self, entries: dict[str, Any], replace: bool) -> dict[str, Any]:
         """Load a checkpoint into the namespace; report what could not be."""
@@ -165,14 +238,15 @@ class Snapshotter:
             for name in snapshot.saveable_names(namespace, set(self.shell.user_ns_hidden)):
                 if name not in entries:
                     del namespace[name]
-        for name, entry in entries.items():
-            try:
-                namespace[name] = snapshot.load(entry, self.root)
-            except Exception as err:  # noqa: BLE001 - one bad value must not stop the others
-                failed[name] = f"{type(err).__name__}: {err}"
-                namespace.pop(name, None)
-                continue
-            restored.append(name)
+        with HashingThreads() as pool:
+            for name, entry in entries.items():
+                try:
+                    namespace[name] = snapshot.load(entry, self.root, pool.map)
+                except Exception as err:  # noqa: BLE001 - one bad value must not stop the others
+                    failed[name] = f"{type(err).__name__}: {err}"
+                    namespace.pop(name, None)
+                    continue
+                restored.append(name)
         digests = {name: entry["digest"] for name, entry in entries.items() if "digest" in entry and name in restored}
         sizes = {name: entry.get("size", 0) for name, entry in entries.items() if name in restored}
         ids = {name: id(namespace[name]) for name in restored}
@@ -183,6 +257,49 @@ class Snapshotter:
             self.sizes.update(sizes)
             self.ids.update(ids)
         return {"restored": sorted(restored), "failed": failed}
+
+
+def _track_notebook_classes(values: Iterable[Any]) -> None:
+    """Give classes defined in the notebook their cloudpickle tracker id here, before the fork.
+
+    cloudpickle pickles such classes by value with a random id it keeps per
+    process; made in each snapshot child, the id (and so the digest of the
+    class and of every instance) would change every cell, and unchanged
+    values would be saved again and listed as changed. Looks at the values
+    and, for plain containers, their first elements.
+    """
+    from cloudpickle import cloudpickle as internals
+
+    track = getattr(internals, "_get_or_create_tracker_id", None)
+    by_reference = getattr(internals, "_should_pickle_by_reference", None)
+    if track is None or by_reference is None:
+        return
+    seen: set[int] = set()
+
+    def visit(value: Any) -> None:
+        kind = value if isinstance(value, type) else type(value)
+        if id(kind) in seen:
+            return
+        seen.add(id(kind))
+        try:
+            if not by_reference(kind):
+                track(kind)
+        except Exception:  # noqa: BLE001 - best effort; a miss costs a re-save, not correctness
+            pass
+
+    for value in values:
+        visit(value)
+        if isinstance(value, list | tuple | set | frozenset):
+            for item in list(islice(value, 1000)):
+                visit(item)
+        elif isinstance(value, dict):
+            for item in list(islice(value.values(), 1000)):
+                visit(item)
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.read()
 
 
 def _write_all(fd: int, data: bytes) -> None:
