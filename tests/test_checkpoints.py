@@ -386,3 +386,17 @@ def test_modules_and_notebook_classes_are_not_saved_again_when_unchanged(fresh_k
     changed = row.split()[row.split().index("1") + 1]  # the column after the first line "x = 1"
     assert changed == "x", row
     assert kernel.execute("%capsule diff 1 3").texts().count("changed") == 0
+
+
+def test_many_cells_back_to_back_all_get_their_checkpoint(fresh_kernel, home):
+    """Cells sent without waiting, each changing a few MB: snapshots chain and none is lost."""
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "burst"})
+    kernel.execute("blob = bytearray(64 * 1024 * 1024)\nstep = 0")
+    for _ in range(12):
+        kernel.kc.execute("step += 1\nblob[step] = step")
+    log = kernel.execute("%capsule log -n 20", timeout=120)
+    assert log.status == "ok"
+    counts = [line.split()[0] for line in log.texts().splitlines() if line.startswith("[")]
+    assert counts == [f"[{n}]" for n in range(1, 14)], log.texts()
+    crash(kernel)
+    assert kernel.execute("step, blob[12], blob[13]").result_text == "(12, 12, 0)"

@@ -75,6 +75,10 @@ class JournaledLocalConnection(LocalConnection):
         except msgspec.DecodeError as exc:
             raise DecodingError(f"invalid JSON request: {exc}") from exc
         now = self._clock()
+        if flat.get("kind") == "promise.search":
+            async with self._lock:
+                response = self._search(flat)
+            return msgspec.json.encode(wrap_response_envelope(response)).decode("utf-8")
         async with self._lock:
             response = self.state.apply(now, flat)
             outgoing, self.state.outgoing = self.state.outgoing, []
@@ -82,6 +86,22 @@ class JournaledLocalConnection(LocalConnection):
                 await asyncio.to_thread(self._journal, now, msgspec.json.encode(flat))
         self._dispatch_messages(outgoing)
         return msgspec.json.encode(wrap_response_envelope(response)).decode("utf-8")
+
+    def _search(self, request: dict[str, Any]) -> dict[str, Any]:
+        """promise.search, which the SDK's local state machine lacks: state and tag filters, one page.
+
+        Answered from the replayed state, in the shape a Resonate server
+        gives, so CellPromises.interrupted asks both the same way.
+        """
+        state = request.get("state")
+        tags = request.get("tags") or {}
+        found = [
+            promise.to_record()
+            for promise in self.state.promises.values()
+            if (state is None or promise.state == state)
+            and all((promise.tags or {}).get(key) == value for key, value in tags.items())
+        ]
+        return {"kind": "promise.search", "corrId": request.get("corrId"), "status": 200, "promises": found}
 
     def close(self) -> None:
         with self._db_guard:
@@ -146,30 +166,31 @@ class CellPromises:
             finally:
                 self._queue.task_done()
 
-    def interrupted(self, session: str) -> list[dict[str, Any]]:
+    async def interrupted(self, session: str) -> list[dict[str, Any]]:
         """Cells of this session left pending by kernels that are gone.
 
-        Read from the local state machine (the SDK's local mode has no
-        search); with a remote server this is not available yet.
+        A promise search (state pending, tagged with the session) through
+        the SDK: a Resonate server answers it itself; the journaled local
+        connection answers it from its replayed state.
         """
-        if self.local is None:
-            return []
-        found = []
-        for promise in self.local.state.promises.values():
-            tags = promise.tags or {}
-            if (
-                promise.state == "pending"
-                and tags.get("capsule.session") == session
-                and tags.get("capsule.kernel") != self.kernel_id
-            ):
+        found, cursor = [], None
+        while True:
+            page = await self.resonate.promises.search("pending", {"capsule.session": session}, 200, cursor)
+            for promise in page.promises:
+                tags = promise.tags or {}
+                if tags.get("capsule.kernel") == self.kernel_id:
+                    continue  # this kernel's own cell, running now
                 found.append(
                     {
                         "id": promise.id,
                         "cell": int(tags.get("capsule.cell", 0)),
                         "created": promise.created_at,
-                        "param": _decode(promise.param),
+                        "param": promise.param.data if isinstance(promise.param.data, dict) else None,
                     }
                 )
+            cursor = page.cursor
+            if not cursor:
+                break
         return sorted(found, key=lambda p: p["created"])
 
     def state_of(self, session: str, count: int) -> tuple[str, Any] | None:

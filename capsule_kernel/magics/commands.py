@@ -149,7 +149,7 @@ async def cmd_log(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
         )
     if kernel.promises is not None:
         await kernel.promises.settled()
-        for cell in kernel.promises.interrupted(kernel.session_name)[-args.n :]:
+        for cell in (await kernel.promises.interrupted(kernel.session_name))[-args.n :]:
             param = cell["param"] or {}
             created = cell["created"] / 1000
             when = time.strftime("%H:%M:%S", time.localtime(created))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -99,6 +100,7 @@ class Snapshotter:
             if chained:
                 self._chained_fd = state_write
             known_ids, digests, sizes = self.ids, dict(self.digests), dict(self.sizes)
+            worker_pid = os.getpid()
             with warnings.catch_warnings():
                 # fork with threads: the child starts its own (HashingThreads) and uses no inherited lock
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -109,7 +111,8 @@ class Snapshotter:
                 if not chained:
                     os.close(state_read)
                     state_read = -1
-                self._child(namespace, execution_count, candidates, known_ids, digests, sizes, state_read, write_fd)
+                known = (known_ids, digests, sizes)
+                self._child(namespace, execution_count, candidates, known, (state_read, worker_pid), write_fd)
             self._unlearned += 1
             self._latest_pid = pid
             self.ids = plan[2]
@@ -125,12 +128,13 @@ class Snapshotter:
         namespace: dict[str, Any],
         execution_count: int,
         candidates: list[str],
-        known_ids: dict[str, int],
-        digests: dict[str, str],
-        sizes: dict[str, int],
-        state_fd: int,
+        known: tuple[dict[str, int], dict[str, str], dict[str, int]],
+        chain: tuple[int, int],
         digest_fd: int,
     ) -> None:
+        """Plan and take one snapshot; `chain` is (pipe to wait on or -1, the worker's pid)."""
+        known_ids, digests, sizes = known
+        state_fd, worker_pid = chain
         status = 1
         learned: dict[str, Any] = {}
         removed: list[str] = []
@@ -143,7 +147,7 @@ class Snapshotter:
             assert self.root is not None
             if state_fd >= 0:
                 # Chained: wait for the previous snapshot's outcome.
-                state = json.loads(_read_all(state_fd) or b'{"ok": false}')
+                state = json.loads(_read_message(state_fd, worker_pid) or b'{"ok": false}')
                 digests, sizes = state.get("digests", {}), state.get("sizes", {})
                 if not state.get("ok"):
                     known_ids = {}  # it failed: compare everything
@@ -195,7 +199,7 @@ class Snapshotter:
                 self._changed.notify_all()
         if forward is not None:
             try:
-                _write_all(forward, state)
+                _write_all(forward, len(state).to_bytes(8, "little") + state)
             except OSError:
                 pass  # the chained child died: its own report says so
             finally:
@@ -297,9 +301,26 @@ def _track_notebook_classes(values: Iterable[Any]) -> None:
                 visit(item)
 
 
-def _read_all(fd: int) -> bytes:
-    with os.fdopen(fd, "rb") as pipe:
-        return pipe.read()
+def _read_message(fd: int, parent: int) -> bytes:
+    """One length-prefixed message from the parent; b"" if the parent is gone.
+
+    Not read to end-of-file: a snapshot child forked meanwhile may hold a
+    copy of the pipe's write end, and EOF would never come. While waiting,
+    check now and then that the worker that forked us still lives.
+    """
+    data = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if not ready:
+            if os.getppid() != parent:
+                return b""
+            continue
+        block = os.read(fd, 1 << 20)
+        if not block:
+            return b""
+        data += block
+        if len(data) >= 8 and len(data) - 8 >= int.from_bytes(data[:8], "little"):
+            return data[8 : 8 + int.from_bytes(data[:8], "little")]
 
 
 def _write_all(fd: int, data: bytes) -> None:
