@@ -227,14 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefault-gb", type=float, default=8.0)
     parser.add_argument("--no-kishu", action="store_true")
     args = parser.parse_args(argv)
-    report: dict = {"prefault_gb": args.prefault_gb, "prefault_s": prefault(args.prefault_gb)}
+    # Sizes not run this time keep their last results.
+    report: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    report["prefault_s"] = prefault(args.prefault_gb)
     for label in args.sizes.split(","):
         total = SIZES[label]
         report[label] = bench_size(total, args.cells)
+        report[label]["prefault_gb"] = args.prefault_gb
         if not args.no_kishu:
             report[label]["kishu"] = kishu_baseline(total, min(args.cells, 5))
         print(json.dumps({label: report[label]}, indent=2), flush=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+        RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
