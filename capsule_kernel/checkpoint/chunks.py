@@ -114,7 +114,7 @@ def write_bytes(root: Path, data: memoryview | bytes, digests: list[str] | None 
     (piece_digests); otherwise each chunk is hashed here.
     """
     parts = pieces(data)
-    names = digests if digests is not None and len(digests) == len(parts) else [None] * len(parts)
+    names = digests if digests is not None else [None] * len(parts)
     stored, written = [], 0
     for piece, name in zip(parts, names, strict=True):
         digest, new = write_chunk(root, piece, name)
@@ -149,15 +149,11 @@ def read_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> bytearra
     straight into its place in one buffer (no copies), and `mapper` may read
     and verify them in parallel.
     """
-    sizes = []
-    for index, digest in enumerate(digests):
-        if index < len(digests) - 1:
-            sizes.append(CHUNK_BYTES)
-            continue
-        try:
-            sizes.append(chunk_path(root, digest).stat().st_size)
-        except FileNotFoundError:
-            raise ChunkError(f"chunk {digest[:12]} is missing from {root}") from None
+    try:
+        last = chunk_path(root, digests[-1]).stat().st_size
+    except FileNotFoundError:
+        raise ChunkError(f"chunk {digests[-1][:12]} is missing from {root}") from None
+    sizes = [CHUNK_BYTES] * (len(digests) - 1) + [last]
     out = bytearray(sum(sizes))
     view = memoryview(out)
     ends = list(accumulate(sizes))

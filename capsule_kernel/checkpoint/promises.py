@@ -74,11 +74,11 @@ class JournaledLocalConnection(LocalConnection):
             flat = unwrap_request_envelope(msgspec.json.decode(req))
         except msgspec.DecodeError as exc:
             raise DecodingError(f"invalid JSON request: {exc}") from exc
-        now = self._clock()
         if flat.get("kind") == "promise.search":
             async with self._lock:
                 response = self._search(flat)
             return msgspec.json.encode(wrap_response_envelope(response)).decode("utf-8")
+        now = self._clock()
         async with self._lock:
             response = self.state.apply(now, flat)
             outgoing, self.state.outgoing = self.state.outgoing, []

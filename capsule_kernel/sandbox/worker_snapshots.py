@@ -58,10 +58,10 @@ class Snapshotter:
     def enabled(self) -> bool:
         return self.root is not None
 
-    def wait(self, below: int = 1) -> None:
-        """Block until fewer than `below` snapshots have digests still to report."""
+    def wait(self) -> None:
+        """Block until every snapshot has told us its digests."""
         with self._changed:
-            self._changed.wait_for(lambda: self._unlearned < below)
+            self._changed.wait_for(lambda: self._unlearned == 0)
 
     def forget(self) -> None:
         """The next snapshot saves every name (a new session starts full)."""
@@ -79,12 +79,11 @@ class Snapshotter:
         """
         if self.root is None:
             return None
-        self.wait(below=2)
-        with self._changed:
-            digests, sizes = dict(self.digests), dict(self.sizes)
-        return snapshot.changed_names(
-            self.shell.user_ns, set(self.shell.user_ns_hidden), self.ids, sizes, digests, candidates
-        )
+        with self._changed:  # the collector thread merges digests under it
+            self._changed.wait_for(lambda: self._unlearned < 2)
+            return snapshot.changed_names(
+                self.shell.user_ns, set(self.shell.user_ns_hidden), self.ids, self.sizes, self.digests, candidates
+            )
 
     def take(self, execution_count: int, plan: Plan, candidates: list[str]) -> None:
         """Fork; the child snapshots while this process serves on."""
@@ -99,7 +98,6 @@ class Snapshotter:
             chained = self._unlearned > 0
             if chained:
                 self._chained_fd = state_write
-            known_ids, digests, sizes = self.ids, dict(self.digests), dict(self.sizes)
             worker_pid = os.getpid()
             with warnings.catch_warnings():
                 # fork with threads: the child starts its own (HashingThreads) and uses no inherited lock
@@ -111,7 +109,8 @@ class Snapshotter:
                 if not chained:
                     os.close(state_read)
                     state_read = -1
-                known = (known_ids, digests, sizes)
+                # The child's copies of digests/sizes are frozen by the fork.
+                known = (self.ids, self.digests, self.sizes)
                 self._child(namespace, execution_count, candidates, known, (state_read, worker_pid), write_fd)
             self._unlearned += 1
             self._latest_pid = pid
@@ -147,7 +146,7 @@ class Snapshotter:
             assert self.root is not None
             if state_fd >= 0:
                 # Chained: wait for the previous snapshot's outcome.
-                state = json.loads(_read_message(state_fd, worker_pid) or b'{"ok": false}')
+                state = _wait_for_frame(state_fd, worker_pid) or {"ok": False}
                 digests, sizes = state.get("digests", {}), state.get("sizes", {})
                 if not state.get("ok"):
                     known_ids = {}  # it failed: compare everything
@@ -195,11 +194,11 @@ class Snapshotter:
                 self._unlearned -= 1
                 forward, self._chained_fd = self._chained_fd, None
                 if forward is not None:
-                    state = json.dumps({"ok": ok, "digests": self.digests, "sizes": self.sizes}).encode()
+                    state = protocol.encode({"type": "digests", "ok": ok, "digests": self.digests, "sizes": self.sizes})
                 self._changed.notify_all()
         if forward is not None:
             try:
-                _write_all(forward, len(state).to_bytes(8, "little") + state)
+                _write_all(forward, state)
             except OSError:
                 pass  # the chained child died: its own report says so
             finally:
@@ -301,26 +300,26 @@ def _track_notebook_classes(values: Iterable[Any]) -> None:
                 visit(item)
 
 
-def _read_message(fd: int, parent: int) -> bytes:
-    """One length-prefixed message from the parent; b"" if the parent is gone.
+def _wait_for_frame(fd: int, parent: int) -> dict[str, Any] | None:
+    """One frame from the parent; None if the parent is gone.
 
     Not read to end-of-file: a snapshot child forked meanwhile may hold a
     copy of the pipe's write end, and EOF would never come. While waiting,
     check now and then that the worker that forked us still lives.
     """
-    data = b""
+    decoder = protocol.FrameDecoder()
     while True:
         ready, _, _ = select.select([fd], [], [], 1.0)
         if not ready:
             if os.getppid() != parent:
-                return b""
+                return None
             continue
         block = os.read(fd, 1 << 20)
         if not block:
-            return b""
-        data += block
-        if len(data) >= 8 and len(data) - 8 >= int.from_bytes(data[:8], "little"):
-            return data[8 : 8 + int.from_bytes(data[:8], "little")]
+            return None
+        messages = decoder.feed(block)
+        if messages:
+            return messages[0]
 
 
 def _write_all(fd: int, data: bytes) -> None:
