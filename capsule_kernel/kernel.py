@@ -543,19 +543,27 @@ class CapsuleKernel(Kernel):
     async def _bring_names(self, sandbox: SubprocessSandbox, reads: frozenset[str]) -> None:
         """Merge into this sandbox the names the cell reads that the other sandbox wrote later."""
         held = self.held.setdefault(sandbox.kind, {})
-        wanted = sorted(
-            name
-            for name in reads
-            if name in self.origins
-            and self.origins[name][0] != sandbox.kind
-            and held.get(name, -1) < self.origins[name][1]
-        )
+
+        def stale(name: str) -> bool:
+            return (
+                name in self.origins
+                and self.origins[name][0] != sandbox.kind
+                and held.get(name, -1) < self.origins[name][1]
+            )
+
+        wanted = sorted(name for name in reads if stale(name))
         if not wanted:
             return
         latest = self.checkpoints.latest(self.session_name)
         if latest is None:
             return
         entries = {name: latest.entries[name] for name in wanted if name in latest.entries}
+        # An alias comes with its target (one object), unless this sandbox holds the target's latest already.
+        for entry in list(entries.values()):
+            target = entry.get("alias")
+            if target and target not in entries and target in latest.entries and stale(target):
+                entries[target] = latest.entries[target]
+                wanted.append(target)
         failed: dict[str, str] = {}
         try:
             result = await sandbox.request("restore", {"entries": entries, "replace": False}, timeout=600)

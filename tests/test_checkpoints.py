@@ -158,6 +158,25 @@ def test_restore_back_and_forth(fresh_kernel, home):
     assert kernel.execute("stage, later").result_text == "('four', [1, 2])"
 
 
+def test_names_bound_to_one_object_come_back_as_one_object(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "aliases"})
+    kernel.execute("import numpy as np\nrows = [np.zeros(300_000)]\nsame = rows")
+    # Changed through the alias only: the target's checkpoint must follow.
+    shared = kernel.execute("same.append(np.ones(300_000))").content["execution_count"]
+    crash(kernel)
+    assert kernel.execute("same is rows, len(rows)").result_text == "(True, 2)"
+    # Rebinding the target ends the alias; the old object stays with the other name.
+    split = kernel.execute("rows = [1]").content["execution_count"]
+    crash(kernel)
+    assert kernel.execute("rows, len(same)").result_text == "([1], 2)"
+    text = kernel.execute(f"%capsule diff {shared} {split}").texts()
+    changed = {line.split()[1] for line in text.splitlines() if line.split()[:1] == ["changed"]}
+    assert changed == {"rows"}, text  # same holds what it held, alias or not
+    # Time travel keeps identity too.
+    kernel.execute(f"%capsule restore {shared}")
+    assert kernel.execute("same is rows, len(rows)").result_text == "(True, 2)"
+
+
 def test_restore_wrong_arguments_change_nothing(fresh_kernel, home):
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
     kernel.execute("value = 1")

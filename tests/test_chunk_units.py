@@ -44,6 +44,56 @@ def test_a_damaged_middle_chunk_is_named(tmp_path, damage):
         chunks.read_bytes(tmp_path, digests, threads.map)
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_chunk_of_a_mapped_buffer_is_named(tmp_path, damage):
+    data = os.urandom(CHUNK_BYTES * 2 + 4096)
+    digests, _ = chunks.write_bytes(tmp_path, data)
+    path = chunks.chunk_path(tmp_path, digests[0])
+    raw = bytearray(path.read_bytes())
+    path.unlink()
+    if damage == "flip":
+        raw[-1] ^= 0xFF
+        path.write_bytes(raw)
+    elif damage == "truncate":
+        path.write_bytes(raw[:-1])
+    with pytest.raises(ChunkError, match=digests[0][:12]):
+        chunks.map_bytes(tmp_path, digests)
+
+
+def _mappings_of(path) -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(str(path) in line for line in maps)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_a_large_buffer_is_restored_copy_on_write_from_its_chunks(tmp_path):
+    array = np.random.default_rng(1).random(CHUNK_BYTES // 8 * 2 + 1000)  # two chunks and a bit
+    namespace = {"array": array}
+    entry = snapshot.take(namespace, ["array"], {}, tmp_path)["entries"]["array"]
+    with HashingThreads(2) as threads:
+        restored = snapshot.load(entry, tmp_path, threads.map)
+    assert np.array_equal(restored, array)
+    assert _mappings_of(tmp_path) == 3  # mapped, not read: one mapping per chunk
+    # Writable, and a write changes the value only, never the stored chunk.
+    restored[0] = -1.0
+    assert restored[0] == -1.0
+    assert np.array_equal(snapshot.load(entry, tmp_path), array)
+    # Garbage collection may delete a chunk a value still maps; the value keeps its bytes.
+    for digest in entry["buffers"][0]:
+        chunks.chunk_path(tmp_path, digest).unlink()
+    assert np.array_equal(restored[1:], array[1:])
+    # The mapping goes with the value.
+    del restored
+    assert _mappings_of(tmp_path) == 0
+
+
+def test_small_buffers_are_read_not_mapped(tmp_path):
+    namespace = {"small": np.arange(1000)}
+    entry = snapshot.take(namespace, ["small"], {}, tmp_path)["entries"]["small"]
+    assert np.array_equal(snapshot.load(entry, tmp_path), namespace["small"])
+    assert _mappings_of(tmp_path) == 0
+
+
 def test_given_digests_are_not_recomputed_but_used_as_names(tmp_path):
     data = os.urandom(1000)
     names = chunks.piece_digests(data)
@@ -102,3 +152,60 @@ def test_store_verifies_a_chunk_file_once_and_again_when_it_is_replaced(tmp_path
     path.unlink()
     assert store.missing_chunks(entries) == digests
     store.close()
+
+
+def _snapshot_round(namespace, known, tmp_path, candidates=()):
+    """One planned snapshot like the worker's: returns (entries written, new known state)."""
+    ids, digests, sizes = known
+    plan = snapshot.changed_names(namespace, set(), ids, sizes, digests, list(candidates))
+    if plan is None:
+        return {}, known
+    todo, removed, current, aliases = plan
+    previous = {name: digests[name] for name in todo if name in digests}
+    entries = snapshot.take(namespace, todo, previous, tmp_path, aliases=aliases)["entries"]
+    digests = {**{n: d for n, d in digests.items() if n not in removed}}
+    sizes = dict(sizes)
+    for name, entry in entries.items():
+        digests[name], sizes[name] = entry["digest"], entry["size"]
+    return entries, (current, digests, sizes)
+
+
+def test_a_name_bound_to_the_same_object_is_saved_as_an_alias(tmp_path):
+    shared = np.ones(3_000_000)
+    namespace = {"a": shared, "b": shared, "n": 1, "m": 1}
+    entries, known = _snapshot_round(namespace, ({}, {}, {}), tmp_path)
+    assert entries["b"]["alias"] == "a" and "pickle" not in entries["b"]
+    assert "alias" not in entries["m"]  # numbers have no identity worth keeping
+    restored: dict = {}
+    names, failed = snapshot.load_all(entries, restored, lambda _, e: snapshot.load(e, tmp_path), merge=False)
+    assert names == ["a", "n", "m", "b"] and failed == {}
+    assert restored["a"] is restored["b"] and np.array_equal(restored["a"], shared)
+    # Nothing changed: only the small values are looked at again; the alias is not.
+    ids, digests, sizes = known
+    assert snapshot.changed_names(namespace, set(), ids, sizes, digests, [])[0] == ["n", "m"]
+
+
+def test_a_change_through_an_alias_saves_the_target_and_rebinding_breaks_the_alias(tmp_path):
+    namespace = {"a": [1], "b": None}
+    namespace["b"] = namespace["a"]
+    _, known = _snapshot_round(namespace, ({}, {}, {}), tmp_path)
+    # A large target the cell did not name: mutated through b.
+    namespace["a"] = namespace["b"] = list(range(300_000))
+    _, known = _snapshot_round(namespace, known, tmp_path)
+    namespace["b"].append(-1)
+    entries, known = _snapshot_round(namespace, known, tmp_path, candidates=["b"])
+    assert "a" in entries and entries["a"]["size"] > snapshot.SMALL_VALUE_BYTES
+    # a is rebound: b keeps the old object and is saved in full.
+    namespace["a"] = [2]
+    entries, known = _snapshot_round(namespace, known, tmp_path, candidates=["a"])
+    assert "alias" not in entries["b"] and "pickle" in entries["b"]
+
+
+def test_an_alias_whose_target_fails_says_why(tmp_path):
+    entries = {
+        "a": {"error": "TypeError: cannot pickle '_thread.lock' object", "digest": None},
+        "b": {"alias": "a", "digest": "alias:a", "size": 0},
+    }
+    namespace: dict = {}
+    names, failed = snapshot.load_all(entries, namespace, lambda _, e: snapshot.load(e, tmp_path), merge=False)
+    assert names == [] and "same object as a" in failed["b"] and "cannot pickle" in failed["b"]

@@ -18,13 +18,13 @@ import pickle
 import re
 import reprlib
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 
-from capsule_kernel.checkpoint.chunks import Mapper, piece_digests, read_bytes, write_bytes
+from capsule_kernel.checkpoint.chunks import Mapper, map_bytes, piece_digests, read_bytes, write_bytes
 
 _IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython)$")
 # Values whose pickle is smaller than this are re-hashed after every cell, so
@@ -32,6 +32,11 @@ _IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|g
 # global list) is still caught. Larger values are re-hashed when the cell
 # names them or rebinds them.
 SMALL_VALUE_BYTES = 1024 * 1024
+# A name bound to the same object as an earlier name is saved as an alias of
+# it, so `b = a` comes back as one object, not two copies. Values whose
+# identity nobody can observe (numbers, strings, modules) are left alone.
+ALIAS = "alias:"
+_IDENTITY_FREE = (type(None), bool, int, float, complex, str, bytes, types.ModuleType)
 _short_repr = reprlib.Repr(maxstring=80, maxother=80, maxlist=6, maxdict=6)
 
 
@@ -87,20 +92,30 @@ def chunk_layout(data: bytes, buffers: list[Any], mapper: Mapper = map) -> tuple
 
 
 def pickled(
-    namespace: dict[str, Any], names: list[str], previous: dict[str, str], mapper: Mapper = map
+    namespace: dict[str, Any],
+    names: list[str],
+    previous: dict[str, str],
+    mapper: Mapper = map,
+    aliases: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any], bytes | None, list[pickle.PickleBuffer]]]:
     """Each named value as (name, entry, pickle, buffers); unchanged ones (same digest) left out.
 
-    Modules and values that refuse pickling come with pickle None and an entry
-    that says so. Shared by the subprocess sandbox (which writes chunks
-    itself) and the Wasm guest (which hands the bytes to its host). The
-    entry names the chunks the bytes split into; `mapper` may hash them in
-    parallel.
+    Modules, aliases (`aliases`: name -> the name bound to the same object)
+    and values that refuse pickling come with pickle None and an entry that
+    says so. Shared by the subprocess sandbox (which writes chunks itself)
+    and the Wasm guest (which hands the bytes to its host). The entry names
+    the chunks the bytes split into; `mapper` may hash them in parallel.
     """
+    aliases = aliases or {}
     for name in names:
         if name not in namespace:
             continue
         value = namespace[name]
+        if name in aliases:
+            digest = ALIAS + aliases[name]  # the target's own entry holds the content
+            if previous.get(name) != digest:
+                yield name, {**describe(value), "alias": aliases[name], "digest": digest, "size": 0}, None, []
+            continue
         if isinstance(value, types.ModuleType):
             digest = f"module:{value.__name__}"  # re-imported by name: the name is its content
             if previous.get(name) != digest:
@@ -142,6 +157,7 @@ def take(
     previous: dict[str, str],
     chunk_root: Path,
     mapper: Mapper = map,
+    aliases: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Snapshot the given names into chunk files.
 
@@ -149,13 +165,35 @@ def take(
     """
     entries: dict[str, Any] = {}
     written = 0
-    for name, entry, data, buffers in pickled(namespace, names, previous, mapper):
+    for name, entry, data, buffers in pickled(namespace, names, previous, mapper, aliases):
         if data is None:
             entries[name] = entry
             continue
         entries[name], new_bytes = write_entry(chunk_root, entry, data, buffers)
         written += new_bytes
     return {"entries": entries, "written": written}
+
+
+def alias_targets(namespace: dict[str, Any], names: list[str]) -> dict[str, str]:
+    """Each name bound to the same object as an earlier name -> that earlier name.
+
+    "Earlier" is namespace order (the order names were first bound), so the
+    target of a group stays put while its names are only rebound.
+    """
+    first: dict[int, str] = {}
+    targets = {}
+    for name in names:
+        value = namespace[name]
+        if isinstance(value, _IDENTITY_FREE):
+            continue
+        target = first.setdefault(id(value), name)
+        if target != name:
+            targets[name] = target
+    return targets
+
+
+def _recorded_alias(digest: str | None) -> str | None:
+    return digest[len(ALIAS) :] if digest and digest.startswith(ALIAS) else None
 
 
 def changed_names(
@@ -165,30 +203,75 @@ def changed_names(
     sizes: dict[str, int],
     digests: dict[str, str],
     candidates: list[str],
-) -> tuple[list[str], list[str], dict[str, int]] | None:
-    """What the next snapshot must look at: (names to pickle, names removed, ids now).
+) -> tuple[list[str], list[str], dict[str, int], dict[str, str]] | None:
+    """What the next snapshot must look at: (names to pickle, names removed, ids now, aliases).
 
     A name is looked at when it was rebound (a new object), when the cell
     named it, when it is small enough to re-hash every time (an in-place
-    change nobody named), or when it was never saved. None: nothing can
-    have changed.
+    change nobody named), when it was never saved, or when it became or
+    stopped being an alias. When any name of an alias group is looked at,
+    so is the group's target: a change made through `b` is a change of `a`.
+    None: nothing can have changed.
     """
     names = saveable_names(namespace, hidden)
     current = {name: id(namespace[name]) for name in names}
     # Names saved before (digests) count too: after a failed snapshot known_ids is empty.
     removed = sorted(name for name in {*known_ids, *digests} if name not in current)
     wanted = set(candidates)
-    todo = [
+    targets = alias_targets(namespace, names)
+    todo = {
         name
         for name in names
         if known_ids.get(name) != current[name]
         or name in wanted
-        or sizes.get(name, 0) < SMALL_VALUE_BYTES
         or name not in digests
-    ]
+        or targets.get(name) != _recorded_alias(digests.get(name))
+        or (name not in targets and sizes.get(name, 0) < SMALL_VALUE_BYTES)
+    }
+    todo.update(targets[name] for name in list(todo) if name in targets)
     if not todo and not removed:
         return None
-    return todo, removed, current
+    ordered = [name for name in names if name in todo]
+    return ordered, removed, current, {name: targets[name] for name in ordered if name in targets}
+
+
+def load_all(
+    entries: dict[str, Any],
+    namespace: dict[str, Any],
+    load_one: Callable[[str, dict[str, Any]], Any],
+    merge: bool,
+    explain: Callable[[BaseException], str] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Load entries into a namespace, aliases last; return (restored names, failures by name).
+
+    `load_one(name, entry)` brings back one value. An alias is bound to its
+    target's restored object; when merging (not replacing), a target not
+    among the entries is the one the namespace holds already. `explain`
+    words a failure (default: the exception's type and message).
+    """
+    explain = explain or (lambda err: f"{type(err).__name__}: {err}")
+    restored, failed = [], {}
+    plain = {name: entry for name, entry in entries.items() if "alias" not in entry}
+    for name, entry in plain.items():
+        try:
+            namespace[name] = load_one(name, entry)
+        except Exception as err:  # noqa: BLE001 - one value that cannot come back must not stop the others
+            failed[name] = explain(err)
+            namespace.pop(name, None)
+            continue
+        restored.append(name)
+    for name, entry in entries.items():
+        if name in plain:
+            continue
+        target = entry["alias"]
+        if target in restored or (merge and target not in entries and target in namespace):
+            namespace[name] = namespace[target]
+            restored.append(name)
+        else:
+            why = failed.get(target, "it is not in the checkpoint")
+            failed[name] = f"it is the same object as {target}, which could not be restored ({why})"
+            namespace.pop(name, None)
+    return restored, failed
 
 
 def load(entry: dict[str, Any], chunk_root: Path, mapper: Mapper = map) -> Any:
@@ -198,7 +281,8 @@ def load(entry: dict[str, Any], chunk_root: Path, mapper: Mapper = map) -> Any:
     if "error" in entry:
         raise ValueError(f"it was not saved: {entry['error']}")
     data = read_bytes(chunk_root, entry["pickle"], mapper)
-    buffers = [read_bytes(chunk_root, digests, mapper) for digests in entry["buffers"]]
+    # Large buffers (arrays, frames) are mapped copy-on-write from their chunk files, not copied.
+    buffers = [map_bytes(chunk_root, digests, mapper) for digests in entry["buffers"]]
     return pickle.loads(data, buffers=buffers)
 
 

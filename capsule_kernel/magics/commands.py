@@ -250,7 +250,7 @@ async def cmd_diff(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
             rows.append(["added", name, "-", _describe(new)])
         elif new is None:
             rows.append(["removed", name, _describe(old), "-"])
-        elif _identity(old) != _identity(new):
+        elif _identity(old, a.entries) != _identity(new, b.entries):
             rows.append(["changed", name, _describe(old), _describe(new)])
     title = f"From cell [{a.execution_count}] ({a.id[:8]}) to cell [{b.execution_count}] ({b.id[:8]})"
     if not rows:
@@ -258,7 +258,11 @@ async def cmd_diff(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
     return [_table(title, ["", "name", f"[{a.execution_count}]", f"[{b.execution_count}]"], rows)]
 
 
-def _identity(entry: dict[str, Any]) -> str:
+def _identity(entry: dict[str, Any], entries: dict[str, Any]) -> str:
+    """What a value holds, for diff: an alias holds what its target does."""
+    target = entries.get(entry.get("alias", ""))
+    if target is not None and "alias" not in target:
+        return _identity(target, entries)
     return entry.get("digest") or entry.get("module") or entry.get("error", "")
 
 

@@ -479,11 +479,11 @@ class Guest:
         plan = snapshot.changed_names(self.namespace, self._hidden, self.ids, self.sizes, self.digests, candidates)
         if plan is None:
             return None
-        todo, removed, current = plan
+        todo, removed, current, aliases = plan
         previous = {name: self.digests[name] for name in todo if name in self.digests}
         entries = {}
         try:
-            for name, entry, data, buffers in snapshot.pickled(self.namespace, todo, previous):
+            for name, entry, data, buffers in snapshot.pickled(self.namespace, todo, previous, aliases=aliases):
                 if data is not None:
                     entry["data"] = base64.b64encode(data).decode("ascii")
                     entry["buffer_data"] = [base64.b64encode(b.raw()).decode("ascii") for b in buffers]
@@ -506,26 +506,26 @@ class Guest:
         return count
 
     def restore(self, entries: dict[str, Any], replace: bool) -> dict[str, Any]:
-        restored, failed = [], {}
         if replace:
             for name in snapshot.saveable_names(self.namespace, self._hidden):
                 if name not in entries:
                     del self.namespace[name]
             self.digests.clear()
             self.sizes.clear()
-        for name, entry in entries.items():
-            try:
-                data = base64.b64decode(entry["data"]) if "data" in entry else None
-                buffers = [base64.b64decode(b) for b in entry.get("buffer_data", [])]
-                self.namespace[name] = snapshot.load_bytes(entry, data, buffers)
-            except BaseException as err:  # noqa: BLE001 - one value that cannot come back must not stop the others
-                if isinstance(err, ModuleNotFoundError):
-                    failed[name] = f"needs the module {err.name!r}, which the Wasm sandbox does not have"
-                else:
-                    failed[name] = f"{type(err).__name__}: {err}"
-                self.namespace.pop(name, None)
-                continue
-            restored.append(name)
+
+        def load_one(_: str, entry: dict[str, Any]) -> Any:
+            data = base64.b64decode(entry["data"]) if "data" in entry else None
+            buffers = [base64.b64decode(b) for b in entry.get("buffer_data", [])]
+            return snapshot.load_bytes(entry, data, buffers)
+
+        def explain(err: BaseException) -> str:
+            if isinstance(err, ModuleNotFoundError):
+                return f"needs the module {err.name!r}, which the Wasm sandbox does not have"
+            return f"{type(err).__name__}: {err}"
+
+        restored, failed = snapshot.load_all(entries, self.namespace, load_one, merge=not replace, explain=explain)
+        for name in restored:
+            entry = entries[name]
             if "digest" in entry:
                 self.digests[name] = entry["digest"]
                 self.sizes[name] = entry.get("size", 0)

@@ -33,7 +33,7 @@ from capsule_kernel.checkpoint.chunks import HashingThreads
 from capsule_kernel.sandbox import protocol
 from capsule_kernel.sandbox.worker_io import FrameChannel
 
-Plan = tuple[list[str], list[str], dict[str, int]]
+Plan = tuple[list[str], list[str], dict[str, int], dict[str, str]]
 
 
 class Snapshotter:
@@ -154,10 +154,10 @@ class Snapshotter:
             plan = snapshot.changed_names(
                 namespace, set(self.shell.user_ns_hidden), known_ids, sizes, digests, candidates
             )
-            todo, removed = (plan[0], plan[1]) if plan else ([], [])
+            todo, removed, _, aliases = plan if plan else ([], [], {}, {})
             previous = {name: digests[name] for name in todo if name in digests}
             with HashingThreads() as pool:
-                result = snapshot.take(namespace, todo, previous, self.root, pool.map)
+                result = snapshot.take(namespace, todo, previous, self.root, pool.map, aliases)
             report = {
                 "type": "snapshot",
                 "execution_count": execution_count,
@@ -236,20 +236,15 @@ class Snapshotter:
         self.wait()
         assert self.root is not None
         namespace = self.shell.user_ns
-        restored, failed = [], {}
+        root = self.root
         if replace:
             for name in snapshot.saveable_names(namespace, set(self.shell.user_ns_hidden)):
                 if name not in entries:
                     del namespace[name]
         with HashingThreads() as pool:
-            for name, entry in entries.items():
-                try:
-                    namespace[name] = snapshot.load(entry, self.root, pool.map)
-                except Exception as err:  # noqa: BLE001 - one bad value must not stop the others
-                    failed[name] = f"{type(err).__name__}: {err}"
-                    namespace.pop(name, None)
-                    continue
-                restored.append(name)
+            restored, failed = snapshot.load_all(
+                entries, namespace, lambda _, entry: snapshot.load(entry, root, pool.map), merge=not replace
+            )
         digests = {name: entry["digest"] for name, entry in entries.items() if "digest" in entry and name in restored}
         sizes = {name: entry.get("size", 0) for name, entry in entries.items() if name in restored}
         ids = {name: id(namespace[name]) for name in restored}
