@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,6 +87,26 @@ def test_a_large_buffer_is_restored_copy_on_write_from_its_chunks(tmp_path):
     # The mapping goes with the value.
     del restored
     assert _mappings_of(tmp_path) == 0
+
+
+def test_mapping_a_buffer_of_many_chunks_holds_one_file_open_at_a_time(tmp_path):
+    # In a child process: small chunks stand in for a 10 GB array, under a tight open-file limit.
+    script = f"""
+import os, resource
+from pathlib import Path
+from capsule_kernel.checkpoint import chunks
+chunks.CHUNK_BYTES = 65536
+chunks.MAP_AT_LEAST = 0
+data = os.urandom(65536 * 64 + 100)
+digests, _ = chunks.write_bytes(Path({str(tmp_path)!r}), data)
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 8, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+view = chunks.map_bytes(Path({str(tmp_path)!r}), digests)
+assert len(digests) == 65 and bytes(view) == data, "mismatch"
+print("mapped")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "mapped", result.stderr
 
 
 def test_small_buffers_are_read_not_mapped(tmp_path):

@@ -149,11 +149,7 @@ def read_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> bytearra
     straight into its place in one buffer (no copies), and `mapper` may read
     and verify them in parallel.
     """
-    try:
-        last = chunk_path(root, digests[-1]).stat().st_size
-    except FileNotFoundError:
-        raise ChunkError(f"chunk {digests[-1][:12]} is missing from {root}") from None
-    sizes = [CHUNK_BYTES] * (len(digests) - 1) + [last]
+    sizes = [CHUNK_BYTES] * (len(digests) - 1) + [_chunk_size(root, digests[-1])]
     out = bytearray(sum(sizes))
     view = memoryview(out)
     ends = list(accumulate(sizes))
@@ -242,40 +238,33 @@ def map_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> memoryvie
     libc = _mapping_libc()
     if libc is None or len(digests) * CHUNK_BYTES < MAP_AT_LEAST:
         return read_bytes(root, digests, mapper)
-    handles: list[int] = []
-    try:
-        sizes = []
-        for position, digest in enumerate(digests):
-            try:
-                handles.append(os.open(chunk_path(root, digest), os.O_RDONLY))
-            except FileNotFoundError:
-                raise ChunkError(f"chunk {digest[:12]} is missing from {root}") from None
-            size = os.fstat(handles[-1]).st_size
-            expected_full = position < len(digests) - 1
-            if (expected_full and size != CHUNK_BYTES) or not 0 < size <= CHUNK_BYTES:
-                wanted = f"{CHUNK_BYTES} expected" if expected_full else f"1 to {CHUNK_BYTES} expected"
-                raise ChunkError(f"chunk {digest[:12]} is corrupt (it holds {size} bytes, {wanted})")
-            sizes.append(size)
-        total = sum(sizes)
-        if total < MAP_AT_LEAST:
-            return read_bytes(root, digests, mapper)
-        length = -(-total // mmap.PAGESIZE) * mmap.PAGESIZE
-        # Reserve the whole range first, then lay each chunk over its place in it.
-        base = libc.mmap(None, length, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        if base in (None, ctypes.c_void_p(-1).value):
-            raise MemoryError(f"cannot reserve {total} bytes to restore into: {os.strerror(ctypes.get_errno())}")
-        owner = _PrivateMapping(libc, base, length)
-        for position, (handle, size) in enumerate(zip(handles, sizes, strict=True)):
-            _map_fixed(
-                libc,
-                base + position * CHUNK_BYTES,
-                handle,
-                size,
-                mmap.PROT_READ | mmap.PROT_WRITE,
-                mmap.MAP_PRIVATE | _MAP_FIXED,
-            )
-    finally:
-        for handle in handles:
+    # Every chunk but the last is CHUNK_BYTES long; the last one's size gives the total.
+    last = _chunk_size(root, digests[-1])
+    if not 0 < last <= CHUNK_BYTES:
+        raise ChunkError(f"chunk {digests[-1][:12]} is corrupt (it holds {last} bytes, 1 to {CHUNK_BYTES} expected)")
+    sizes = [CHUNK_BYTES] * (len(digests) - 1) + [last]
+    total = sum(sizes)
+    if total < MAP_AT_LEAST:
+        return read_bytes(root, digests, mapper)
+    length = -(-total // mmap.PAGESIZE) * mmap.PAGESIZE
+    # Reserve the whole range first, then lay each chunk over its place in it.
+    base = libc.mmap(None, length, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if base in (None, ctypes.c_void_p(-1).value):
+        raise MemoryError(f"cannot reserve {total} bytes to restore into: {os.strerror(ctypes.get_errno())}")
+    owner = _PrivateMapping(libc, base, length)
+    for position, (digest, size) in enumerate(zip(digests, sizes, strict=True)):
+        # One file open at a time: a 10 GB array must not need 1,280 descriptors at once.
+        try:
+            handle = os.open(chunk_path(root, digest), os.O_RDONLY)
+        except FileNotFoundError:
+            raise ChunkError(f"chunk {digest[:12]} is missing from {root}") from None
+        try:
+            held = os.fstat(handle).st_size
+            if held != size:
+                raise ChunkError(f"chunk {digest[:12]} is corrupt (it holds {held} bytes, {size} expected)")
+            flags = mmap.MAP_PRIVATE | _MAP_FIXED
+            _map_fixed(libc, base + position * CHUNK_BYTES, handle, size, mmap.PROT_READ | mmap.PROT_WRITE, flags)
+        finally:
             os.close(handle)
     exposed = (ctypes.c_char * total).from_address(base)
     exposed.mapping = owner  # the array keeps the range mapped
@@ -288,6 +277,13 @@ def map_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> memoryvie
         if not matches:
             raise ChunkError(f"chunk {digest[:12]} is corrupt (its content does not match its name)")
     return view
+
+
+def _chunk_size(root: Path, digest: str) -> int:
+    try:
+        return chunk_path(root, digest).stat().st_size
+    except FileNotFoundError:
+        raise ChunkError(f"chunk {digest[:12]} is missing from {root}") from None
 
 
 def verify(root: Path, digest: str) -> bool:
