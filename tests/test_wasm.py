@@ -254,6 +254,19 @@ def test_auto_mode_routes_and_shares_names_both_ways(fresh_kernel):
     assert seen.result_text == "(5, '4 rows, total 15')", seen.texts()
 
 
+def test_an_alias_crosses_sandboxes_with_its_target(fresh_kernel):
+    kernel = fresh_kernel(env={"CAPSULE_MODE": "auto"})
+    assert meta(kernel.execute("rows = [1]"))["sandbox"] == "wasm"
+    native = kernel.execute("import numpy\nrows = [5]\nalias = rows")
+    assert meta(native)["sandbox"] == "subprocess"
+    # The Wasm cell names only the alias: its target, newer in the other sandbox, must come along.
+    through = kernel.execute("alias.append(6)")
+    assert meta(through)["sandbox"] == "wasm", through.texts()
+    seen = kernel.execute("rows, alias is rows")
+    assert meta(seen)["sandbox"] == "wasm"
+    assert seen.result_text == "([5, 6], True)", seen.texts()
+
+
 def test_values_that_cannot_cross_are_named(fresh_kernel):
     kernel = fresh_kernel(env={"CAPSULE_MODE": "subprocess"})
     kernel.execute("import numpy as np\narr = np.arange(3)")
