@@ -240,12 +240,12 @@ def map_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> memoryvie
         return read_bytes(root, digests, mapper)
     # Every chunk but the last is CHUNK_BYTES long; the last one's size gives the total.
     last = _chunk_size(root, digests[-1])
+    total = CHUNK_BYTES * (len(digests) - 1) + last
+    if total < MAP_AT_LEAST:  # an empty buffer is one empty chunk
+        return read_bytes(root, digests, mapper)
     if not 0 < last <= CHUNK_BYTES:
         raise ChunkError(f"chunk {digests[-1][:12]} is corrupt (it holds {last} bytes, 1 to {CHUNK_BYTES} expected)")
     sizes = [CHUNK_BYTES] * (len(digests) - 1) + [last]
-    total = sum(sizes)
-    if total < MAP_AT_LEAST:
-        return read_bytes(root, digests, mapper)
     length = -(-total // mmap.PAGESIZE) * mmap.PAGESIZE
     # Reserve the whole range first, then lay each chunk over its place in it.
     base = libc.mmap(None, length, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
