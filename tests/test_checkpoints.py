@@ -45,6 +45,17 @@ def test_functions_classes_and_lambdas_survive_a_crash(fresh_kernel, home):
     assert kernel.execute("round(area(1), 2), double(p.x), type(p).__name__").result_text == "(3.14, 8, 'Point')"
 
 
+def test_a_matplotlib_figure_and_an_empty_array_survive_a_crash(fresh_kernel, home):
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.execute(
+        "import matplotlib\nmatplotlib.use('agg')\nimport matplotlib.pyplot as plt\nimport numpy as np\n"
+        "fig, ax = plt.subplots()\nax.plot([1, 2, 3])\nnothing = np.zeros(0)\nplt.close(fig)"
+    )
+    evalue = crash(kernel)
+    assert "not restored" not in evalue, evalue
+    assert kernel.execute("len(ax.lines), nothing.shape").result_text == "(1, (0,))"
+
+
 def test_in_place_mutation_is_saved(fresh_kernel, home):
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
     kernel.execute("items = [1]")

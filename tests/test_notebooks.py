@@ -41,6 +41,7 @@ def check_tour(nb) -> None:
     assert "still here: 2 19900" in text_of(out["survived"])
     assert "SandboxDied" in text_of(out["crash"]) and "segmentation fault" in text_of(out["crash"])
     assert "was restored" in text_of(out["crash"])
+    assert "not restored" not in text_of(out["crash"]), text_of(out["crash"])  # the figure and axes too
     assert "and the namespace is back: 2 19900" in text_of(out["after-crash"])
     assert "('wasi', {'every': 2" in text_of(out["wasm-cell"])
     assert "linux mean word length 6.0" in text_of(out["numpy-cell"])
