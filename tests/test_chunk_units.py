@@ -202,7 +202,7 @@ def test_a_name_bound_to_the_same_object_is_saved_as_an_alias(tmp_path):
     assert entries["b"]["alias"] == "a" and "pickle" not in entries["b"]
     assert "alias" not in entries["m"]  # numbers have no identity worth keeping
     restored: dict = {}
-    names, failed = snapshot.load_all(entries, restored, lambda _, e: snapshot.load(e, tmp_path), merge=False)
+    names, failed = snapshot.load_all(entries, restored, lambda e: snapshot.load(e, tmp_path), merge=False)
     assert names == ["a", "n", "m", "b"] and failed == {}
     assert restored["a"] is restored["b"] and np.array_equal(restored["a"], shared)
     # Nothing changed: only the small values are looked at again; the alias is not.
@@ -232,5 +232,5 @@ def test_an_alias_whose_target_fails_says_why(tmp_path):
         "b": {"alias": "a", "digest": "alias:a", "size": 0},
     }
     namespace: dict = {}
-    names, failed = snapshot.load_all(entries, namespace, lambda _, e: snapshot.load(e, tmp_path), merge=False)
+    names, failed = snapshot.load_all(entries, namespace, lambda e: snapshot.load(e, tmp_path), merge=False)
     assert names == [] and "same object as a" in failed["b"] and "cannot pickle" in failed["b"]

@@ -11,6 +11,7 @@ deletes); neither interprets the bytes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterable
@@ -27,6 +28,10 @@ class ChunkError(Exception):
 
 def chunk_path(root: Path, digest: str) -> Path:
     return root / digest[:2] / digest
+
+
+def _missing(root: Path, digest: str) -> ChunkError:
+    return ChunkError(f"chunk {digest[:12]} is missing from {root}")
 
 
 # Maps a function over items; a thread pool's map hashes pieces in parallel
@@ -137,7 +142,7 @@ def _read_into(root: Path, digest: str, target: memoryview) -> None:
                     raise ChunkError(f"chunk {digest[:12]} is corrupt (it ended early)")
                 got += count
     except FileNotFoundError:
-        raise ChunkError(f"chunk {digest[:12]} is missing from {root}") from None
+        raise _missing(root, digest) from None
     if hashlib.sha256(target).hexdigest() != digest:
         raise ChunkError(f"chunk {digest[:12]} is corrupt (its content does not match its name)")
 
@@ -181,43 +186,32 @@ class _PrivateMapping:
         self._libc.munmap(self.base, self.length)
 
 
-_libc: Any = None
-
-
+@functools.cache
 def _mapping_libc() -> Any:
     """The C library with mmap/munmap typed, or None where mapping is not possible."""
-    global _libc
-    if _libc is None:
-        try:
-            import ctypes
-            import mmap
+    try:
+        import ctypes
+        import mmap
 
-            if not hasattr(mmap, "MAP_PRIVATE") or not hasattr(mmap, "MAP_ANONYMOUS"):
-                raise OSError("no POSIX mmap")
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.mmap.restype = ctypes.c_void_p
-            libc.mmap.argtypes = [
-                ctypes.c_void_p,
-                ctypes.c_size_t,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_long,
-            ]
-            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-            _libc = libc
-        except (ImportError, OSError, AttributeError):
-            _libc = False
-    return _libc or None
+        if not hasattr(mmap, "MAP_PRIVATE") or not hasattr(mmap, "MAP_ANONYMOUS"):
+            return None
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        return libc
+    except (ImportError, OSError, AttributeError):
+        return None
 
 
-def _map_fixed(libc: Any, address: int, fd: int, size: int, prot: int, flags: int) -> None:
+def _map_chunk(libc: Any, address: int, fd: int, size: int) -> None:
+    """Map one chunk file copy-on-write (readable, writable) over its place in the reserved range."""
     import ctypes
+    import mmap
 
-    got = libc.mmap(address, size, prot, flags, fd, 0)
+    got = libc.mmap(address, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
     if got != address:
-        error = ctypes.get_errno()
-        raise MemoryError(f"cannot map {size} bytes of a chunk: {os.strerror(error)}")
+        raise MemoryError(f"cannot map {size} bytes of a chunk: {os.strerror(ctypes.get_errno())}")
 
 
 def map_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> memoryview | bytearray:
@@ -236,7 +230,7 @@ def map_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> memoryvie
     import mmap
 
     libc = _mapping_libc()
-    if libc is None or len(digests) * CHUNK_BYTES < MAP_AT_LEAST:
+    if libc is None:
         return read_bytes(root, digests, mapper)
     # Every chunk but the last is CHUNK_BYTES long; the last one's size gives the total.
     last = _chunk_size(root, digests[-1])
@@ -257,13 +251,12 @@ def map_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> memoryvie
         try:
             handle = os.open(chunk_path(root, digest), os.O_RDONLY)
         except FileNotFoundError:
-            raise ChunkError(f"chunk {digest[:12]} is missing from {root}") from None
+            raise _missing(root, digest) from None
         try:
             held = os.fstat(handle).st_size
             if held != size:
                 raise ChunkError(f"chunk {digest[:12]} is corrupt (it holds {held} bytes, {size} expected)")
-            flags = mmap.MAP_PRIVATE | _MAP_FIXED
-            _map_fixed(libc, base + position * CHUNK_BYTES, handle, size, mmap.PROT_READ | mmap.PROT_WRITE, flags)
+            _map_chunk(libc, base + position * CHUNK_BYTES, handle, size)
         finally:
             os.close(handle)
     exposed = (ctypes.c_char * total).from_address(base)
@@ -283,7 +276,7 @@ def _chunk_size(root: Path, digest: str) -> int:
     try:
         return chunk_path(root, digest).stat().st_size
     except FileNotFoundError:
-        raise ChunkError(f"chunk {digest[:12]} is missing from {root}") from None
+        raise _missing(root, digest) from None
 
 
 def verify(root: Path, digest: str) -> bool:

@@ -238,23 +238,23 @@ def changed_names(
 def load_all(
     entries: dict[str, Any],
     namespace: dict[str, Any],
-    load_one: Callable[[str, dict[str, Any]], Any],
+    load_one: Callable[[dict[str, Any]], Any],
     merge: bool,
     explain: Callable[[BaseException], str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """Load entries into a namespace, aliases last; return (restored names, failures by name).
 
-    `load_one(name, entry)` brings back one value. An alias is bound to its
+    `load_one(entry)` brings back one value. An alias is bound to its
     target's restored object; when merging (not replacing), a target not
     among the entries is the one the namespace holds already. `explain`
-    words a failure (default: the exception's type and message).
+    words a failure (default: explain_failure).
     """
-    explain = explain or (lambda err: f"{type(err).__name__}: {err}")
+    explain = explain or explain_failure
     restored, failed = [], {}
     plain = {name: entry for name, entry in entries.items() if "alias" not in entry}
     for name, entry in plain.items():
         try:
-            namespace[name] = load_one(name, entry)
+            namespace[name] = load_one(entry)
         except Exception as err:  # noqa: BLE001 - one value that cannot come back must not stop the others
             failed[name] = explain(err)
             namespace.pop(name, None)
@@ -272,6 +272,10 @@ def load_all(
             failed[name] = f"it is the same object as {target}, which could not be restored ({why})"
             namespace.pop(name, None)
     return restored, failed
+
+
+def explain_failure(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
 
 
 def load(entry: dict[str, Any], chunk_root: Path, mapper: Mapper = map) -> Any:

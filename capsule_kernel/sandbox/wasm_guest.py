@@ -513,7 +513,7 @@ class Guest:
             self.digests.clear()
             self.sizes.clear()
 
-        def load_one(_: str, entry: dict[str, Any]) -> Any:
+        def load_one(entry: dict[str, Any]) -> Any:
             data = base64.b64decode(entry["data"]) if "data" in entry else None
             buffers = [base64.b64decode(b) for b in entry.get("buffer_data", [])]
             return snapshot.load_bytes(entry, data, buffers)
@@ -521,7 +521,7 @@ class Guest:
         def explain(err: BaseException) -> str:
             if isinstance(err, ModuleNotFoundError):
                 return f"needs the module {err.name!r}, which the Wasm sandbox does not have"
-            return f"{type(err).__name__}: {err}"
+            return snapshot.explain_failure(err)
 
         restored, failed = snapshot.load_all(entries, self.namespace, load_one, merge=not replace, explain=explain)
         for name in restored:

@@ -243,7 +243,7 @@ class Snapshotter:
                     del namespace[name]
         with HashingThreads() as pool:
             restored, failed = snapshot.load_all(
-                entries, namespace, lambda _, entry: snapshot.load(entry, root, pool.map), merge=not replace
+                entries, namespace, lambda entry: snapshot.load(entry, root, pool.map), merge=not replace
             )
         digests = {name: entry["digest"] for name, entry in entries.items() if "digest" in entry and name in restored}
         sizes = {name: entry.get("size", 0) for name, entry in entries.items() if name in restored}
