@@ -234,3 +234,23 @@ def test_an_alias_whose_target_fails_says_why(tmp_path):
     namespace: dict = {}
     names, failed = snapshot.load_all(entries, namespace, lambda e: snapshot.load(e, tmp_path), merge=False)
     assert names == [] and "same object as a" in failed["b"] and "cannot pickle" in failed["b"]
+
+
+def test_a_snapshot_stores_each_chunk_once_as_it_hashes(tmp_path):
+    """Equal pieces hashed on parallel threads are written once and counted once."""
+    same = np.zeros(CHUNK_BYTES // 8 * 4)  # four equal chunks, one array
+    other = np.arange(CHUNK_BYTES // 8, dtype=np.float64)
+    namespace = {"same": same, "copy": same.copy(), "other": other}
+    with HashingThreads(4) as threads:
+        result = snapshot.take(namespace, list(namespace), {}, tmp_path, threads.map)
+    stored = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert not [path for path in stored if path.name.endswith(".tmp")]
+    chunk_sizes = {path.name: path.stat().st_size for path in stored}
+    assert result["written"] == sum(chunk_sizes.values())
+    assert len(set(result["entries"]["same"]["buffers"][0])) == 1  # one name for four equal chunks
+    assert result["entries"]["same"]["buffers"] == result["entries"]["copy"]["buffers"]
+    # Every chunk the entries name is on disk once take() has returned.
+    named = {d for entry in result["entries"].values() for part in [entry["pickle"], *entry["buffers"]] for d in part}
+    assert named == set(chunk_sizes)
+    loaded = snapshot.load(result["entries"]["copy"], tmp_path)
+    assert np.array_equal(loaded, same)

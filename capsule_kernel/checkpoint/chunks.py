@@ -79,13 +79,45 @@ def pieces(data: memoryview | bytes) -> list[memoryview]:
     return [view[start : start + CHUNK_BYTES] for start in range(0, max(len(view), 1), CHUNK_BYTES)]
 
 
-def _sha256(piece: memoryview) -> str:
+def chunk_digest(piece: memoryview) -> str:
     return hashlib.sha256(piece).hexdigest()
 
 
 def piece_digests(data: memoryview | bytes, mapper: Mapper = map) -> list[str]:
     """The names its chunks will have, hashed once each."""
-    return list(mapper(_sha256, pieces(data)))
+    return list(mapper(chunk_digest, pieces(data)))
+
+
+class ChunkWriter:
+    """Names a chunk and stores it right away if the store lacks it.
+
+    Used as the hash function of a snapshot, so on several threads a chunk
+    is written (and fsynced) while the next ones are still being hashed:
+    the disk and the CPUs work at the same time instead of one after the
+    other. `written` adds up the bytes that were new. Two equal pieces
+    (say, two arrays of zeros) are written once: the first thread to name a
+    chunk claims it; the others return its name, and the chunk is on disk by
+    the time the mapper has returned.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        # dict.setdefault and list.append are atomic: no lock across the hashing threads.
+        self._claims: dict[str, object] = {}
+        self._new: list[int] = []
+
+    def __call__(self, piece: memoryview) -> str:
+        digest = chunk_digest(piece)
+        claim = object()
+        if self._claims.setdefault(digest, claim) is not claim:
+            return digest
+        if write_chunk(self.root, piece, digest)[1]:
+            self._new.append(len(piece))
+        return digest
+
+    @property
+    def written(self) -> int:
+        return sum(self._new)
 
 
 def write_chunk(root: Path, data: memoryview | bytes, digest: str | None = None) -> tuple[str, bool]:
@@ -266,7 +298,7 @@ def map_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> memoryvie
         (digest, view[start : start + size])
         for digest, start, size in zip(digests, range(0, total, CHUNK_BYTES), sizes, strict=True)
     ]
-    for digest, matches in zip(digests, mapper(lambda check: _sha256(check[1]) == check[0], checks), strict=True):
+    for digest, matches in zip(digests, mapper(lambda check: chunk_digest(check[1]) == check[0], checks), strict=True):
         if not matches:
             raise ChunkError(f"chunk {digest[:12]} is corrupt (its content does not match its name)")
     return view

@@ -24,7 +24,15 @@ from typing import Any
 
 import cloudpickle
 
-from capsule_kernel.checkpoint.chunks import Mapper, map_bytes, piece_digests, read_bytes, write_bytes
+from capsule_kernel.checkpoint.chunks import (
+    ChunkWriter,
+    Mapper,
+    chunk_digest,
+    map_bytes,
+    pieces,
+    read_bytes,
+    write_bytes,
+)
 
 _IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython)$")
 # Values whose pickle is smaller than this are re-hashed after every cell, so
@@ -78,15 +86,20 @@ def _raw(buffer: Any) -> memoryview | bytes:
     return buffer.raw() if isinstance(buffer, pickle.PickleBuffer) else buffer
 
 
-def chunk_layout(data: bytes, buffers: list[Any], mapper: Mapper = map) -> tuple[str, list[str], list[list[str]]]:
+def chunk_layout(
+    data: bytes, buffers: list[Any], mapper: Mapper = map, name_chunk: Callable[[memoryview], str] | None = None
+) -> tuple[str, list[str], list[list[str]]]:
     """The value's digest and the names of its chunks, each byte hashed once.
 
     The value's digest is a hash of its chunk names (a Merkle list), so
     finding out whether a 900 MB list of arrays changed costs one pass of
     SHA-256 over it, and that pass already names the chunks to store.
+    `name_chunk` replaces plain hashing (a ChunkWriter also stores each
+    chunk); all pieces of the value go through `mapper` in one batch.
     """
-    pickle_chunks = piece_digests(data, mapper)
-    buffer_chunks = [piece_digests(_raw(buffer), mapper) for buffer in buffers]
+    parts = [pieces(data), *(pieces(_raw(buffer)) for buffer in buffers)]
+    names = iter(list(mapper(name_chunk or chunk_digest, [piece for part in parts for piece in part])))
+    pickle_chunks, *buffer_chunks = [[next(names) for _ in part] for part in parts]
     listing = "\n".join(",".join(chunks) for chunks in [pickle_chunks, *buffer_chunks])
     return hashlib.sha256(listing.encode()).hexdigest(), pickle_chunks, buffer_chunks
 
@@ -97,6 +110,7 @@ def pickled(
     previous: dict[str, str],
     mapper: Mapper = map,
     aliases: dict[str, str] | None = None,
+    name_chunk: Callable[[memoryview], str] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any], bytes | None, list[pickle.PickleBuffer]]]:
     """Each named value as (name, entry, pickle, buffers); unchanged ones (same digest) left out.
 
@@ -104,7 +118,8 @@ def pickled(
     and values that refuse pickling come with pickle None and an entry that
     says so. Shared by the subprocess sandbox (which writes chunks itself)
     and the Wasm guest (which hands the bytes to its host). The entry names
-    the chunks the bytes split into; `mapper` may hash them in parallel.
+    the chunks the bytes split into; `mapper` may hash them in parallel,
+    and `name_chunk` may store each one as it hashes it (chunk_layout).
     """
     aliases = aliases or {}
     for name in names:
@@ -127,7 +142,7 @@ def pickled(
         except Exception as err:  # noqa: BLE001 - any value may refuse pickling; say why
             yield name, {**describe(value), "error": f"{type(err).__name__}: {err}"}, None, []
             continue
-        digest, pickle_chunks, buffer_chunks = chunk_layout(data, buffers, mapper)
+        digest, pickle_chunks, buffer_chunks = chunk_layout(data, buffers, mapper, name_chunk)
         if previous.get(name) == digest:
             continue
         size = len(data) + sum(buffer.raw().nbytes for buffer in buffers)
@@ -161,17 +176,16 @@ def take(
 ) -> dict[str, Any]:
     """Snapshot the given names into chunk files.
 
+    Each chunk is stored as soon as it is hashed (a ChunkWriter), so the
+    disk writes while other chunks are still being hashed. Chunks of a value
+    found unchanged are already in the store and are not written again.
     Returns {"entries": {name: entry}, "written": bytes newly stored}.
     """
-    entries: dict[str, Any] = {}
-    written = 0
-    for name, entry, data, buffers in pickled(namespace, names, previous, mapper, aliases):
-        if data is None:
-            entries[name] = entry
-            continue
-        entries[name], new_bytes = write_entry(chunk_root, entry, data, buffers)
-        written += new_bytes
-    return {"entries": entries, "written": written}
+    writer = ChunkWriter(chunk_root)
+    entries = {
+        name: entry for name, entry, _, _ in pickled(namespace, names, previous, mapper, aliases, name_chunk=writer)
+    }
+    return {"entries": entries, "written": writer.written}
 
 
 def alias_targets(namespace: dict[str, Any], names: list[str]) -> dict[str, str]:
