@@ -23,14 +23,20 @@ child writes the array the cell changed to a new file, fsyncs and exits
 (Redis's BGSAVE, on one value). "Added over the control" is what Capsule
 costs beyond the technique itself, on this machine.
 
-Memory is pre-touched first (--prefault-gb): on a VM whose host backs guest
-memory lazily (Firecracker here) the first touch of each page costs about
-4 ms per MB, which would be measured as "the cell got slower" whenever the
-page cache Capsule's chunks fill pushes the sandbox onto never-touched
-memory. --prefault-gb 0 measures that case.
+The order of the three kernels rotates from cell to cell, and before each
+measured cell the benchmark allocates, touches and frees twice the bytes a
+cell changes (--no-warm turns this off). Both are there because of how this
+VM (Firecracker) treats memory: the guest reports memory freed for a second
+or two back to the host ("free page reporting"), and the next first touch of
+such a page costs about 2.5-4 ms per MB. Whichever kernel allocates first
+after a pause pays that; the next one picks up the pages the first just
+freed and does not. Two identical plain Python processes taking turns show
+it: the first 250 ms, the second 30 ms, and the roles swap when the order
+does. Freshly freed memory before every cell puts each kernel on the same
+footing, as on a machine without free page reporting.
 
     ./dev bench            (runs this too)
-    .venv/bin/python benchmarks/checkpoints.py [--cells 10] [--sizes 10MB,1GB] [--no-kishu]
+    .venv/bin/python benchmarks/checkpoints.py [--cells 20] [--sizes 10MB,1GB] [--no-kishu]
 """
 
 from __future__ import annotations
@@ -70,21 +76,26 @@ def setup_code(total: int) -> str:
 CHANGE = "step += 1\narrays[step % 9] = arrays[step % 9] + 1.0"
 
 
-def prefault(gigabytes: float) -> float:
-    """Touch this much memory once in a throwaway process; seconds it took."""
-    if gigabytes <= 0:
-        return 0.0
-    script = (
-        "import mmap, sys\n"
-        "size = int(float(sys.argv[1]) * 2**30)\n"
-        "block = mmap.mmap(-1, size)\n"
-        "page = b'\\1' * 4096\n"
-        "for offset in range(0, size, 4096):\n"
-        "    block[offset:offset + 4096] = page\n"
-    )
-    began = time.perf_counter()
-    subprocess.run([sys.executable, "-c", script, str(gigabytes)], check=True)
-    return time.perf_counter() - began
+def warm_free_memory(nbytes: int) -> None:
+    """Leave `nbytes` of just-touched, just-freed memory for the next allocation.
+
+    Page allocators hand out the most recently freed pages first, and these
+    are still backed by the host; memory freed a while ago may have been
+    reported back to it. numpy allocates the way the measured cell does
+    (huge pages where it can).
+    """
+    import numpy as np
+
+    block = np.ones(max(nbytes // 8, 1))
+    del block
+
+
+def reported_kib() -> int | None:
+    """KiB this VM's guest has reported free to its host so far (None: no such counter)."""
+    try:
+        return int(Path("/sys/module/page_reporting/parameters/reported_kib").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def dir_size(path: Path) -> int:
@@ -105,7 +116,20 @@ def settle(client) -> None:
     time_cell(client, "%capsule log -n 1")
 
 
-def bench_size(total: int, cells: int) -> dict:
+def mib_between(before_kib: int | None, after_kib: int | None) -> int | None:
+    return None if before_kib is None or after_kib is None else (after_kib - before_kib) // 1024
+
+
+def run_round(kernels: dict, rotation: int, warm_bytes: int, into: dict[str, list[float]]) -> None:
+    """One changing cell on every kernel, the order rotated by `rotation`."""
+    names = list(kernels)
+    shift = rotation % len(names)
+    for name in names[shift:] + names[:shift]:
+        warm_free_memory(warm_bytes)
+        into[name].append(time_cell(kernels[name][1], CHANGE))
+
+
+def bench_size(total: int, cells: int, warm: bool) -> dict:
     home = Path(tempfile.mkdtemp(prefix="capsule-ckpt-bench-"))
     kernels = {
         "capsule": start("capsule", home),
@@ -122,17 +146,21 @@ def bench_size(total: int, cells: int) -> dict:
         settle(capsule)
         paced: dict[str, list[float]] = {name: [] for name in kernels}
         growth = []
-        for _ in range(cells):
+        warm_bytes = 2 * changed_bytes if warm else 0
+        reported_before = reported_kib()
+        for cell in range(cells):
             before = dir_size(home)
-            for name, (_, client) in kernels.items():
-                paced[name].append(time_cell(client, CHANGE))
+            run_round(kernels, cell, warm_bytes, paced)
             settle(capsule)
             settle_control(control_files, len(paced["control"]))
             growth.append(dir_size(home) - before)
         back_to_back: dict[str, list[float]] = {name: [] for name in kernels}
-        for _ in range(cells):
-            for name, (_, client) in kernels.items():
-                back_to_back[name].append(time_cell(client, CHANGE))
+        for name, (_, client) in kernels.items():
+            # Each kernel alone, cell after cell, as papermill or an agent sends them.
+            settle(capsule)
+            warm_free_memory(warm_bytes)
+            back_to_back[name] = [time_cell(client, CHANGE) for _ in range(cells)]
+        reported_after = reported_kib()
         settle(capsule)
         time_travel = time_travel_restore(capsule)
         death = time_cell(capsule, "import os\nos._exit(1)")
@@ -142,18 +170,21 @@ def bench_size(total: int, cells: int) -> dict:
         return {
             "namespace_bytes": total,
             "changed_bytes_per_cell": changed_bytes,
-            "paced": added(paced),
-            "back_to_back": added(back_to_back),
+            "paced": added(paced, paired=True),
+            "back_to_back": added(back_to_back, paired=False),
             "store_growth_per_cell_over_changed": statistics.median(growth) / changed_bytes,
             "death_to_restored_reply_s": death,
             "time_travel_restore_s": time_travel,
             "dill": dill_baseline(total),
+            "warm_free_memory_bytes": warm_bytes,
+            "host_reported_free_mib_during_cells": mib_between(reported_before, reported_after),
         }
     finally:
-        shutil.rmtree(control_files, ignore_errors=True)
         for km, client in kernels.values():
             client.stop_channels()
             km.shutdown_kernel(now=True)
+        shutil.rmtree(control_files, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)  # gigabytes of chunks at 1 GB
 
 
 def time_travel_restore(client) -> float:
@@ -206,28 +237,41 @@ def settle_control(directory: Path, step: int, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def added(latencies: dict[str, list[float]]) -> dict:
-    extra = [c - i for c, i in zip(latencies["capsule"], latencies["ipykernel"], strict=True)]
-    over_control = [c - i for c, i in zip(latencies["capsule"], latencies["control"], strict=True)]
-    return {
-        "added_ms_p50": statistics.median(extra) * 1000,
-        "added_ms_p99": percentile(extra, 99) * 1000,
-        "added_over_control_ms_p50": statistics.median(over_control) * 1000,
-        "added_over_control_ms_p99": percentile(over_control, 99) * 1000,
-        "capsule_cell_ms_p50": statistics.median(latencies["capsule"]) * 1000,
-        "ipykernel_cell_ms_p50": statistics.median(latencies["ipykernel"]) * 1000,
-        "control_cell_ms_p50": statistics.median(latencies["control"]) * 1000,
+def added(latencies: dict[str, list[float]], paired: bool) -> dict:
+    """Capsule's extra time per cell over ipykernel and over the control.
+
+    Paired: cell i of each kernel ran in the same round, so the extra time is
+    taken per round, then its percentiles. Unpaired (each kernel ran its own
+    block of cells): the difference of the percentiles.
+    """
+
+    def extra(other: str, pct: float) -> float:
+        if paired:
+            diffs = [c - o for c, o in zip(latencies["capsule"], latencies[other], strict=True)]
+            return percentile(diffs, pct) * 1000
+        return (percentile(latencies["capsule"], pct) - percentile(latencies[other], pct)) * 1000
+
+    report = {
+        "added_ms_p50": extra("ipykernel", 50),
+        "added_ms_p99": extra("ipykernel", 99),
+        "added_over_control_ms_p50": extra("control", 50),
+        "added_over_control_ms_p99": extra("control", 99),
     }
+    for name, values in latencies.items():
+        report[f"{name}_cell_ms_p50"] = percentile(values, 50) * 1000
+        report[f"{name}_cell_ms_p99"] = percentile(values, 99) * 1000
+        report[f"{name}_cells_ms"] = [round(value * 1000, 1) for value in values]
+    return report
 
 
 def dill_baseline(total: int) -> dict:
     script = (
         "import time, dill, numpy as np, pandas as pd, sys, tempfile, os\n"
         + setup_code(total)
-        + "\npath = os.path.join(tempfile.mkdtemp(), 'session.pkl')\n"
+        + "\nscratch = tempfile.TemporaryDirectory()\npath = os.path.join(scratch.name, 'session.pkl')\n"
         "t = time.perf_counter(); dill.dump_module(path); dump = time.perf_counter() - t\n"
         "t = time.perf_counter(); dill.load_module(path); load = time.perf_counter() - t\n"
-        "print(dump, load)\n"
+        "print(dump, load)\nscratch.cleanup()\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     return {"dump_s": float(out[0]), "load_s": float(out[1])}
@@ -271,19 +315,18 @@ def kishu_baseline(total: int, cells: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", type=int, default=10)
+    parser.add_argument("--cells", type=int, default=20)
     parser.add_argument("--sizes", default="10MB,1GB")
-    parser.add_argument("--prefault-gb", type=float, default=8.0)
+    parser.add_argument("--no-warm", action="store_true", help="do not free fresh memory before each cell")
     parser.add_argument("--no-kishu", action="store_true")
     args = parser.parse_args(argv)
     # Sizes not run this time keep their last results.
     report: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    report["prefault_s"] = prefault(args.prefault_gb)
+    report.pop("prefault_s", None)
     for label in args.sizes.split(","):
         total = SIZES[label]
         earlier = report.get(label, {})
-        report[label] = bench_size(total, args.cells)
-        report[label]["prefault_gb"] = args.prefault_gb
+        report[label] = bench_size(total, args.cells, warm=not args.no_warm)
         if not args.no_kishu:
             report[label]["kishu"] = kishu_baseline(total, min(args.cells, 5))
         elif "kishu" in earlier:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def main() -> int:
     checkout = time.perf_counter() - began
     kishu.uninstall_kishu_hooks()
     without = [run(change) for _ in range(cells)]
+    shutil.rmtree(home, ignore_errors=True)  # a 1 GB run leaves gigabytes of Kishu's store
     print(
         json.dumps(
             {
