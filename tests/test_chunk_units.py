@@ -254,3 +254,42 @@ def test_a_snapshot_stores_each_chunk_once_as_it_hashes(tmp_path):
     assert named == set(chunk_sizes)
     loaded = snapshot.load(result["entries"]["copy"], tmp_path)
     assert np.array_equal(loaded, same)
+
+
+def test_known_fingerprints_name_large_chunks_without_sha256(tmp_path, monkeypatch):
+    """The second snapshot of a mostly unchanged value hashes only its changed chunk with SHA-256."""
+    pytest.importorskip("blake3", reason="blake3 is not installed: every chunk is named by SHA-256")
+    arrays = [np.full(CHUNK_BYTES // 8, float(i)) for i in range(3)]
+    first = snapshot.take({"arrays": arrays}, ["arrays"], {}, tmp_path)
+    assert len(first["fingerprints"]) == 3  # one per large chunk; the small pickle has none
+    sha256_calls = []
+    real = chunks.chunk_digest
+    monkeypatch.setattr(chunks, "chunk_digest", lambda piece: sha256_calls.append(len(piece)) or real(piece))
+    arrays[1] = arrays[1] + 0.5  # new content, unlike any chunk stored before
+    second = snapshot.take({"arrays": arrays}, ["arrays"], {}, tmp_path, known=first["fingerprints"])
+    assert sha256_calls.count(CHUNK_BYTES) == 1  # the changed array's chunk; the others were known
+    names = second["entries"]["arrays"]["buffers"]
+    assert names == [[real(memoryview(a).cast("B"))] for a in arrays]  # still true SHA-256 names
+    assert second["written"] == CHUNK_BYTES  # the pickle around the buffers is the same as before
+    loaded = snapshot.load(second["entries"]["arrays"], tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded, arrays, strict=True))
+
+
+def test_without_blake3_every_chunk_is_named_by_sha256(tmp_path, monkeypatch):
+    monkeypatch.setattr(chunks, "_blake3", lambda: None)
+    arrays = [np.full(CHUNK_BYTES // 8, 2.0)]
+    result = snapshot.take({"arrays": arrays}, ["arrays"], {}, tmp_path, known={"stale": "0" * 64})
+    assert result["fingerprints"] == {}
+    assert result["entries"]["arrays"]["buffers"] == [[chunks.chunk_digest(memoryview(arrays[0]).cast("B"))]]
+
+
+def test_the_worker_keeps_the_latest_fingerprints_only(monkeypatch):
+    from capsule_kernel.sandbox import worker_snapshots
+
+    monkeypatch.setattr(worker_snapshots, "MAX_FINGERPRINTS", 3)
+    snapshots = worker_snapshots.Snapshotter(shell=None, channel=None, chunk_root=None, report_fd=None)
+    for batch in ({"a": "1", "b": "2"}, {"c": "3", "a": "1"}, {"d": "4"}):
+        assert snapshots._learn({"ok": True, "digests": {}, "removed": [], "fingerprints": batch}, pid=1)
+    assert snapshots.fingerprints == {"c": "3", "a": "1", "d": "4"}  # "b" was the least recently seen
+    assert not snapshots._learn({"ok": False}, pid=2)  # a failed snapshot teaches nothing
+    assert list(snapshots.fingerprints) == ["c", "a", "d"]

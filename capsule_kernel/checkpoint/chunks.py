@@ -83,6 +83,34 @@ def chunk_digest(piece: memoryview) -> str:
     return hashlib.sha256(piece).hexdigest()
 
 
+FINGERPRINT_AT_LEAST = 1 << 20  # below this SHA-256 is quick anyway
+
+
+@functools.cache
+def _blake3() -> Callable[..., Any] | None:
+    try:
+        from blake3 import blake3
+    except ImportError:  # the Wasm guest, or an environment without it
+        return None
+    return blake3
+
+
+def fingerprint(piece: memoryview) -> str | None:
+    """A BLAKE3 digest of a large chunk: its SHA-256 name looked up, not computed.
+
+    Telling whether a large value changed means hashing all of it every
+    cell; BLAKE3 does that about five times faster than SHA-256 here and
+    releases the GIL too. It is as collision resistant, so a fingerprint seen
+    before stands for the same bytes and their SHA-256 name. Chunks keep
+    SHA-256 names, which the Wasm guest and the kernel compute with hashlib
+    alone. None: a small chunk, or blake3 is not installed.
+    """
+    blake3 = _blake3()
+    if blake3 is None or len(piece) < FINGERPRINT_AT_LEAST:
+        return None
+    return blake3(piece).hexdigest()
+
+
 def piece_digests(data: memoryview | bytes, mapper: Mapper = map) -> list[str]:
     """The names its chunks will have, hashed once each."""
     return list(mapper(chunk_digest, pieces(data)))
@@ -97,17 +125,24 @@ class ChunkWriter:
     other. `written` adds up the bytes that were new. Two equal pieces
     (say, two arrays of zeros) are written once: the first thread to name a
     chunk claims it; the others return its name, and the chunk is on disk by
-    the time the mapper has returned.
+    the time the mapper has returned. With `known` fingerprints, a large
+    chunk seen in an earlier snapshot is named without SHA-256 (fingerprint).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, known: dict[str, str] | None = None) -> None:
         self.root = root
+        self.known = known or {}  # fingerprint -> SHA-256 name, from earlier snapshots
+        # Fingerprints of the large chunks this snapshot saw, to be known next time.
+        self.seen: dict[str, str] = {}
         # dict.setdefault and list.append are atomic: no lock across the hashing threads.
         self._claims: dict[str, object] = {}
         self._new: list[int] = []
 
     def __call__(self, piece: memoryview) -> str:
-        digest = chunk_digest(piece)
+        key = fingerprint(piece)
+        digest = (key and self.known.get(key)) or chunk_digest(piece)
+        if key:
+            self.seen[key] = digest
         claim = object()
         if self._claims.setdefault(digest, claim) is not claim:
             return digest

@@ -173,19 +173,22 @@ def take(
     chunk_root: Path,
     mapper: Mapper = map,
     aliases: dict[str, str] | None = None,
+    known: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Snapshot the given names into chunk files.
 
     Each chunk is stored as soon as it is hashed (a ChunkWriter), so the
     disk writes while other chunks are still being hashed. Chunks of a value
     found unchanged are already in the store and are not written again.
-    Returns {"entries": {name: entry}, "written": bytes newly stored}.
+    `known` maps fingerprints of large chunks to their names (ChunkWriter).
+    Returns {"entries": {name: entry}, "written": bytes newly stored,
+    "fingerprints": those of the large chunks seen, for next time}.
     """
-    writer = ChunkWriter(chunk_root)
+    writer = ChunkWriter(chunk_root, known)
     entries = {
         name: entry for name, entry, _, _ in pickled(namespace, names, previous, mapper, aliases, name_chunk=writer)
     }
-    return {"entries": entries, "written": writer.written}
+    return {"entries": entries, "written": writer.written, "fingerprints": writer.seen}
 
 
 def alias_targets(namespace: dict[str, Any], names: list[str]) -> dict[str, str]:
