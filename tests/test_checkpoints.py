@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,50 @@ def test_deleted_names_stay_deleted(fresh_kernel, home):
     kernel.execute("del temporary")
     crash(kernel)
     assert kernel.execute("'temporary' in dir(), kept").result_text == "(False, 2)"
+
+
+# Pickling `slow` blocks until the flag file exists: it holds a snapshot in flight.
+HELD_SNAPSHOT = """
+import os, time
+class Slow:
+    def __reduce__(self):
+        deadline = time.monotonic() + 60
+        while not os.path.exists({flag!r}) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return (str, ("released",))
+slow = Slow()
+temporary = 1
+kept = 2
+"""
+
+
+def test_a_deletion_holds_when_the_sandbox_dies_before_its_snapshot_learns_the_last_one(fresh_kernel, home, tmp_path):
+    """The snapshot of `del temporary` waits for the one before it; then the sandbox dies.
+
+    It never learns what its predecessor saved, so it must save a whole
+    namespace, and be recorded after its predecessor: else `temporary`
+    comes back after the crash.
+    """
+    flag = tmp_path / "release"
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    worker = int(kernel.execute("import os\nos.getpid()").result_text)
+    kernel.execute(HELD_SNAPSHOT.format(flag=str(flag)))
+    kernel.execute("del temporary")
+
+    def release_once_the_sandbox_is_gone() -> None:
+        wait_until(lambda: not Path(f"/proc/{worker}").exists(), what="the sandbox to die")
+        flag.touch()
+
+    releaser = threading.Thread(target=release_once_the_sandbox_is_gone)
+    releaser.start()
+    try:
+        crash(kernel)
+    finally:
+        flag.touch()
+        releaser.join()
+    assert kernel.execute("'temporary' in dir(), kept, slow").result_text == "(False, 2, 'released')"
+    log = kernel.execute("%capsule log").texts()
+    assert "del temporary" in log
 
 
 def test_unpicklable_values_are_named_with_the_reason(fresh_kernel, home):

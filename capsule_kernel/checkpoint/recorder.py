@@ -85,7 +85,13 @@ class Checkpoints:
             if bad:
                 return f"{len(bad)} chunk(s) missing or corrupt after writing"
             checkpoint = store.record(
-                session, count, self._sources.get(count, ""), entries, removed, int(event.get("written", 0))
+                session,
+                count,
+                self._sources.get(count, ""),
+                entries,
+                removed,
+                int(event.get("written", 0)),
+                complete=bool(event.get("complete")),
             )
             store.prune(session, self.keep)
             return checkpoint

@@ -172,14 +172,30 @@ class CheckpointStore:
         written: int,
         status: str = "ok",
         base: Checkpoint | None = None,
+        complete: bool = False,
     ) -> Checkpoint:
-        """Add a checkpoint on top of `base` (default: the session's latest)."""
+        """Add a checkpoint on top of `base` (default: the session's latest).
+
+        `complete`: the entries are the whole namespace, not changes, so any
+        other name of the parent was removed (a snapshot that could not learn
+        what its predecessor saved saves everything).
+        """
         with self._guard:
             parent = base if base is not None else self.latest(session)
             entries = dict(parent.entries) if parent else {}
-            for name in removed:
-                entries.pop(name, None)
-            entries.update(changed_entries)
+            if complete:
+                removed = sorted(set(entries) - set(changed_entries))
+                changed = sorted(
+                    name
+                    for name, entry in changed_entries.items()
+                    if entries.get(name, {}).get("digest") != entry.get("digest")
+                )
+                entries = dict(changed_entries)
+            else:
+                for name in removed:
+                    entries.pop(name, None)
+                entries.update(changed_entries)
+                changed = sorted(changed_entries)
             first_line = next((line for line in code.splitlines() if line.strip()), "")[:120]
             checkpoint = Checkpoint(
                 id=uuid.uuid4().hex,
@@ -191,7 +207,7 @@ class CheckpointStore:
                 created=self.clock(),
                 status=status,
                 entries=entries,
-                changed=sorted(changed_entries),
+                changed=changed,
                 removed=sorted(removed),
                 size=sum(entry.get("size", 0) for entry in entries.values()),
                 written=written,

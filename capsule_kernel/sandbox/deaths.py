@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 from capsule_kernel.sandbox.limits import Limits, format_duration, format_size
 
@@ -46,3 +47,12 @@ def describe_exit(returncode: int | None, limits: Limits) -> str:
         f"exited with code {returncode}: the cell (or a thread it started) ended the process, "
         "for example with os._exit() or a fatal interpreter error"
     )
+
+
+def process_exists(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie (it exited; nobody has reaped it yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

@@ -28,7 +28,7 @@ from typing import Any
 
 from capsule_kernel.sandbox import protocol
 from capsule_kernel.sandbox.cgroups import PidsCgroup
-from capsule_kernel.sandbox.deaths import describe_exit
+from capsule_kernel.sandbox.deaths import describe_exit, process_exists
 from capsule_kernel.sandbox.limits import Limits, format_duration
 
 EventHandler = Callable[[dict[str, Any]], None]
@@ -76,14 +76,6 @@ class SandboxDied(Exception):
 class _ReportPipe:
     fd: int
     decoder: protocol.FrameDecoder
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 @dataclass
@@ -539,7 +531,7 @@ class SubprocessSandbox:
             for count, pid in list(self.snapshots_in_flight.items()):
                 if pid == 0 and not self.process_ended:
                     continue  # the worker has not forked it yet
-                if not _process_exists(pid):
+                if not process_exists(pid):
                     # Gone: its report, if it wrote one, is in the pipe now.
                     self._on_reports_readable()
                     self.snapshots_in_flight.pop(count, None)

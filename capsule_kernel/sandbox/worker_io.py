@@ -40,6 +40,19 @@ class FrameChannel:
     def start(self) -> None:
         self._reader.start()
 
+    def close_after_fork(self) -> None:
+        """In a forked child: let go of both ends, and never use the channel again.
+
+        The kernel learns that the worker died from end-of-file on this pipe;
+        a snapshot child still holding the write end would keep it from
+        noticing for as long as the child runs.
+        """
+        for fd in (self._read_fd, self._write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def send(self, message: dict[str, Any]) -> None:
         frame = protocol.encode(message)
         with self._write_lock:

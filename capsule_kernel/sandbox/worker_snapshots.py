@@ -22,6 +22,7 @@ import select
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterable
 from itertools import islice
@@ -31,9 +32,12 @@ from typing import Any
 from capsule_kernel.checkpoint import snapshot
 from capsule_kernel.checkpoint.chunks import HashingThreads
 from capsule_kernel.sandbox import protocol
+from capsule_kernel.sandbox.deaths import process_exists
 from capsule_kernel.sandbox.worker_io import FrameChannel
 
 Plan = tuple[list[str], list[str], dict[str, int], dict[str, str]]
+# Each stands for a chunk of at least 1 MiB: 16384 cover 16 GiB of large values.
+MAX_FINGERPRINTS = 16384
 
 
 class Snapshotter:
@@ -49,6 +53,8 @@ class Snapshotter:
         self.sizes: dict[str, int] = {}
         # Object ids at the latest fork: what the next snapshot compares to.
         self.ids: dict[str, int] = {}
+        # Fingerprints of recent large chunks -> their names (chunks.fingerprint).
+        self.fingerprints: dict[str, str] = {}
         self._changed = threading.Condition()
         self._unlearned = 0  # children whose digests have not come back
         self._latest_pid = 0
@@ -69,6 +75,7 @@ class Snapshotter:
         self.digests.clear()
         self.sizes.clear()
         self.ids.clear()
+        self.fingerprints.clear()
 
     def plan(self, candidates: list[str]) -> Plan | None:
         """What the next snapshot must look at; None when nothing can have changed.
@@ -111,7 +118,8 @@ class Snapshotter:
                     state_read = -1
                 # The child's copies of digests/sizes are frozen by the fork.
                 known = (self.ids, self.digests, self.sizes)
-                self._child(namespace, execution_count, candidates, known, (state_read, worker_pid), write_fd)
+                chain = (state_read, worker_pid, self._latest_pid)
+                self._child(namespace, execution_count, candidates, known, chain, write_fd)
             self._unlearned += 1
             self._latest_pid = pid
             self.ids = plan[2]
@@ -128,25 +136,35 @@ class Snapshotter:
         execution_count: int,
         candidates: list[str],
         known: tuple[dict[str, int], dict[str, str], dict[str, int]],
-        chain: tuple[int, int],
+        chain: tuple[int, int, int],
         digest_fd: int,
     ) -> None:
-        """Plan and take one snapshot; `chain` is (pipe to wait on or -1, the worker's pid)."""
+        """Plan and take one snapshot; `chain` is (pipe to wait on or -1, the worker's pid, the previous child's)."""
         known_ids, digests, sizes = known
-        state_fd, worker_pid = chain
+        state_fd, worker_pid, predecessor = chain
         status = 1
         learned: dict[str, Any] = {}
         removed: list[str] = []
+        fingerprints: dict[str, str] = {}
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             for signum in (signal.SIGUSR2, signal.SIGXCPU):
                 signal.signal(signum, signal.SIG_DFL)
             # Locks of the parent's threads may be held: never print or use the channel here.
             sys.stdout = sys.stderr = io.StringIO()
+            self.channel.close_after_fork()
             assert self.root is not None
+            complete = False
             if state_fd >= 0:
                 # Chained: wait for the previous snapshot's outcome.
-                state = _wait_for_frame(state_fd, worker_pid) or {"ok": False}
+                state = _wait_for_frame(state_fd, worker_pid)
+                if state is None:
+                    # The worker died before passing it on: what the store
+                    # holds is unknown, so save every name and say the list
+                    # is whole (names missing from it were deleted). Report
+                    # after the previous snapshot, which is recorded first.
+                    state, complete = {"ok": False}, True
+                    _wait_until_gone(predecessor)
                 digests, sizes = state.get("digests", {}), state.get("sizes", {})
                 if not state.get("ok"):
                     known_ids = {}  # it failed: compare everything
@@ -157,15 +175,17 @@ class Snapshotter:
             todo, removed, _, aliases = plan if plan else ([], [], {}, {})
             previous = {name: digests[name] for name in todo if name in digests}
             with HashingThreads() as pool:
-                result = snapshot.take(namespace, todo, previous, self.root, pool.map, aliases)
+                result = snapshot.take(namespace, todo, previous, self.root, pool.map, aliases, self.fingerprints)
             report = {
                 "type": "snapshot",
                 "execution_count": execution_count,
                 "entries": result["entries"],
                 "removed": removed,
                 "written": result["written"],
+                "complete": complete,
             }
             learned = {name: [entry.get("digest"), entry.get("size", 0)] for name, entry in result["entries"].items()}
+            fingerprints = result["fingerprints"]
             status = 0
         except BaseException as err:  # noqa: BLE001 - report, never raise, in a forked child
             report = {
@@ -176,7 +196,8 @@ class Snapshotter:
         try:
             if self.report_fd is not None:
                 protocol.write_frame(self.report_fd, report)
-            _write_all(digest_fd, json.dumps({"ok": status == 0, "digests": learned, "removed": removed}).encode())
+            outcome = {"ok": status == 0, "digests": learned, "removed": removed, "fingerprints": fingerprints}
+            _write_all(digest_fd, json.dumps(outcome).encode())
             # Close before exiting: tearing down a large copy-on-write address
             # space takes a while, and the parent only needs the digests.
             os.close(digest_fd)
@@ -229,7 +250,16 @@ class Snapshotter:
         for name in result["removed"]:
             self.digests.pop(name, None)
             self.sizes.pop(name, None)
+        self._remember_fingerprints(result.get("fingerprints") or {})
         return True
+
+    def _remember_fingerprints(self, seen: dict[str, str]) -> None:
+        """Keep the latest MAX_FINGERPRINTS; a forgotten one costs a SHA-256, never correctness."""
+        for key, digest in seen.items():
+            self.fingerprints.pop(key, None)
+            self.fingerprints[key] = digest
+        for key in list(islice(self.fingerprints, max(0, len(self.fingerprints) - MAX_FINGERPRINTS))):
+            del self.fingerprints[key]
 
     def restore(self, entries: dict[str, Any], replace: bool) -> dict[str, Any]:
         """Load a checkpoint into the namespace; report what could not be."""
@@ -315,6 +345,13 @@ def _wait_for_frame(fd: int, parent: int) -> dict[str, Any] | None:
         messages = decoder.feed(block)
         if messages:
             return messages[0]
+
+
+def _wait_until_gone(pid: int, timeout: float = 60.0) -> None:
+    """Poll until a process has exited (or is a zombie); give up after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while process_exists(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _write_all(fd: int, data: bytes) -> None:
