@@ -4,10 +4,12 @@ For a namespace of ~10 MB and one of ~1 GB (nine numpy arrays plus a pandas
 DataFrame), where one array (1/10 of the namespace) changes per cell:
 
   * added latency: execute_request -> idle of the changing cell on Capsule,
-    minus the same on stock ipykernel, interleaved (p50, p99). Two paces:
-    "paced" lets the previous checkpoint land first (a person at the
-    keyboard); "back to back" sends the next cell as soon as the last one
-    is idle (papermill, nbclient, an agent)
+    minus the same on stock ipykernel (p50, p99). Two paces: "paced" lets
+    the previous checkpoint land first (a person at the keyboard), the
+    kernels taking turns cell by cell and the difference taken per round;
+    "back to back" sends each kernel its cells as one block, the next as
+    soon as the last is idle (papermill, nbclient, an agent), and compares
+    the percentiles of the blocks
   * store growth per cell against the bytes that changed
   * a sandbox death (os._exit): the failing cell's round trip, which includes
     starting a sandbox and restoring the whole namespace
@@ -301,15 +303,18 @@ def kishu_baseline(total: int, cells: int) -> dict:
         return {"skipped": python}
     results = {}
     for label, experimental in (("default", "0"), ("experimental_tracker", "1")):
-        run = subprocess.run(
-            [str(python), str(HERE / "kishu_driver.py"), setup_code(total), CHANGE, str(cells), experimental],
-            capture_output=True,
-            text=True,
-        )
+        with tempfile.TemporaryDirectory(prefix="kishu-bench-") as home:
+            run = subprocess.run(
+                [str(python), str(HERE / "kishu_driver.py"), setup_code(total), CHANGE, str(cells), experimental, home],
+                capture_output=True,
+                text=True,
+            )
         if run.returncode:
             results[label] = {"failed": run.stderr.strip().splitlines()[-3:]}
         else:
-            results[label] = json.loads(run.stdout.strip().splitlines()[-1])
+            # The last line that is a JSON object: Kishu or IPython may print after it.
+            lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+            results[label] = json.loads(lines[-1])
     return results
 
 

@@ -7,17 +7,15 @@ cost it adds to a cell is measured on an InteractiveShell: the same cells
 with and without Kishu attached, interleaved. ENV_KISHU_TEST_MODE keeps it
 from asking a (here absent) frontend to save the notebook file.
 
-    python kishu_driver.py SETUP_CODE CHANGE_CODE CELLS EXPERIMENTAL(0|1)
+    python kishu_driver.py SETUP_CODE CHANGE_CODE CELLS EXPERIMENTAL(0|1) HOME_DIR
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ def store_size(home: Path) -> int:
 
 def main() -> int:
     setup, change, cells, experimental = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-    home = Path(tempfile.mkdtemp(prefix="kishu-bench-"))
+    home = Path(sys.argv[5])  # the caller removes it (gigabytes of Kishu's store at 1 GB)
     os.environ["HOME"] = str(home)  # Kishu keeps its store and config under ~/.kishu
     os.environ["ENV_KISHU_TEST_MODE"] = "1"
     import nbformat
@@ -66,7 +64,6 @@ def main() -> int:
     checkout = time.perf_counter() - began
     kishu.uninstall_kishu_hooks()
     without = [run(change) for _ in range(cells)]
-    shutil.rmtree(home, ignore_errors=True)  # a 1 GB run leaves gigabytes of Kishu's store
     print(
         json.dumps(
             {
