@@ -327,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Sizes not run this time keep their last results.
     report: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    report.pop("prefault_s", None)
     for label in args.sizes.split(","):
         total = SIZES[label]
         earlier = report.get(label, {})

@@ -115,13 +115,13 @@ def test_small_and_empty_buffers_are_read_not_mapped(tmp_path):
     for name in namespace:
         entry = snapshot.take(namespace, [name], {}, tmp_path)["entries"][name]
         assert bytes(snapshot.load(entry, tmp_path)) == bytes(namespace[name])
-    assert chunks.map_bytes(tmp_path, chunks.piece_digests(b"")) == b""
+    assert chunks.map_bytes(tmp_path, [chunks.chunk_digest(piece) for piece in chunks.pieces(b"")]) == b""
     assert _mappings_of(tmp_path) == 0
 
 
 def test_given_digests_are_not_recomputed_but_used_as_names(tmp_path):
     data = os.urandom(1000)
-    names = chunks.piece_digests(data)
+    names = [chunks.chunk_digest(piece) for piece in chunks.pieces(data)]
     assert chunks.write_bytes(tmp_path, data, names)[0] == names
     assert chunks.verify(tmp_path, names[0])
 

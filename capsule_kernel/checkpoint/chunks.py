@@ -111,11 +111,6 @@ def fingerprint(piece: memoryview) -> str | None:
     return blake3(piece).hexdigest()
 
 
-def piece_digests(data: memoryview | bytes, mapper: Mapper = map) -> list[str]:
-    """The names its chunks will have, hashed once each."""
-    return list(mapper(chunk_digest, pieces(data)))
-
-
 class ChunkWriter:
     """Names a chunk and stores it right away if the store lacks it.
 
@@ -183,7 +178,7 @@ def write_bytes(root: Path, data: memoryview | bytes, digests: list[str] | None 
     """Split into chunks and store them; return the digests and bytes newly written.
 
     `digests` are the chunks' names when the caller computed them already
-    (piece_digests); otherwise each chunk is hashed here.
+    (snapshot.chunk_layout); otherwise each chunk is hashed here.
     """
     parts = pieces(data)
     names = digests if digests is not None else [None] * len(parts)

@@ -98,7 +98,7 @@ def chunk_layout(
     chunk); all pieces of the value go through `mapper` in one batch.
     """
     parts = [pieces(data), *(pieces(_raw(buffer)) for buffer in buffers)]
-    names = iter(list(mapper(name_chunk or chunk_digest, [piece for part in parts for piece in part])))
+    names = iter(mapper(name_chunk or chunk_digest, [piece for part in parts for piece in part]))
     pickle_chunks, *buffer_chunks = [[next(names) for _ in part] for part in parts]
     listing = "\n".join(",".join(chunks) for chunks in [pickle_chunks, *buffer_chunks])
     return hashlib.sha256(listing.encode()).hexdigest(), pickle_chunks, buffer_chunks
