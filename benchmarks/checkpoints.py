@@ -6,7 +6,8 @@ DataFrame), where one array (1/10 of the namespace) changes per cell:
   * added latency: execute_request -> idle of the changing cell on Capsule,
     minus the same on stock ipykernel (p50, p99). Two paces: "paced" lets
     the previous checkpoint land first (a person at the keyboard), the
-    kernels taking turns cell by cell and the difference taken per round;
+    kernels taking turns cell by cell, each after the last one's background
+    work has finished, and the difference taken per round;
     "back to back" sends each kernel its cells as one block, the next as
     soon as the last is idle (papermill, nbclient, an agent), and compares
     the percentiles of the blocks
@@ -52,8 +53,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from jupyter_client.manager import KernelManager
 from run import percentile, time_cell, wait_idle, wait_reply
 
@@ -122,13 +126,66 @@ def mib_between(before_kib: int | None, after_kib: int | None) -> int | None:
     return None if before_kib is None or after_kib is None else (after_kib - before_kib) // 1024
 
 
-def run_round(kernels: dict, rotation: int, warm_bytes: int, into: dict[str, list[float]]) -> None:
-    """One changing cell on every kernel, the order rotated by `rotation`."""
+CLOCK_HOOK = """
+import time as _clock
+_cell_clock = {"s": 0.0, "start": 0.0}
+
+def _clock_start(*_):
+    _cell_clock["start"] = _clock.perf_counter()
+
+def _clock_stop(*_):
+    _cell_clock["s"] = _clock.perf_counter() - _cell_clock["start"]
+
+get_ipython().events.register("pre_run_cell", _clock_start)
+get_ipython().events.register("post_run_cell", _clock_stop)
+# Hidden names: not part of the user's namespace, so never checkpointed.
+get_ipython().user_ns_hidden.update(
+    _clock=_clock, _cell_clock=_cell_clock, _clock_start=_clock_start, _clock_stop=_clock_stop
+)
+"""
+
+
+@dataclass
+class Cells:
+    """Per kernel, per measured cell: what the frontend waited, and why."""
+
+    total: dict[str, list[float]]  # execute_request -> idle
+    own: dict[str, list[float]]  # the cell's code alone, timed by IPython's run_cell hooks
+    reported_mib: dict[str, list[int]]  # memory the VM handed back to its host meanwhile
+
+    @classmethod
+    def of(cls, names) -> Cells:
+        return cls({n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names})
+
+    def measure(self, name: str, client) -> None:
+        before = reported_kib()
+        began = time.perf_counter()
+        msg_id = client.execute(CHANGE, user_expressions={"own": "_cell_clock['s']"})
+        wait_idle(client, msg_id, timeout=600)
+        self.total[name].append(time.perf_counter() - began)
+        reply = wait_reply(client, msg_id, timeout=600)
+        self.own[name].append(float(reply["content"]["user_expressions"]["own"]["data"]["text/plain"]))
+        self.reported_mib[name].append(mib_between(before, reported_kib()) or 0)
+
+    def outside(self) -> dict[str, list[float]]:
+        """Each cell's time minus its code's: what the kernel adds around the code."""
+        return {n: [t - o for t, o in zip(self.total[n], self.own[n], strict=True)] for n in self.total}
+
+
+def run_round(kernels: dict, rotation: int, warm_bytes: int, into: Cells, settle_one: Callable[[str], None]) -> None:
+    """One changing cell on every kernel, the order rotated by `rotation`.
+
+    Each kernel's background work (Capsule's checkpoint, the control's fork
+    child) finishes before the next kernel's cell starts: a person works in
+    one notebook at a time, and a cell timed while another kernel's snapshot
+    writes 100 MB measures that contention, not the kernel.
+    """
     names = list(kernels)
     shift = rotation % len(names)
     for name in names[shift:] + names[:shift]:
         warm_free_memory(warm_bytes)
-        into[name].append(time_cell(kernels[name][1], CHANGE))
+        into.measure(name, kernels[name][1])
+        settle_one(name)
 
 
 def bench_size(total: int, cells: int, warm: bool) -> dict:
@@ -144,24 +201,35 @@ def bench_size(total: int, cells: int, warm: bool) -> dict:
     try:
         for _, client in kernels.values():
             time_cell(client, setup_code(total))
+            time_cell(client, CLOCK_HOOK)
         time_cell(kernels["control"][1], CONTROL_HOOK.format(directory=str(control_files)))
         settle(capsule)
-        paced: dict[str, list[float]] = {name: [] for name in kernels}
+        paced = Cells.of(kernels)
         growth = []
         warm_bytes = 2 * changed_bytes if warm else 0
         reported_before = reported_kib()
+
+        baseline = {name: descendants(km) for name, (km, _) in kernels.items()}
+
+        def settle_one(name: str) -> None:
+            if name == "capsule":
+                settle(capsule)
+            elif name == "control":
+                settle_control(control_files, len(paced.total["control"]))
+            # Its fork children have exited too: tearing down a copy of 1 GB takes a while.
+            wait_for_descendants(kernels[name][0], baseline[name])
+
         for cell in range(cells):
             before = dir_size(home)
-            run_round(kernels, cell, warm_bytes, paced)
-            settle(capsule)
-            settle_control(control_files, len(paced["control"]))
+            run_round(kernels, cell, warm_bytes, paced, settle_one)
             growth.append(dir_size(home) - before)
-        back_to_back: dict[str, list[float]] = {name: [] for name in kernels}
+        back_to_back = Cells.of(kernels)
         for name, (_, client) in kernels.items():
             # Each kernel alone, cell after cell, as papermill or an agent sends them.
             settle(capsule)
             warm_free_memory(warm_bytes)
-            back_to_back[name] = [time_cell(client, CHANGE) for _ in range(cells)]
+            for _ in range(cells):
+                back_to_back.measure(name, client)
         reported_after = reported_kib()
         settle(capsule)
         time_travel = time_travel_restore(capsule)
@@ -230,6 +298,19 @@ get_ipython().events.register("post_run_cell", _fork_and_save)
 """
 
 
+def descendants(km) -> int:
+    return len(psutil.Process(km.provisioner.process.pid).children(recursive=True))
+
+
+def wait_for_descendants(km, at_most: int, timeout: float = 120.0) -> None:
+    """Wait until the kernel's process tree is back to `at_most` processes."""
+    deadline = time.monotonic() + timeout
+    while descendants(km) > at_most:
+        if time.monotonic() > deadline:
+            raise TimeoutError("a kernel's fork child did not exit")
+        time.sleep(0.01)
+
+
 def settle_control(directory: Path, step: int, timeout: float = 120.0) -> None:
     """Wait until the control's fork child of cell `step` has saved its array."""
     deadline = time.monotonic() + timeout
@@ -239,30 +320,39 @@ def settle_control(directory: Path, step: int, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def added(latencies: dict[str, list[float]], paired: bool) -> dict:
+def added(cells: Cells, paired: bool) -> dict:
     """Capsule's extra time per cell over ipykernel and over the control.
 
     Paired: cell i of each kernel ran in the same round, so the extra time is
     taken per round, then its percentiles. Unpaired (each kernel ran its own
-    block of cells): the difference of the percentiles.
+    block of cells): the difference of the percentiles. "outside the code"
+    leaves out the cell's own run time, which on this VM now and then
+    includes first touches of memory the host took back.
     """
 
-    def extra(other: str, pct: float) -> float:
+    def extra(latencies: dict[str, list[float]], other: str, pct: float) -> float:
         if paired:
             diffs = [c - o for c, o in zip(latencies["capsule"], latencies[other], strict=True)]
             return percentile(diffs, pct) * 1000
         return (percentile(latencies["capsule"], pct) - percentile(latencies[other], pct)) * 1000
 
+    outside = cells.outside()
     report = {
-        "added_ms_p50": extra("ipykernel", 50),
-        "added_ms_p99": extra("ipykernel", 99),
-        "added_over_control_ms_p50": extra("control", 50),
-        "added_over_control_ms_p99": extra("control", 99),
+        "added_ms_p50": extra(cells.total, "ipykernel", 50),
+        "added_ms_p99": extra(cells.total, "ipykernel", 99),
+        "added_over_control_ms_p50": extra(cells.total, "control", 50),
+        "added_over_control_ms_p99": extra(cells.total, "control", 99),
+        "added_outside_code_ms_p50": extra(outside, "ipykernel", 50),
+        "added_outside_code_ms_p99": extra(outside, "ipykernel", 99),
     }
-    for name, values in latencies.items():
+    for name, values in cells.total.items():
         report[f"{name}_cell_ms_p50"] = percentile(values, 50) * 1000
         report[f"{name}_cell_ms_p99"] = percentile(values, 99) * 1000
+        report[f"{name}_code_ms_p50"] = percentile(cells.own[name], 50) * 1000
+        report[f"{name}_code_ms_p99"] = percentile(cells.own[name], 99) * 1000
         report[f"{name}_cells_ms"] = [round(value * 1000, 1) for value in values]
+        report[f"{name}_code_ms"] = [round(value * 1000, 1) for value in cells.own[name]]
+        report[f"{name}_reported_mib"] = cells.reported_mib[name]
     return report
 
 
