@@ -293,3 +293,16 @@ def test_the_worker_keeps_the_latest_fingerprints_only(monkeypatch):
     assert snapshots.fingerprints == {"c": "3", "a": "1", "d": "4"}  # "b" was the least recently seen
     assert not snapshots._learn({"ok": False}, pid=2)  # a failed snapshot teaches nothing
     assert list(snapshots.fingerprints) == ["c", "a", "d"]
+
+
+def test_preload_imports_the_fingerprint_hash_before_any_fork():
+    """Snapshot children inherit blake3 from the worker instead of importing it each time."""
+    pytest.importorskip("blake3", reason="blake3 is not installed: there is nothing to preload")
+    script = (
+        "import sys\n"
+        "from capsule_kernel.checkpoint import chunks\n"
+        "assert 'blake3' not in sys.modules, 'imported too early'\n"
+        "chunks.preload()\n"
+        "assert 'blake3' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)

@@ -95,6 +95,15 @@ def _blake3() -> Callable[..., Any] | None:
     return blake3
 
 
+def preload() -> None:
+    """Import the fingerprint hash now, in a process that forks snapshot children.
+
+    A child inherits the module; otherwise each child would import the
+    extension module anew (a millisecond or more of a snapshot's time).
+    """
+    _blake3()
+
+
 def fingerprint(piece: memoryview) -> str | None:
     """A BLAKE3 digest of a large chunk: its SHA-256 name looked up, not computed.
 

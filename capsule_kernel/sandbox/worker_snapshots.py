@@ -29,7 +29,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.checkpoint import snapshot
+from capsule_kernel.checkpoint import chunks, snapshot
 from capsule_kernel.checkpoint.chunks import HashingThreads
 from capsule_kernel.sandbox import protocol
 from capsule_kernel.sandbox.deaths import process_exists
@@ -96,6 +96,7 @@ class Snapshotter:
         """Fork; the child snapshots while this process serves on."""
         namespace = self.shell.user_ns
         _track_notebook_classes(namespace[name] for name in plan[0] if name in namespace)
+        chunks.preload()  # once, here: not again in every child
         read_fd, write_fd = os.pipe()
         state_read, state_write = os.pipe()
         # Under the lock, so a collector cannot pass on digests (and close the
