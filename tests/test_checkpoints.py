@@ -389,14 +389,19 @@ def test_a_cell_running_when_the_kernel_dies_shows_as_interrupted(fresh_kernel, 
     env = {"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "interrupted-session"}
     first = fresh_kernel(env=env)
     first.execute("done_before = 1")
+    log = die_in_a_long_cell_and_read_the_next_log(first, fresh_kernel, env)
+    assert any(line.startswith("[1]") and " ok " in f" {line} " for line in log.splitlines())
+
+
+def die_in_a_long_cell_and_read_the_next_log(first, fresh_kernel, env) -> str:
+    """Kill -9 the kernel mid-cell; a new kernel's %capsule log must show that cell interrupted."""
     msg_id = first.kc.execute("import time\nprint('working', flush=True)\ntime.sleep(120)")
     wait_until(lambda: _saw_stream(first, msg_id, "working"), what="the long cell to start")
     _kill_kernel(first)
-    second = fresh_kernel(env=env)
-    log = second.execute("%capsule log").texts()
+    log = fresh_kernel(env=env).execute("%capsule log").texts()
     row = next(line for line in log.splitlines() if line.startswith("[") and " interrupted " in f" {line} ")
     assert "import time" in row
-    assert any(line.startswith("[1]") and " ok " in f" {line} " for line in log.splitlines())
+    return log
 
 
 def _saw_stream(kernel, msg_id, text) -> bool:
