@@ -10,7 +10,8 @@ DataFrame), where one array (1/10 of the namespace) changes per cell:
     work has finished, and the difference taken per round;
     "back to back" sends each kernel its cells as one block, the next as
     soon as the last is idle (papermill, nbclient, an agent), and compares
-    the percentiles of the blocks
+    the percentiles of the blocks. IPython's run_cell hooks time each cell's
+    own code in every kernel, so the added time also comes without it
   * store growth per cell against the bytes that changed
   * a sandbox death (os._exit): the failing cell's round trip, which includes
     starting a sandbox and restoring the whole namespace
