@@ -15,7 +15,8 @@ DataFrame), where one array (1/10 of the namespace) changes per cell:
   * store growth per cell against the bytes that changed
   * a sandbox death (os._exit): the failing cell's round trip, which includes
     starting a sandbox and restoring the whole namespace
-  * time travel: `%capsule restore` to the checkpoint one cell back
+  * time travel: `%capsule restore` to the checkpoint one cell back, then
+    back again from a cold page cache (needs root to drop the cache)
   * dill.dump_module / load_module of the same namespace, the usual manual way
   * Kishu 0.3.4 (PyPI `kishu`), default and with its experimental tracker,
     in its own venv (benchmarks/.kishu-venv, made on first use: Kishu pins
@@ -233,7 +234,7 @@ def bench_size(total: int, cells: int, warm: bool) -> dict:
                 back_to_back.measure(name, client)
         reported_after = reported_kib()
         settle(capsule)
-        time_travel = time_travel_restore(capsule)
+        time_travel, cold_restore = time_travel_restore(capsule)
         death = time_cell(capsule, "import os\nos._exit(1)")
         check = capsule.execute("int(step)")
         wait_reply(capsule, check)
@@ -246,6 +247,8 @@ def bench_size(total: int, cells: int, warm: bool) -> dict:
             "store_growth_per_cell_over_changed": statistics.median(growth) / changed_bytes,
             "death_to_restored_reply_s": death,
             "time_travel_restore_s": time_travel,
+            "cold_restore_s": cold_restore,
+            "disk_read_mb_s": disk_read_speed(home) if cold_restore is not None else None,
             "dill": dill_baseline(total),
             "warm_free_memory_bytes": warm_bytes,
             "host_reported_free_mib_during_cells": mib_between(reported_before, reported_after),
@@ -258,8 +261,19 @@ def bench_size(total: int, cells: int, warm: bool) -> dict:
         shutil.rmtree(home, ignore_errors=True)  # gigabytes of chunks at 1 GB
 
 
-def time_travel_restore(client) -> float:
-    """Seconds for `%capsule restore` to the checkpoint before the latest one."""
+def drop_page_cache() -> bool:
+    """Empty the OS page cache (root only), so the next restore reads from the disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def time_travel_restore(client) -> tuple[float, float | None]:
+    """Seconds for `%capsule restore` to the checkpoint before the latest one, then
+    back to the latest from a cold page cache (None: the cache cannot be dropped)."""
     msg_id = client.execute("%capsule log -n 2")
     wait_reply(client, msg_id)
     # The log's plain text lists checkpoints oldest first, a row per "[count] id ...".
@@ -275,7 +289,10 @@ def time_travel_restore(client) -> float:
     ids = [line.split()[1] for line in "\n".join(texts).splitlines() if line.startswith("[")]
     if len(ids) < 2:
         raise RuntimeError(f"cannot find two checkpoints in %capsule log output: {texts}")
-    return time_cell(client, f"%capsule restore {ids[0]}")
+    warm = time_cell(client, f"%capsule restore {ids[0]}")
+    if not drop_page_cache():
+        return warm, None
+    return warm, time_cell(client, f"%capsule restore {ids[1]}")
 
 
 CONTROL_HOOK = """
@@ -297,6 +314,25 @@ def _fork_and_save(result, _directory={directory!r}):
 
 get_ipython().events.register("post_run_cell", _fork_and_save)
 """
+
+
+def disk_read_speed(directory: Path, nbytes: int = 256 * 2**20) -> float:
+    """MB/s reading a just-written, fsynced file after the page cache is dropped."""
+    path = directory / "read-speed.bin"
+    block = os.urandom(8 * 2**20)
+    with open(path, "wb") as handle:
+        for _ in range(nbytes // len(block)):
+            handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    drop_page_cache()
+    began = time.perf_counter()
+    with open(path, "rb", buffering=0) as handle:
+        while handle.read(len(block)):
+            pass
+    elapsed = time.perf_counter() - began
+    path.unlink()
+    return nbytes / elapsed / 1e6
 
 
 def descendants(km) -> int:
