@@ -14,12 +14,13 @@ SSEConnection, as it would to a real server.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
+from resonate.connections.local import unwrap_request_envelope
 
 
 class ResonateProtocolServer:
@@ -80,9 +81,6 @@ class ResonateProtocolServer:
         await runner.cleanup()
         backend.close()
 
-    def kinds(self) -> list[Any]:
-        import json
-
-        from resonate.connections.local import unwrap_request_envelope
-
+    def kinds(self) -> list[str | None]:
+        """The request kinds received so far (promise.create, promise.settle, ...)."""
         return [unwrap_request_envelope(json.loads(body)).get("kind") for body in list(self.requests)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import sqlite3
 import threading
@@ -347,42 +349,41 @@ def test_retention_and_gc(fresh_kernel, home, tmp_path):
     assert kernel.execute("round_, len(blob)").result_text == f"(3, {2 * 1024 * 1024})"
 
 
-def _promises_in(home: Path, session: str) -> dict[int, object]:
-    """Replay the kernel's promise journal, as a later kernel would, and read it."""
+def promises_in(db: Path, session: str) -> dict[int, object]:
+    """Replay a promise journal (a kernel's capsule.sqlite, or the test server's), as a later kernel would."""
     from capsule_kernel.checkpoint.promises import JournaledLocalConnection
 
-    connection = JournaledLocalConnection(home / "capsule.sqlite")
+    connection = JournaledLocalConnection(db)
     try:
         return {
             int(p.tags["capsule.cell"]): p
             for p in connection.state.promises.values()
-            if p.tags.get("capsule.session") == session
+            if (p.tags or {}).get("capsule.session") == session
         }
     finally:
         connection.close()
 
 
-def test_every_cell_is_a_durable_promise(fresh_kernel, home):
-    import base64
-    import json
+def promise_value(promise) -> dict:
+    """A settled promise's value as the kernel encoded it (JSON, base64)."""
+    return json.loads(base64.b64decode(promise.value["data"]))
 
+
+def test_every_cell_is_a_durable_promise(fresh_kernel, home):
     env = {"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "promised"}
     kernel = fresh_kernel(env=env)
     good = kernel.execute("answer = 42").content["execution_count"]
     same = kernel.execute("answer").content["execution_count"]
     bad = kernel.execute("1/0").content["execution_count"]
     kernel.execute("%capsule log")  # settles checkpoints and promises
-    promises = _promises_in(home, "promised")
-
-    def value(p):
-        return json.loads(base64.b64decode(p.value["data"]))
+    promises = promises_in(home / "capsule.sqlite", "promised")
 
     assert promises[good].state == "resolved"
-    assert value(promises[good])["checkpoint"]
+    assert promise_value(promises[good])["checkpoint"]
     assert json.loads(base64.b64decode(promises[good].param["data"]))["sandbox"] == "subprocess"
-    assert promises[same].state == "resolved" and value(promises[same])["changed"] is False
-    assert value(promises[same])["outputs"].get("execute_result") == 1
-    assert promises[bad].state == "rejected" and value(promises[bad])["ename"] == "ZeroDivisionError"
+    assert promises[same].state == "resolved" and promise_value(promises[same])["changed"] is False
+    assert promise_value(promises[same])["outputs"].get("execute_result") == 1
+    assert promises[bad].state == "rejected" and promise_value(promises[bad])["ename"] == "ZeroDivisionError"
 
 
 def test_a_cell_running_when_the_kernel_dies_shows_as_interrupted(fresh_kernel, home):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import sqlite3
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import pytest
 
 from tests.harness import wait_until
 from tests.resonate_server import ResonateProtocolServer
-from tests.test_checkpoints import die_in_a_long_cell_and_read_the_next_log
+from tests.test_checkpoints import die_in_a_long_cell_and_read_the_next_log, promise_value, promises_in
 
 
 @pytest.fixture
@@ -41,25 +39,7 @@ def test_promises_go_to_the_server_and_interrupted_cells_come_back_from_it(fresh
     assert _journal_rows(home / "capsule.sqlite") == 0, "the embedded journal was used instead of the server"
 
     # What the server holds, replayed from its journal once it has stopped.
-    remote = _promises_in_db(tmp_path / "server.sqlite", "remote")
-
-    def value(p):
-        return json.loads(base64.b64decode(p.value["data"]))
-
-    assert remote[good].state == "resolved" and value(remote[good])["checkpoint"]
-    assert remote[bad].state == "rejected" and value(remote[bad])["ename"] == "ZeroDivisionError"
+    remote = promises_in(tmp_path / "server.sqlite", "remote")
+    assert remote[good].state == "resolved" and promise_value(remote[good])["checkpoint"]
+    assert remote[bad].state == "rejected" and promise_value(remote[bad])["ename"] == "ZeroDivisionError"
     assert any(p.state == "pending" for p in remote.values()), "the interrupted cell stays pending"
-
-
-def _promises_in_db(db: Path, session: str) -> dict[int, object]:
-    from capsule_kernel.checkpoint.promises import JournaledLocalConnection
-
-    connection = JournaledLocalConnection(db)
-    try:
-        return {
-            int(p.tags["capsule.cell"]): p
-            for p in connection.state.promises.values()
-            if (p.tags or {}).get("capsule.session") == session
-        }
-    finally:
-        connection.close()

@@ -96,7 +96,7 @@ class Snapshotter:
         """Fork; the child snapshots while this process serves on."""
         namespace = self.shell.user_ns
         _track_notebook_classes(namespace[name] for name in plan[0] if name in namespace)
-        chunks.preload()  # once, here: not again in every child
+        chunks.preload()  # imported once (cached) in this process; children inherit it
         read_fd, write_fd = os.pipe()
         state_read, state_write = os.pipe()
         # Under the lock, so a collector cannot pass on digests (and close the
