@@ -31,7 +31,7 @@ def build_kernelspec(target: Path, display_name: str, python: str) -> None:
     """Copy the logos and write kernel.json pointing at this interpreter."""
     source = kernelspec_source()
     spec = json.loads((source / "kernel.json").read_text())
-    spec["argv"] = [python, "-m", "capsule_kernel", "-f", "{connection_file}"]
+    spec["argv"] = [python, "-P", "-m", "capsule_kernel", "-f", "{connection_file}"]
     spec["display_name"] = display_name
     target.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -134,6 +135,11 @@ class CapsuleKernel(Kernel):
             self.shell_handlers[msg_type] = getattr(self, f"_forward_{msg_type}")
 
     @property
+    def cell_running(self) -> bool:
+        """Whether a cell is running in a sandbox right now (a magic may arrive from inside it)."""
+        return self._cell_running
+
+    @property
     def sandbox(self) -> SubprocessSandbox | None:
         """The sandbox of the active kind (the one the current or last cell ran in)."""
         return self.sandboxes.get(self.active_kind)
@@ -233,13 +239,27 @@ class CapsuleKernel(Kernel):
                 self.limit_settings.limits, on_event, chunk_root=self.checkpoints.chunk_root, mounts=self.mounts
             )
         else:
-            sandbox = SubprocessSandbox(self.limit_settings.limits, on_event, chunk_root=self.checkpoints.chunk_root)
+            sandbox = SubprocessSandbox(
+                self.limit_settings.limits,
+                on_event,
+                chunk_root=self.checkpoints.chunk_root,
+                mounts=self.mounts,
+                sandbox_settings=self.settings.sandbox,
+                state_dir=self._sandbox_state_dir(),
+            )
         self.sandbox = sandbox
         self.held[sandbox.kind] = {}
         await sandbox.start()
         self._side_task(self._watch_sandbox(sandbox), cell_scoped=False)
         self.log.info("capsule sandbox started, pid %s", sandbox.pid)
         return sandbox
+
+    def _sandbox_state_dir(self) -> Path | None:
+        """This notebook's persistent IPython directory (history), beside the store; one per session."""
+        root = self.checkpoints.chunk_root
+        if root is None:
+            return None
+        return root.parent / "sandbox-state" / hashlib.sha256(self.session_name.encode()).hexdigest()[:24]
 
     async def _watch_sandbox(self, sandbox: SubprocessSandbox) -> None:
         """Notice a sandbox that dies between cells, and replace it at once."""
@@ -336,13 +356,13 @@ class CapsuleKernel(Kernel):
             await sandbox.snapshots_settled(timeout)
         await self.checkpoints.settled(timeout)
 
-    async def replace_wasm_sandbox(self) -> None:
-        """A new Wasm instance (new mounts or memory cap) holding what the old one held."""
+    async def replace_sandbox(self, kind: str) -> None:
+        """A new sandbox of this kind (new mounts or memory cap) holding what the old one held."""
         await self.checkpoints_settled()
-        old = self.sandboxes.get("wasm")
+        old = self.sandboxes.get(kind)
         if old is None:
             return
-        previous_kind, self.active_kind = self.active_kind, "wasm"
+        previous_kind, self.active_kind = self.active_kind, kind
         try:
             old.stopping = True
             await old.shutdown()
@@ -566,7 +586,7 @@ class CapsuleKernel(Kernel):
                 wanted.append(target)
         failed: dict[str, str] = {}
         try:
-            result = await sandbox.request("restore", {"entries": entries, "replace": False}, timeout=600)
+            result = await sandbox.restore(entries, replace=False)
             failed = dict(result.get("failed", {}))
         except (SandboxDied, TimeoutError) as err:
             failed = dict.fromkeys(entries, f"the transfer failed: {err}")

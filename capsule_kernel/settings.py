@@ -20,6 +20,77 @@ DEFAULT_KEEP = 200
 DEFAULT_GC_GRACE_SECONDS = 600.0
 
 
+_WORKDIR_ACCESS = ("rw", "ro", "none")
+DEFAULT_INTERRUPT_GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """The operator's ``[sandbox]`` table: what the subprocess sandbox sees and who it is.
+
+    ``workdir``: the notebook's working directory read-write (default), read-only
+    or not at all; ``env``: variables to set in the sandbox; ``pass_env``: names of
+    the kernel's variables to pass on (the rest of its environment never reaches
+    a cell); ``require_confinement``: refuse to run cells where the OS cannot confine them;
+    ``interrupt_grace``: how long a cell may ignore an interrupt before the sandbox
+    is stopped.
+    """
+
+    workdir: str = "rw"
+    env: tuple[tuple[str, str], ...] = ()
+    pass_env: tuple[str, ...] = ()
+    require_confinement: bool = False
+    interrupt_grace: float = DEFAULT_INTERRUPT_GRACE_SECONDS
+
+    @classmethod
+    def parse(
+        cls, table: object, where: str, environ: dict[str, str] | os._Environ[str]
+    ) -> tuple[SandboxSettings, list[str]]:
+        """From the config table and CAPSULE_REQUIRE_CONFINEMENT; bad values are skipped with a warning."""
+        warnings: list[str] = []
+        values: dict[str, object] = {}
+        if not isinstance(table, dict):
+            if table is not None:
+                warnings.append(f"{where}: [sandbox] must be a table")
+            table = {}
+        workdir = table.get("workdir")
+        if workdir is not None:
+            if workdir in _WORKDIR_ACCESS:
+                values["workdir"] = workdir
+            else:
+                warnings.append(f"{where}: sandbox.workdir: {workdir!r} is not one of rw, ro, none")
+        env = table.get("env", {})
+        if isinstance(env, dict) and all(isinstance(v, str | int | float) for v in env.values()):
+            values["env"] = tuple((str(k), str(v)) for k, v in env.items())
+        else:
+            warnings.append(f'{where}: sandbox.env must be a table of NAME = "value"')
+        passed = table.get("pass_env", [])
+        if isinstance(passed, list) and all(isinstance(name, str) for name in passed):
+            values["pass_env"] = tuple(passed)
+        else:
+            warnings.append(f"{where}: sandbox.pass_env must be a list of variable names")
+        if "uid" in table:
+            warnings.append(f"{where}: sandbox.uid is ignored: the sandbox's uid is set with CAPSULE_SANDBOX_UID")
+        for key, raw, parser in (
+            (
+                "require_confinement",
+                environ.get("CAPSULE_REQUIRE_CONFINEMENT", table.get("require_confinement")),
+                parse_switch,
+            ),
+            ("interrupt_grace", table.get("interrupt_grace"), parse_duration),
+        ):
+            if raw is None:
+                continue
+            try:
+                value = parser(raw)
+            except LimitError as err:
+                warnings.append(f"{where}: sandbox.{key}: {err}")
+                continue
+            if value is not None:
+                values[key] = value
+        return cls(**values), warnings
+
+
 @dataclass(frozen=True)
 class KernelSettings:
     auto_resume: bool = False
@@ -29,6 +100,7 @@ class KernelSettings:
     mode: str = "subprocess"
     # Host directories Wasm cells may use: [{"path": absolute path, "writable": bool}].
     fs_access: tuple[dict[str, object], ...] = ()
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     source: Path | None = None
     warnings: tuple[str, ...] = field(default=())
 
@@ -75,6 +147,8 @@ class KernelSettings:
             values["fs_access"] = tuple(mounts)
         else:
             warnings.append(f"{path}: fs_access must be a table with read = [...] and write = [...]")
+        values["sandbox"], sandbox_warnings = SandboxSettings.parse(table.get("sandbox"), str(path), os.environ)
+        warnings += sandbox_warnings
         for warning in warnings:
             log.warning(warning)
         return cls(**values, source=path, warnings=tuple(warnings))

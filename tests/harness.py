@@ -182,8 +182,12 @@ class KernelHarness:
         raise TimeoutError(f"no shell reply to {msg_id}")
 
     def sandbox_pid(self) -> int:
-        result = self.execute("import os; os.getpid()")
-        return int(result.result_text)
+        """The host pid of the sandbox's worker (inside its PID namespace it has another)."""
+        status = self.execute("%capsule status").texts()
+        match = re.search(r"^pid\s+(\d+)", status, re.MULTILINE)
+        if match is None:
+            raise AssertionError(f"no pid in %capsule status:\n{status}")
+        return int(match.group(1))
 
 
 def wait_until(

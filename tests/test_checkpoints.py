@@ -101,7 +101,7 @@ def test_a_deletion_holds_when_the_sandbox_dies_before_its_snapshot_learns_the_l
     """
     flag = tmp_path / "release"
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
-    worker = int(kernel.execute("import os\nos.getpid()").result_text)
+    worker = kernel.sandbox_pid()
     kernel.execute(HELD_SNAPSHOT.format(flag=str(flag)))
     kernel.execute("del temporary")
 
@@ -148,13 +148,12 @@ def test_a_corrupt_chunk_loses_only_its_value(fresh_kernel, home):
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
     kernel.execute("precious = 'x' * 100000\nother = 'fine'")
     wait_until(lambda: checkpoint_count(home) >= 1, what="the first checkpoint")
-    digest = kernel.execute(
-        "import sqlite3, json, os\n"
-        "row = sqlite3.connect(os.environ['CAPSULE_HOME'] + '/capsule.sqlite').execute("
-        "'SELECT entries FROM checkpoints ORDER BY seq DESC LIMIT 1').fetchone()\n"
-        "json.loads(row[0])['precious']['pickle'][0]"
-    ).result_text.strip("'")
+    # The store is the kernel's: read on the host (a cell cannot see it).
+    with sqlite3.connect(home / "capsule.sqlite") as db:
+        row = db.execute("SELECT entries FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+    digest = json.loads(row[0])["precious"]["pickle"][0]
     chunk = home / "chunks" / digest[:2] / digest
+    chunk.chmod(0o644)
     chunk.write_bytes(b"garbage")
     evalue = crash(kernel)
     assert "precious (ChunkError: chunk" in evalue and "corrupt" in evalue

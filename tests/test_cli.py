@@ -35,7 +35,7 @@ def test_install_prefix_then_kernelspec_list_then_uninstall(tmp_path):
     assert installed.returncode == 0, installed.stderr
     spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "capsule-cli-test"
     spec = json.loads((spec_dir / "kernel.json").read_text())
-    assert spec["argv"] == [sys.executable, "-m", "capsule_kernel", "-f", "{connection_file}"]
+    assert spec["argv"] == [sys.executable, "-P", "-m", "capsule_kernel", "-f", "{connection_file}"]
     assert spec["display_name"] == "Capsule (sandboxed Python)"
     assert spec["language"] == "python"
     assert spec["metadata"]["debugger"] is False

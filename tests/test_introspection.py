@@ -58,10 +58,12 @@ def test_history_tail_range_search(kernel):
 
 
 def test_history_survives_a_kernel_restart(fresh_kernel, tmp_path):
-    first = fresh_kernel()
+    """History is kept per notebook (session): its sandboxes cannot read another notebook's."""
+    session = {"CAPSULE_SESSION": f"history-{tmp_path.name}"}
+    first = fresh_kernel(env=session)
     first.execute("persisted_marker = 'kept across kernels'")
     first.close()
-    second = start_kernel(cwd=tmp_path)
+    second = start_kernel(cwd=tmp_path, env=session)
     try:
         found = second.request(
             "history", hist_access_type="search", pattern="*kept across kernels*", output=False, raw=True

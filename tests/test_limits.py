@@ -62,6 +62,7 @@ def test_timeout_interrupts_and_keeps_the_namespace(fresh_kernel):
 @pytest.mark.slow
 def test_timeout_kills_a_cell_that_ignores_the_interrupt(fresh_kernel):
     kernel = fresh_kernel()
+    kernel.execute("kept = 1")  # a checkpoint to restore
     kernel.execute("%capsule limits --timeout 1s")
     old_pid = kernel.sandbox_pid()
     code = (
@@ -215,18 +216,24 @@ def test_restart_gives_a_fresh_namespace(fresh_kernel):
 
 @pytest.mark.skipif(shutil.which("sleep") is None, reason="needs the sleep command")
 def test_shell_children_die_with_a_killed_sandbox(fresh_kernel):
-    kernel = fresh_kernel()
-    kernel.execute("import subprocess\nchild = subprocess.Popen(['sleep', '300'])")
-    child_pid = int(kernel.execute("child.pid").result_text)
-    kernel.execute("%capsule restart")
     from tests.harness import wait_until
+    from tests.security.helpers import processes_with
+
+    tag = f"sleep {300000 + os.getpid() % 10000}"
+    kernel = fresh_kernel()
+    kernel.execute(f"import subprocess\nchild = subprocess.Popen({tag.split()!r})")
+    # Inside its PID namespace the child has another pid: find it on the host by its command line.
+    wait_until(lambda: processes_with(tag), what="the sandbox's child process to start")
+    kernel.execute("%capsule restart")
 
     def gone() -> bool:
-        try:
-            state = Path(f"/proc/{child_pid}/stat").read_text().split(")")[1].split()[0]
-        except OSError:
-            return True
-        return state == "Z"
+        for pid in processes_with(tag):
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z":
+                    return False
+            except OSError:
+                continue
+        return True
 
     wait_until(gone, what="the sandbox's child process to end")
 

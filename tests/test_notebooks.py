@@ -31,7 +31,10 @@ def text_of(outputs: list[dict]) -> str:
 
 def check_tour(nb) -> None:
     out = outputs_by_id(nb)
-    assert "This cell runs in process" in text_of(out["where"])
+    assert "This cell runs as process" in text_of(out["where"])
+    confined = text_of(out["confined"])
+    assert "processes this sandbox can see: [1, 2, 3" in confined  # bubblewrap's init, the supervisor, the worker
+    assert "ptrace attach -> -1 Operation not permitted" in confined
     assert "sandbox         subprocess" in text_of(out["status"])
     assert text_of(out["stream"]) == "step 0\nstep 1\nstep 2\n"
     assert any("image/png" in o.get("data", {}) for o in out["plot"])

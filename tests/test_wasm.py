@@ -328,7 +328,8 @@ def test_shutdown_stops_both_sandboxes(tmp_path):
     kernel = start_kernel(env={"CAPSULE_MODE": "auto"}, cwd=tmp_path)
     try:
         assert meta(kernel.execute("a = 1")).get("sandbox") == "wasm"
-        worker = int(kernel.execute("import os, numpy\nos.getpid()").result_text)
+        assert meta(kernel.execute("import numpy")).get("sandbox") == "subprocess"
+        worker = kernel.sandbox_pid()
         status = kernel.execute("%capsule status").texts()
         host = int(re.search(r"wasm sandbox\s+pid (\d+)", status).group(1))
         assert os.path.exists(f"/proc/{worker}") and os.path.exists(f"/proc/{host}")

@@ -5,8 +5,14 @@ between cells is never written twice, and anyone can check a chunk against
 its name. Files are written to a temporary name, fsynced and renamed, so a
 crash at any instant leaves either no chunk or a whole one.
 
-Used by the sandbox (which writes) and the kernel (which verifies and
-deletes); neither interprets the bytes.
+The subprocess sandbox writes new chunks into a private spool (not fsynced:
+nothing is durable until the kernel has copied it); the kernel copies each
+one into the store, hashing exactly the bytes it writes
+(``store.CheckpointStore.adopt``), and deletes the spool file. Restores read
+through a ChunkSource: a directory for trusted processes, or read-only
+descriptors the kernel hands the sandbox one chunk at a time
+(``sandbox/chunk_server.py``), so the sandbox never sees the store itself.
+Nobody interprets the bytes but the sandbox that unpickles them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import os
 from collections.abc import Callable, Iterable
 from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -30,8 +36,36 @@ def chunk_path(root: Path, digest: str) -> Path:
     return root / digest[:2] / digest
 
 
-def _missing(root: Path, digest: str) -> ChunkError:
+def _missing(root: object, digest: str) -> ChunkError:
     return ChunkError(f"chunk {digest[:12]} is missing from {root}")
+
+
+class ChunkSource(Protocol):
+    """Where a restore reads chunks from: open one by name, read-only."""
+
+    def open(self, digest: str) -> int:
+        """A new read-only descriptor of the chunk (the caller closes it); ChunkError if missing."""
+        ...
+
+
+class DirectorySource:
+    """Chunks in a directory the process may read (the store, for trusted processes)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def open(self, digest: str) -> int:
+        try:
+            return os.open(chunk_path(self.root, digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise _missing(self.root, digest) from None
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+
+def as_source(root: Path | ChunkSource) -> ChunkSource:
+    return DirectorySource(root) if isinstance(root, Path) else root
 
 
 # Maps a function over items; a thread pool's map hashes pieces in parallel
@@ -133,8 +167,9 @@ class ChunkWriter:
     chunk seen in an earlier snapshot is named without SHA-256 (fingerprint).
     """
 
-    def __init__(self, root: Path, known: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, known: dict[str, str] | None = None, *, durable: bool = True) -> None:
         self.root = root
+        self.durable = durable  # False for a sandbox's spool: the kernel makes chunks durable
         self.known = known or {}  # fingerprint -> SHA-256 name, from earlier snapshots
         # Fingerprints of the large chunks this snapshot saw, to be known next time.
         self.seen: dict[str, str] = {}
@@ -144,13 +179,18 @@ class ChunkWriter:
 
     def __call__(self, piece: memoryview) -> str:
         key = fingerprint(piece)
-        digest = (key and self.known.get(key)) or chunk_digest(piece)
+        remembered = key and self.known.get(key)
+        digest = remembered or chunk_digest(piece)
         if key:
             self.seen[key] = digest
+        if remembered and not self.durable:
+            # Seen in an earlier snapshot of this sandbox, so the kernel has it
+            # already; the spool cannot tell (it is emptied as chunks are adopted).
+            return digest
         claim = object()
         if self._claims.setdefault(digest, claim) is not claim:
             return digest
-        if write_chunk(self.root, piece, digest)[1]:
+        if write_chunk(self.root, piece, digest, durable=self.durable)[1]:
             self._new.append(len(piece))
         return digest
 
@@ -159,10 +199,13 @@ class ChunkWriter:
         return sum(self._new)
 
 
-def write_chunk(root: Path, data: memoryview | bytes, digest: str | None = None) -> tuple[str, bool]:
+def write_chunk(
+    root: Path, data: memoryview | bytes, digest: str | None = None, *, durable: bool = True
+) -> tuple[str, bool]:
     """Store one chunk; return its digest and whether it was new.
 
     `digest`, when the caller hashed the chunk already, saves hashing it again.
+    `durable=False` skips the fsync (a spool, which the kernel copies from).
     """
     digest = digest or hashlib.sha256(data).hexdigest()
     path = chunk_path(root, digest)
@@ -178,7 +221,8 @@ def write_chunk(root: Path, data: memoryview | bytes, digest: str | None = None)
     with open(temporary, "wb") as handle:
         handle.write(data)
         handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            os.fsync(handle.fileno())
     os.replace(temporary, path)
     return digest, True
 
@@ -199,38 +243,39 @@ def write_bytes(root: Path, data: memoryview | bytes, digests: list[str] | None 
     return stored, written
 
 
-def _read_into(root: Path, digest: str, target: memoryview) -> None:
-    path = chunk_path(root, digest)
+def _read_into(source: ChunkSource, digest: str, target: memoryview) -> None:
+    handle = source.open(digest)
     try:
-        with open(path, "rb", buffering=0) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size != len(target):
-                raise ChunkError(f"chunk {digest[:12]} is corrupt (it holds {size} bytes, {len(target)} expected)")
-            got = 0
-            while got < size:
-                count = handle.readinto(target[got:])
-                if not count:
-                    raise ChunkError(f"chunk {digest[:12]} is corrupt (it ended early)")
-                got += count
-    except FileNotFoundError:
-        raise _missing(root, digest) from None
+        size = os.fstat(handle).st_size
+        if size != len(target):
+            raise ChunkError(f"chunk {digest[:12]} is corrupt (it holds {size} bytes, {len(target)} expected)")
+        got = 0
+        while got < size:
+            # pread: a descriptor may be shared, so never rely on its offset.
+            count = os.preadv(handle, [target[got:]], got)
+            if not count:
+                raise ChunkError(f"chunk {digest[:12]} is corrupt (it ended early)")
+            got += count
+    finally:
+        os.close(handle)
     if hashlib.sha256(target).hexdigest() != digest:
         raise ChunkError(f"chunk {digest[:12]} is corrupt (its content does not match its name)")
 
 
-def read_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> bytearray:
+def read_bytes(root: Path | ChunkSource, digests: list[str], mapper: Mapper = map) -> bytearray:
     """Reassemble stored bytes, checking every chunk against its name.
 
     Every chunk but the last is CHUNK_BYTES long, so each one is read
     straight into its place in one buffer (no copies), and `mapper` may read
     and verify them in parallel.
     """
-    sizes = [CHUNK_BYTES] * (len(digests) - 1) + [_chunk_size(root, digests[-1])]
+    source = as_source(root)
+    sizes = [CHUNK_BYTES] * (len(digests) - 1) + [_chunk_size(source, digests[-1])]
     out = bytearray(sum(sizes))
     view = memoryview(out)
     ends = list(accumulate(sizes))
     jobs = [(digest, view[end - size : end]) for digest, end, size in zip(digests, ends, sizes, strict=True)]
-    for _ in mapper(lambda job: _read_into(root, *job), jobs):
+    for _ in mapper(lambda job: _read_into(source, *job), jobs):
         pass
     return out
 
@@ -285,7 +330,7 @@ def _map_chunk(libc: Any, address: int, fd: int, size: int) -> None:
         raise MemoryError(f"cannot map {size} bytes of a chunk: {os.strerror(ctypes.get_errno())}")
 
 
-def map_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> memoryview | bytearray:
+def map_bytes(root: Path | ChunkSource, digests: list[str], mapper: Mapper = map) -> memoryview | bytearray:
     """Stored bytes as one writable buffer mapped copy-on-write from the chunk files.
 
     Restoring a 1 GB namespace this way costs no fresh memory and no copy:
@@ -301,13 +346,14 @@ def map_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> memoryvie
     import mmap
 
     libc = _mapping_libc()
+    source = as_source(root)
     if libc is None:
-        return read_bytes(root, digests, mapper)
+        return read_bytes(source, digests, mapper)
     # Every chunk but the last is CHUNK_BYTES long; the last one's size gives the total.
-    last = _chunk_size(root, digests[-1])
+    last = _chunk_size(source, digests[-1])
     total = CHUNK_BYTES * (len(digests) - 1) + last
     if total < MAP_AT_LEAST:  # an empty buffer is one empty chunk
-        return read_bytes(root, digests, mapper)
+        return read_bytes(source, digests, mapper)
     if not 0 < last <= CHUNK_BYTES:
         raise ChunkError(f"chunk {digests[-1][:12]} is corrupt (it holds {last} bytes, 1 to {CHUNK_BYTES} expected)")
     sizes = [CHUNK_BYTES] * (len(digests) - 1) + [last]
@@ -319,10 +365,7 @@ def map_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> memoryvie
     owner = _PrivateMapping(libc, base, length)
     for position, (digest, size) in enumerate(zip(digests, sizes, strict=True)):
         # One file open at a time: a 10 GB array must not need 1,280 descriptors at once.
-        try:
-            handle = os.open(chunk_path(root, digest), os.O_RDONLY)
-        except FileNotFoundError:
-            raise _missing(root, digest) from None
+        handle = source.open(digest)
         try:
             held = os.fstat(handle).st_size
             if held != size:
@@ -343,11 +386,12 @@ def map_bytes(root: Path, digests: list[str], mapper: Mapper = map) -> memoryvie
     return view
 
 
-def _chunk_size(root: Path, digest: str) -> int:
+def _chunk_size(source: ChunkSource, digest: str) -> int:
+    handle = source.open(digest)
     try:
-        return chunk_path(root, digest).stat().st_size
-    except FileNotFoundError:
-        raise _missing(root, digest) from None
+        return os.fstat(handle).st_size
+    finally:
+        os.close(handle)
 
 
 def verify(root: Path, digest: str) -> bool:

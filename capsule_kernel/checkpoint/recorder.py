@@ -79,9 +79,12 @@ class Checkpoints:
             return None  # nothing changed: the previous checkpoint still holds
         store = self.store
 
+        spool = event.get("spool")
+
         def verify_and_record() -> Checkpoint | str:
-            # Off the event loop: hashing new chunks and an fsynced commit take time.
-            bad = store.missing_chunks(entries)
+            # Off the event loop: copying and hashing new chunks and an fsynced commit take time.
+            # A subprocess sandbox's new chunks wait in its spool; the Wasm host writes into the store.
+            bad = store.adopt(spool, entries) if isinstance(spool, Path) else store.missing_chunks(entries)
             if bad:
                 return f"{len(bad)} chunk(s) missing or corrupt after writing"
             checkpoint = store.record(
@@ -159,7 +162,7 @@ class Checkpoints:
         entries = checkpoint.entries
         if names is not None:
             entries = {name: entry for name, entry in entries.items() if name in names}
-        result = await sandbox.request("restore", {"entries": entries, "replace": replace}, timeout=600)
+        result = await sandbox.restore(entries, replace=replace)
         restored = result.get("restored", [])
         failed = dict(result.get("failed", {}))
         text = (

@@ -25,6 +25,7 @@ from typing import Any
 import cloudpickle
 
 from capsule_kernel.checkpoint.chunks import (
+    ChunkSource,
     ChunkWriter,
     Mapper,
     chunk_digest,
@@ -174,8 +175,10 @@ def take(
     mapper: Mapper = map,
     aliases: dict[str, str] | None = None,
     known: dict[str, str] | None = None,
+    *,
+    durable: bool = True,
 ) -> dict[str, Any]:
-    """Snapshot the given names into chunk files.
+    """Snapshot the given names into chunk files (`durable=False`: into a spool the kernel copies from).
 
     Each chunk is stored as soon as it is hashed (a ChunkWriter), so the
     disk writes while other chunks are still being hashed. Chunks of a value
@@ -184,7 +187,7 @@ def take(
     Returns {"entries": {name: entry}, "written": bytes newly stored,
     "fingerprints": those of the large chunks seen, for next time}.
     """
-    writer = ChunkWriter(chunk_root, known)
+    writer = ChunkWriter(chunk_root, known, durable=durable)
     entries = {
         name: entry for name, entry, _, _ in pickled(namespace, names, previous, mapper, aliases, name_chunk=writer)
     }
@@ -295,7 +298,7 @@ def explain_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def load(entry: dict[str, Any], chunk_root: Path, mapper: Mapper = map) -> Any:
+def load(entry: dict[str, Any], chunk_root: Path | ChunkSource, mapper: Mapper = map) -> Any:
     """One value back from its entry (runs in the sandbox: this unpickles)."""
     if "module" in entry:
         return importlib.import_module(entry["module"])

@@ -10,9 +10,12 @@ that owns this store never unpickles what they point to.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.checkpoint.chunks import chunk_path, verify
+from capsule_kernel.checkpoint.chunks import CHUNK_BYTES, chunk_path, verify
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -136,6 +139,69 @@ class CheckpointStore:
             "SELECT * FROM checkpoints WHERE session = ? AND id LIKE ? ORDER BY seq DESC", (session, ref + "%")
         )
         return self._row(rows[0]) if len(rows) == 1 else None
+
+    def adopt(self, spool: Path, entries: Mapping[str, Any]) -> list[str]:
+        """Move the chunks a sandbox wrote into its spool into the store; return those that fail.
+
+        The spool is writable by the sandbox, so nothing in it is believed:
+        each file is opened without following links, must be a regular file
+        of at most one chunk, and is copied (never renamed: the sandbox may
+        still hold it open for writing, or have linked it elsewhere) while
+        the very bytes written are hashed. A copy whose hash is not its name
+        is discarded. Chunks already in the store are kept as they are.
+        """
+        bad = []
+        for digest in _digests(entries):
+            if chunk_path(self.chunks, digest).exists():
+                with contextlib.suppress(OSError):
+                    os.utime(chunk_path(self.chunks, digest))  # recently used: garbage collection keeps it
+                if self._known_sound(digest):
+                    _discard(spool, digest)
+                    continue
+            if not self._copy_in(spool, digest) and not self._known_sound(digest):
+                bad.append(digest)
+            _discard(spool, digest)
+        return bad
+
+    def _copy_in(self, spool: Path, digest: str) -> bool:
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            return False
+        try:
+            handle = os.open(chunk_path(spool, digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return False
+        target = chunk_path(self.chunks, digest)
+        temporary = target.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.adopt")
+        try:
+            info = os.fstat(handle)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > CHUNK_BYTES:
+                return False
+            target.parent.mkdir(parents=True, exist_ok=True)
+            hasher = hashlib.sha256()
+            copied = 0
+            with open(temporary, "wb") as out:
+                while copied <= CHUNK_BYTES and (block := os.read(handle, 1 << 20)):
+                    hasher.update(block)
+                    out.write(block)
+                    copied += len(block)
+                if copied > CHUNK_BYTES or hasher.hexdigest() != digest:
+                    return False
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(temporary, 0o444)
+            os.replace(temporary, target)
+            written = target.stat()
+            self._verified[digest] = (written.st_dev, written.st_ino, written.st_size)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(handle)
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+
+    def _known_sound(self, digest: str) -> bool:
+        return not self.missing_chunks({"": {"pickle": [digest]}})
 
     def missing_chunks(self, entries: Mapping[str, Any]) -> list[str]:
         """Chunks named by these entries that are absent or corrupt.
@@ -304,3 +370,19 @@ class CheckpointStore:
             size,
             written,
         )
+
+
+def _digests(entries: Mapping[str, Any]) -> list[str]:
+    """Every chunk name an entry list mentions, once each, in order."""
+    names: dict[str, None] = {}
+    for entry in entries.values():
+        for digest in [*entry.get("pickle", []), *(d for b in entry.get("buffers", []) for d in b)]:
+            if isinstance(digest, str):
+                names[digest] = None
+    return list(names)
+
+
+def _discard(spool: Path, digest: str) -> None:
+    if len(digest) == 64 and digest.isalnum():
+        with contextlib.suppress(OSError):
+            chunk_path(spool, digest).unlink()

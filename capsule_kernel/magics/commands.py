@@ -6,6 +6,7 @@ a bad argument raises MagicUsageError before anything changes.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import time
 from pathlib import Path
@@ -61,8 +62,16 @@ def _kernel_enforced(name: str) -> str:
     return ""
 
 
-def cmd_limits(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+async def _sandbox_started(kernel: CapsuleKernel) -> None:
+    """Wait for a sandbox that is starting (the first starts right after kernel_info)."""
+    if kernel.sandbox is not None and not kernel.sandbox.ready and not kernel.cell_running:
+        with contextlib.suppress(Exception):
+            await kernel.ready_sandbox()
+
+
+async def cmd_limits(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
     changes = {name: getattr(args, name) for name in LIMIT_NAMES if getattr(args, name) is not None}
+    await _sandbox_started(kernel)
     if not changes:
         return [limits_table(kernel)]
     try:
@@ -74,7 +83,8 @@ def cmd_limits(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
     return [limits_table(kernel, "Sandbox limits (changed: " + ", ".join(changes) + ")", shown)]
 
 
-def cmd_status(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
+async def cmd_status(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
+    await _sandbox_started(kernel)
     sandbox = kernel.sandbox
     rows = [["sandbox", sandbox.kind if sandbox else "none"]]
     if sandbox is not None:
@@ -116,9 +126,27 @@ def cmd_status(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG00
         rows.append(
             [f"limit: {name}", f"{kernel.limit_settings.limits.describe(name)} ({kernel.limit_settings.sources[name]})"]
         )
-    if sandbox is not None and "privileges" in sandbox.enforcement:
-        rows.append(["privileges", sandbox.enforcement["privileges"]])
+    if sandbox is not None:
+        # What confines the sandbox, measure by measure, as the kernel set it up.
+        for measure in CONFINEMENT_MEASURES:
+            if measure in sandbox.enforcement:
+                rows.append([measure, sandbox.enforcement[measure]])
     return [_table("Capsule status", ["", ""], rows)]
+
+
+CONFINEMENT_MEASURES = (
+    "confinement",
+    "user",
+    "namespaces",
+    "capabilities",
+    "seccomp",
+    "filesystem",
+    "workdir",
+    "mounts",
+    "environment",
+    "cgroup",
+    "privileges",
+)
 
 
 async def cmd_log(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
@@ -297,10 +325,10 @@ async def cmd_mount(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
             raise MagicUsageError("%capsule mount: --rw and --remove need a PATH")
         rows = [[m["path"], "read-write" if m.get("writable") else "read-only"] for m in kernel.mounts]
         notes = [
-            "Wasm cells see these directories at the same paths, and no other host file.",
-            "The subprocess sandbox sees the host filesystem (no Landlock on this OS kernel to confine it).",
+            "Both sandboxes see these directories at the same paths. Wasm cells see no other host file;",
+            "the subprocess sandbox also sees the working directory and a read-only system and Python.",
         ]
-        return [_table("Mounts for Wasm cells", ["path", "access"], rows or [["(none)", "-"]], notes)]
+        return [_table("Mounts", ["path", "access"], rows or [["(none)", "-"]], notes)]
     path = Path(args.path).expanduser().resolve()
     if args.remove:
         before = len(kernel.mounts)
@@ -313,12 +341,18 @@ async def cmd_mount(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
             raise MagicUsageError(f"%capsule mount: {path} is not a directory")
         kernel.mounts = [m for m in kernel.mounts if m["path"] != str(path)]
         kernel.mounts.append({"path": str(path), "writable": bool(args.rw)})
-        text = f"Mounted {path} for Wasm cells ({'read-write' if args.rw else 'read-only'})."
-    wasm = kernel.sandboxes.get("wasm")
-    if wasm is not None and wasm.alive:
-        # WASI preopens are fixed when the instance starts: restart it, keeping its names.
-        await kernel.replace_wasm_sandbox()
-        text += " The Wasm sandbox was restarted with its checkpointed names to apply it."
+        text = f"Mounted {path} ({'read-write' if args.rw else 'read-only'})."
+    for kind in ("subprocess", "wasm"):
+        sandbox = kernel.sandboxes.get(kind)
+        if sandbox is None or not sandbox.alive:
+            continue
+        if kernel.cell_running and kind == kernel.active_kind:
+            text += f" The {kind} sandbox is running this cell: it sees the change after %capsule restart."
+        else:
+            # WASI preopens and bind mounts are fixed when a sandbox starts:
+            # restart it, keeping its checkpointed names.
+            await kernel.replace_sandbox(kind)
+            text += f" The {kind} sandbox was restarted with its checkpointed names to apply it."
     return [{"text/plain": text}]
 
 

@@ -43,12 +43,13 @@ SUBCOMMANDS = {
 }
 
 _LIMIT_HELP = {
-    "memory": "address-space limit, e.g. 512MB, 1GiB, unlimited",
+    "memory": "memory of the whole sandbox (cgroup) and of each process (RLIMIT_AS), e.g. 512MB, 1GiB, unlimited",
     "cpu": "CPU time per cell, e.g. 500ms, 30s, 5m, unlimited",
     "timeout": "wall-clock time per cell, e.g. 30s, 5m, 1h, unlimited",
     "files": "open file descriptors, e.g. 256",
     "procs": "processes and threads, e.g. 64",
     "network": "on or off (changes apply after %capsule restart)",
+    "disk": "size of each private tmpfs: /tmp, /dev/shm, HOME (applies after %capsule restart), e.g. 1GiB",
     "fuel": "Wasm instructions per cell (Wasm cells only), e.g. 5G, 2.5e9, unlimited",
 }
 

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-LIMIT_NAMES = ("memory", "cpu", "timeout", "files", "procs", "network", "fuel")
+LIMIT_NAMES = ("memory", "cpu", "timeout", "files", "procs", "network", "disk", "fuel")
 # Limits that only the Wasm sandbox can enforce.
 WASM_ONLY_LIMITS = ("fuel",)
 
 ENV_PREFIX = "CAPSULE_"
+# Each private tmpfs of a subprocess sandbox (/tmp, /dev/shm, HOME) holds at most this.
+DEFAULT_DISK = 2 * 1024**3
 
 _UNLIMITED = {"unlimited", "none", "off", "inf", "infinity", "0"}
 
@@ -152,6 +154,7 @@ _PARSERS = {
     "files": parse_count,
     "procs": parse_count,
     "network": parse_switch,
+    "disk": parse_size,
     "fuel": parse_fuel,
 }
 
@@ -179,7 +182,7 @@ def format_duration(value: float | None) -> str:
 
 
 def format_value(name: str, value: Any) -> str:
-    if name == "memory":
+    if name in ("memory", "disk"):
         return format_size(value)
     if name in ("cpu", "timeout"):
         return format_duration(value)
@@ -207,6 +210,7 @@ class Limits:
     files: int | None = None
     procs: int | None = None
     network: bool = False
+    disk: int | None = None
     fuel: int | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -225,8 +229,8 @@ def default_limits() -> Limits:
 
     Memory is half the machine's RAM (address space, so leave room for virtual
     reservations); no CPU or wall-clock cap, since long training cells are
-    normal; 1024 open files; 512 processes; no network; no fuel cap (Wasm
-    cells still report the fuel they used).
+    normal; 1024 open files; 512 processes; no network; 2 GiB in each private
+    tmpfs; no fuel cap (Wasm cells still report the fuel they used).
     """
     return Limits(
         memory=_physical_memory() // 2,
@@ -235,22 +239,48 @@ def default_limits() -> Limits:
         files=1024,
         procs=512,
         network=False,
+        disk=DEFAULT_DISK,
         fuel=None,
     )
+
+
+# The host uid of every subprocess sandbox when the kernel runs as root (the
+# operator may pick another with CAPSULE_SANDBOX_UID; never from a file, since
+# the sandbox can write files in the notebook's directory).
+DEFAULT_SANDBOX_UID = 65533
+SANDBOX_UID_VARIABLE = "CAPSULE_SANDBOX_UID"
+
+
+def sandbox_uid(environ: Mapping[str, str] | None = None) -> int:
+    """The uid a root kernel gives its sandboxes (never 0)."""
+    raw = (os.environ if environ is None else environ).get(SANDBOX_UID_VARIABLE, "")
+    if raw.isdigit() and 0 < int(raw) < 2**32 - 1:
+        return int(raw)
+    return DEFAULT_SANDBOX_UID
+
+
+def written_by_a_sandbox(path: Path) -> bool:
+    """A config file a sandbox made: a root kernel's sandboxes have their own uid, so their files show it."""
+    try:
+        return os.geteuid() == 0 and path.stat().st_uid == sandbox_uid()
+    except OSError:
+        return False
 
 
 def find_config_file(start: Path) -> tuple[Path, dict[str, Any]] | None:
     """The nearest capsule.toml, or pyproject.toml with [tool.capsule], upwards.
 
     Returns the file and its capsule table (empty if it has none).
-    Raises LimitError when the nearest such file is not valid TOML.
+    Raises LimitError when the nearest such file is not valid TOML. A file
+    that a sandbox wrote (it may write the notebook's directory) is skipped:
+    policy belongs to the operator, not to the code it governs.
     """
     for directory in (start, *start.parents):
         candidate = directory / "capsule.toml"
-        if candidate.is_file():
+        if candidate.is_file() and not written_by_a_sandbox(candidate):
             return candidate, _load_toml(candidate)
         candidate = directory / "pyproject.toml"
-        if candidate.is_file():
+        if candidate.is_file() and not written_by_a_sandbox(candidate):
             table = _load_toml(candidate).get("tool", {}).get("capsule")
             if isinstance(table, dict):
                 return candidate, table

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.sandbox import protocol
-from capsule_kernel.sandbox.cgroups import PidsCgroup
+from capsule_kernel.sandbox import chunk_server, protocol
 from capsule_kernel.sandbox.deaths import describe_exit, process_exists
-from capsule_kernel.sandbox.limits import Limits, format_duration
+from capsule_kernel.sandbox.launch import ConfinementRequired, Launch
+from capsule_kernel.sandbox.limits import Limits, format_duration, format_size
+from capsule_kernel.settings import SandboxSettings
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -40,25 +41,16 @@ TIMEOUT_GRACE_SECONDS = 3.0
 # the hard one (the OS kills the process), where the OS lets us set it.
 CPU_HARD_GRACE_SECONDS = 5
 STARTUP_TIMEOUT_SECONDS = 60.0
+# How long a dying sandbox may take to let its snapshot children finish.
+SNAPSHOT_PATIENCE_SECONDS = 60.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def can_raise_hard_limits() -> bool:
-    """Whether this process holds CAP_SYS_RESOURCE (root in many containers does not)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) & (1 << 24))
-    except (OSError, ValueError):
-        pass
-    return False
 
 
 def _not_applied(err: Exception) -> str:
     if isinstance(err, PermissionError):
         return (
-            "raising a running sandbox's hard limit needs CAP_SYS_RESOURCE, which the kernel lacks; "
-            "it applies from the next sandbox (%capsule restart)"
+            "the sandbox runs as another user and the kernel lacks CAP_SYS_RESOURCE, so its per-process "
+            "limit stays; it applies from the next sandbox (%capsule restart)"
         )
     return f"could not be applied to the running sandbox ({err}); it applies from the next sandbox (%capsule restart)"
 
@@ -95,18 +87,17 @@ def _read_available(fd: int) -> bytes | None:
         return b""
 
 
+def _only_child(pid: int) -> int:
+    """The single child of a process (right after start-up, before the worker has forked anything)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    if len(children) != 1:
+        raise ValueError(f"process {pid} has {len(children)} children, not 1")
+    return int(children[0])
+
+
 def _nonblocking(fd: int) -> None:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-
-
-def worker_environment(base: Mapping[str, str]) -> dict[str, str]:
-    """The environment a worker starts with: the kernel's, made notebook-friendly."""
-    env = dict(base)
-    env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    env["CAPSULE_SANDBOX"] = "subprocess"
-    env.pop("PYTHONSTARTUP", None)
-    return env
 
 
 class SubprocessSandbox:
@@ -119,8 +110,11 @@ class SubprocessSandbox:
     """
 
     kind = "subprocess"
-    # The program that runs inside: ``python -m <worker_module> CONFIG``.
+    # The program that runs inside: ``python -P -m <worker_module> CONFIG``.
     worker_module = "capsule_kernel.sandbox.worker"
+    # Snapshot reports come on their own pipe, written by snapshot children;
+    # one on the frame pipe is forged (the Wasm host sends its own there).
+    snapshots_on_frame_pipe = False
 
     def __init__(
         self,
@@ -131,15 +125,24 @@ class SubprocessSandbox:
         environ: Mapping[str, str] | None = None,
         python: str = sys.executable,
         chunk_root: Path | None = None,
+        mounts: list[dict[str, Any]] | None = None,
+        sandbox_settings: SandboxSettings | None = None,
+        state_dir: Path | None = None,
         spawn: Callable[..., subprocess.Popen] = subprocess.Popen,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits
         self.on_event = on_event
         self.cwd = cwd or Path.cwd()
-        self.environ = worker_environment(os.environ if environ is None else environ)
+        # The kernel's environment: the confinement passes on only its allowlisted part.
+        self.environ = dict(os.environ if environ is None else environ)
         self.python = python
         self.chunk_root = chunk_root
+        self.mounts = list(mounts or [])
+        self.sandbox_settings = sandbox_settings or SandboxSettings()
+        # The notebook's own persistent IPython directory (history), writable by its sandboxes only.
+        self.state_dir = state_dir
+        self.interrupt_grace = self.sandbox_settings.interrupt_grace
         self.spawn = spawn
         self.clock = clock
         self.process: subprocess.Popen | None = None
@@ -148,7 +151,14 @@ class SubprocessSandbox:
         self.enforcement: dict[str, str] = {}
         self.python_version = sys.version.split()[0]
         self.death_reason: str | None = None
-        self._cgroup: PidsCgroup | None = None
+        self.worker_pid: int | None = None  # the worker's pid on the host (it is pid 3 inside)
+        self._init_pid: int | None = None  # bubblewrap's pid 1 of the sandbox, on the host
+        self._launched: Launch | None = None
+        self._chunks: chunk_server.ChunkServer | None = None
+        self._escalation: asyncio.Future | None = None
+        self._cpu_watch: asyncio.Task | None = None
+        self._started_with = limits  # the hard rlimits of the running worker
+        self._oom_kills = 0
         self._to_worker: int | None = None
         self._from_worker: int | None = None
         self._pipes: list[_Pipe] = []
@@ -176,7 +186,25 @@ class SubprocessSandbox:
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+        """The worker's host pid (what %capsule status and error messages show); None until it is ready."""
+        if self.process is None:
+            return None
+        return self.worker_pid
+
+    @property
+    def _cgroup(self) -> Any:
+        return self._launched.cgroup if self._launched else None
+
+    @property
+    def spool(self) -> Path | None:
+        """Where this sandbox's snapshots put new chunks for the kernel to adopt."""
+        return self._launched.spool if self._launched else None
+
+    def hidden_paths(self) -> list[Path | None]:
+        """Host paths a bound directory must not reveal: the store, the Jupyter runtime directory."""
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        return [self.chunk_root.parent if self.chunk_root else None, Path(jupyter_runtime_dir())]
 
     @property
     def alive(self) -> bool:
@@ -199,47 +227,71 @@ class SubprocessSandbox:
         await self._exited.wait()
 
     async def start(self) -> None:
-        """Spawn the worker and wait until it says it is ready."""
+        """Spawn the worker, already confined, and wait until it says it is ready."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._exited = asyncio.Event()
         self._ready = loop.create_future()
         self.death_reason = None
         self._reap_task = None
+        self.worker_pid = None
+        self._init_pid = None
+        name = f"capsule-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            launch = self._launch(name)
+        except ConfinementRequired as err:
+            self.death_reason = str(err)
+            self._exited.set()
+            raise SandboxDied(str(err)) from None
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         report_r, report_w = os.pipe()
+        chunk_kernel, chunk_worker = chunk_server.socket_pair()
         config = {
             "read_fd": to_worker_r,
             "write_fd": from_worker_w,
-            "parent_pid": os.getpid(),
-            "limits": self.limits.to_json(),
-            "chunk_root": str(self.chunk_root) if self.chunk_root else None,
             "report_fd": report_w,
+            "chunk_fd": chunk_worker.fileno(),
+            "limits": self.limits.to_json(),
+            "spool": launch.spool_inside,
             **self.extra_config(),
         }
+        command = [self.python, "-P", "-m", self.worker_module, json.dumps(config)]
         try:
             self.process = self.spawn(
-                [self.python, "-m", self.worker_module, json.dumps(config)],
+                launch.argv(command),
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=err_w,
-                pass_fds=(to_worker_r, from_worker_w, report_w),
-                cwd=self.cwd,
-                env=self.environ,
+                pass_fds=(to_worker_r, from_worker_w, report_w, chunk_worker.fileno(), *launch.fds.all()),
+                cwd=launch.cwd,
+                env=launch.env,
                 start_new_session=True,
             )
+        except OSError:
+            chunk_kernel.close()
+            launch.discard()
+            raise
         finally:
-            for fd in (to_worker_r, from_worker_w, out_w, err_w, report_w):
-                os.close(fd)
+            for fd in (to_worker_r, from_worker_w, out_w, err_w, report_w, *launch.fds.all()):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            chunk_worker.close()
+            if launch.info_read is not None:
+                _nonblocking(launch.info_read)
+        self._launched = launch
+        self._started_with = self.limits
         self.started_at = self.clock()
         self.cells_run = 0
         self._to_worker = to_worker_w
         self._from_worker = from_worker_r
         self._decoder = protocol.FrameDecoder()
-        self._place_in_cgroup()
+        self._chunks = chunk_server.ChunkServer(
+            chunk_kernel, self.chunk_root, copy=launch.copy_chunks, on_violation=self._on_violation
+        )
+        self._chunks.start(loop)
         for fd in (from_worker_r, out_r, err_r, report_r):
             _nonblocking(fd)
         loop.add_reader(from_worker_r, self._on_frames_readable)
@@ -255,28 +307,47 @@ class SubprocessSandbox:
             loop.add_reader(pipe.fd, self._on_raw_output, pipe)
         ready = await self._await_or_death(self._ready, STARTUP_TIMEOUT_SECONDS)
         self.python_version = ready.get("python", self.python_version)
-        self.enforcement.update(ready.get("enforcement", {}))
-        if self._cgroup is not None:
-            # The worker reports on RLIMIT_NPROC; the cgroup is what binds.
-            self.enforcement["procs"] = "enforced: pids cgroup"
+        self._find_worker(launch)
+        self.enforcement = {**launch.enforcement, **self.trusted_enforcement(ready)}
+        if launch.cgroup is not None and self.limits != self._started_with:
+            # Changed while it was starting: the cgroup follows now, rlimits with the first cell.
+            self.enforcement["memory"] = launch.cgroup.set_memory(self.limits.memory) + " (and RLIMIT_AS per process)"
+            self.enforcement["procs"] = launch.cgroup.set_pids(self.limits.procs)
 
     def extra_config(self) -> dict[str, Any]:
         """What a subclass's worker needs beyond the pipes and limits."""
         return {}
 
-    def _place_in_cgroup(self) -> None:
-        assert self.process is not None
-        self._cgroup = PidsCgroup.create(f"capsule-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        if self._cgroup is None:
+    def trusted_enforcement(self, ready: dict[str, Any]) -> dict[str, str]:  # noqa: ARG002 - the Wasm host's hook
+        """What the kernel itself knows to be enforced; a worker's own claims are not believed."""
+        return {}
+
+    def _launch(self, name: str) -> Launch:
+        """Everything outside the worker that confines it: cgroup, spool, bubblewrap."""
+        return Launch.for_sandbox(name, self)
+
+    def _find_worker(self, launch: Launch) -> None:
+        """The worker's host pid: bubblewrap's init (pid 1) -> the supervisor -> the worker."""
+        if launch.info_read is None:
+            self.worker_pid = self.process.pid if self.process else None
             return
+        info = b""
+        while chunk := _read_available(launch.info_read):
+            info += chunk
+        os.close(launch.info_read)
+        launch.info_read = None
         try:
-            self._cgroup.set_max(self.limits.procs)
-            self._cgroup.add(self.process.pid)
-            self.enforcement["procs"] = "enforced: pids cgroup"
-        except OSError as err:
-            self._cgroup.remove()
-            self._cgroup = None
-            self.enforcement["procs_cgroup"] = f"not available: {err}"
+            self._init_pid = int(json.loads(info)["child-pid"])
+            supervisor = _only_child(self._init_pid)
+            self.worker_pid = _only_child(supervisor)
+        except (ValueError, KeyError, IndexError, OSError) as err:
+            self.death_reason = f"could not be located after it started ({err})"
+            self.kill()
+            raise SandboxDied(self.death_reason) from None
+
+    def _on_violation(self, reason: str) -> None:
+        self.death_reason = reason
+        self.kill()
 
     async def shutdown(self, grace: float = 2.0) -> None:
         """Ask the worker to stop, then make sure it has."""
@@ -292,19 +363,47 @@ class SubprocessSandbox:
         await self._reaped()
 
     def kill(self) -> None:
-        """SIGKILL the worker and everything it started."""
+        """SIGKILL the worker and everything it started (its whole PID namespace and cgroup)."""
         if self.process is None:
             return
+        for pid in (self._init_pid, self.worker_pid):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        if self._cgroup is not None:
+            self._cgroup.kill_all()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
 
     def interrupt(self) -> None:
-        """KeyboardInterrupt in the running cell, as Ctrl-C would in a terminal."""
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGINT)
+        """KeyboardInterrupt in the running cell, as Ctrl-C would in a terminal.
+
+        The signal goes to the sandbox's process group (the worker and the
+        shell commands it runs). A cell that ignores it is stopped after the
+        operator's ``interrupt_grace``: the sandbox is killed and replaced,
+        and the last checkpoint restored (the stop button always works).
+        """
+        if self.process is None or self.process.poll() is not None or self.worker_pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(self.worker_pid), signal.SIGINT)
+        done, loop = self._done, self._loop
+        if done is not None and loop is not None and self._escalation is None:
+            self._escalation = done
+            loop.call_soon_threadsafe(loop.call_later, self.interrupt_grace, self._stop_ignored_interrupt, done)
+
+    def _stop_ignored_interrupt(self, done: asyncio.Future) -> None:
+        if self._escalation is done:
+            self._escalation = None
+        if done.done() or done is not self._done or not self.alive:
+            return
+        self.death_reason = (
+            f"did not stop within {self.interrupt_grace:g} s of the interrupt (the cell ignores "
+            "KeyboardInterrupt), so the sandbox was stopped"
+        )
+        self.kill()
 
     # -- talking to the worker ----------------------------------------------------
 
@@ -325,6 +424,7 @@ class SubprocessSandbox:
         assert self._loop is not None
         self._done = self._loop.create_future()
         self._timed_out = False
+        self._escalation = None
         self._arm_cpu_limit()
         self.send({"type": "execute", **request, "limits": self.limits.to_json()})
         self.cells_run += 1
@@ -332,6 +432,9 @@ class SubprocessSandbox:
             return await self._await_or_death(self._done, self.limits.timeout, on_timeout=self._timeout_then_kill)
         finally:
             self._done = None
+            if self._cpu_watch is not None:
+                self._cpu_watch.cancel()
+                self._cpu_watch = None
 
     async def request(self, kind: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """Ask the idle worker something (completion, inspection, history)."""
@@ -345,6 +448,18 @@ class SubprocessSandbox:
             return await self._await_or_death(future, timeout)
         finally:
             self._replies.pop(request_id, None)
+
+    async def restore(self, entries: dict[str, Any], *, replace: bool, timeout: float = 600) -> dict[str, Any]:
+        """Load checkpoint entries into the namespace; the worker may open their chunks (and only those) meanwhile."""
+        digests = {
+            digest
+            for entry in entries.values()
+            for digest in [*entry.get("pickle", []), *(d for b in entry.get("buffers", []) for d in b)]
+        }
+        if self._chunks is None:
+            return await self.request("restore", {"entries": entries, "replace": replace}, timeout=timeout)
+        with self._chunks.serving(digests):
+            return await self.request("restore", {"entries": entries, "replace": replace}, timeout=timeout)
 
     def update_limits(self, limits: Limits) -> dict[str, str]:
         """Apply new limits to the running worker; say what took effect."""
@@ -361,17 +476,31 @@ class SubprocessSandbox:
             try:
                 resource.prlimit(pid, which, (value, value))
                 notes[name] = "applied to the running sandbox"
-            except (PermissionError, ValueError, OSError) as err:
+            except PermissionError:
+                # The worker moves its own soft limit (under the hard one set at its launch).
+                hard = getattr(self._started_with, name)
+                if hard is None or (value != resource.RLIM_INFINITY and value <= hard):
+                    notes[name] = "applied to the running sandbox (its soft limit)"
+                else:
+                    notes[name] = _not_applied(PermissionError())
+            except (ValueError, OSError) as err:
                 notes[name] = _not_applied(err)
+        cgroup = self._cgroup
+        if old.memory != limits.memory and cgroup is not None and "applied" in notes.get("memory", ""):
+            self.enforcement["memory"] = cgroup.set_memory(limits.memory) + " (and RLIMIT_AS per process)"
         if old.procs != limits.procs:
-            try:
-                if self._cgroup is not None:
-                    self._cgroup.set_max(limits.procs)
-                value = resource.RLIM_INFINITY if limits.procs is None else limits.procs
-                resource.prlimit(pid, resource.RLIMIT_NPROC, (value, value))
+            if cgroup is not None:
+                self.enforcement["procs"] = cgroup.set_pids(limits.procs)
                 notes["procs"] = "applied to the running sandbox"
-            except (PermissionError, ValueError, OSError) as err:
-                notes["procs"] = _not_applied(err)
+            else:
+                try:
+                    value = resource.RLIM_INFINITY if limits.procs is None else limits.procs
+                    resource.prlimit(pid, resource.RLIMIT_NPROC, (value, value))
+                    notes["procs"] = "applied to the running sandbox"
+                except (PermissionError, ValueError, OSError) as err:
+                    notes["procs"] = _not_applied(err)
+        if old.disk != limits.disk:
+            notes["disk"] = "a mounted tmpfs keeps its size: applies after %capsule restart"
         if old.network != limits.network:
             notes["network"] = "a running process cannot change networks: applies after %capsule restart"
         if old.cpu != limits.cpu:
@@ -383,7 +512,11 @@ class SubprocessSandbox:
         return notes
 
     def memory_in_use(self) -> int | None:
-        """Resident memory of the worker in bytes, from /proc."""
+        """Memory of the whole sandbox (its cgroup), else the worker's resident memory."""
+        if self._cgroup is not None and self.alive:
+            in_use = self._cgroup.memory_bytes()
+            if in_use is not None:
+                return in_use
         if self.pid is None:
             return None
         try:
@@ -397,6 +530,11 @@ class SubprocessSandbox:
     # -- limits enforced from outside ------------------------------------------
 
     def _cpu_seconds_used(self) -> float | None:
+        """CPU time of the whole sandbox (its cgroup), else of the worker process alone."""
+        if self._cgroup is not None:
+            used = self._cgroup.cpu_seconds()
+            if used is not None:
+                return used
         try:
             fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
@@ -404,43 +542,49 @@ class SubprocessSandbox:
             return None
 
     def _arm_cpu_limit(self) -> None:
-        """RLIMIT_CPU counts a process's whole life; re-arm it before each cell.
+        """Watch the cell's CPU time from outside: SIGXCPU at the limit, a stop CPU_HARD_GRACE later.
 
-        The soft limit raises CPULimitExceeded in the cell. A hard limit a few
-        seconds later kills a cell that ignores it, but only where the kernel
-        may raise it again for the next cell (CAP_SYS_RESOURCE); elsewhere the
-        hard limit stays open and the wall-clock timeout is the backstop.
+        Measured on the sandbox's cgroup, so CPU burnt by the cell's child
+        processes and threads counts too, and nothing the sandbox sends can
+        change the budget (it is the kernel's reading, not a report).
         """
-        pid = self.pid
-        if pid is None:
+        self._cpu_watch = None
+        if self.limits.cpu is None or self._loop is None or self._done is None:
             return
-        hard_ok = can_raise_hard_limits()
-        if self.limits.cpu is None:
-            soft = resource.RLIM_INFINITY
-        else:
-            used = self._cpu_seconds_used() or 0.0
-            soft = int(used + self.limits.cpu + 0.999)
-        hard = soft + CPU_HARD_GRACE_SECONDS if hard_ok and soft != resource.RLIM_INFINITY else resource.RLIM_INFINITY
-        if not hard_ok:
-            hard = resource.prlimit(pid, resource.RLIMIT_CPU)[1]
-            soft = min(soft, hard) if hard != resource.RLIM_INFINITY else soft
-        try:
-            resource.prlimit(pid, resource.RLIMIT_CPU, (soft, hard))
-        except (ProcessLookupError, PermissionError, OSError, ValueError) as err:
-            self.enforcement["cpu"] = f"not enforced: {err}"
+        start = self._cpu_seconds_used()
+        if start is None:
+            self.enforcement["cpu"] = "not enforced: the sandbox's CPU time cannot be read"
             return
-        if hard_ok:
-            self.enforcement["cpu"] = "enforced: RLIMIT_CPU per cell (exception, then kill)"
-        else:
-            self.enforcement["cpu"] = (
-                "enforced: RLIMIT_CPU soft limit per cell (exception; the timeout is the hard stop)"
-            )
+        scope = "the whole sandbox (cgroup)" if self._cgroup is not None else "the worker process"
+        self.enforcement["cpu"] = (
+            f"enforced by the kernel: CPU time of {scope} per cell; an exception in the cell, "
+            f"then the sandbox is stopped {CPU_HARD_GRACE_SECONDS} s of CPU later"
+        )
+        self._cpu_watch = self._loop.create_task(self._watch_cpu(start, self.limits.cpu, self._done))
+
+    async def _watch_cpu(self, start: float, limit: float, done: asyncio.Future) -> None:
+        signalled = False
+        while not done.done() and self.alive:
+            used = (self._cpu_seconds_used() or start) - start
+            if not signalled and used >= limit:
+                signalled = True
+                if self.worker_pid is not None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(self.worker_pid, signal.SIGXCPU)
+            elif signalled and used >= limit + CPU_HARD_GRACE_SECONDS:
+                self.death_reason = (
+                    f"went on computing {CPU_HARD_GRACE_SECONDS} s of CPU past the CPU limit of "
+                    f"{format_duration(limit)} (cpu), so the sandbox was stopped"
+                )
+                self.kill()
+                return
+            await asyncio.sleep(max(0.02, min(0.25, (limit - used) / 2)))
 
     async def _timeout_then_kill(self) -> None:
         self._timed_out = True
-        if self.process is not None and self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None and self.worker_pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGUSR2)
+                os.kill(self.worker_pid, signal.SIGUSR2)
         assert self._exited is not None and self._done is not None
         done_or_dead = asyncio.ensure_future(self._exited.wait())
         try:
@@ -518,6 +662,9 @@ class SubprocessSandbox:
             return
         for message in messages:
             self.snapshots_in_flight.pop(message.get("execution_count"), None)
+            # Where the report's new chunks are: set here, on the trusted side,
+            # over anything the report itself says.
+            message["spool"] = self.spool
             self.on_event(message)
 
     async def snapshots_settled(self, timeout: float) -> None:
@@ -561,6 +708,8 @@ class SubprocessSandbox:
             future = self._replies.get(message.get("id"))
             if future is not None and not future.done():
                 future.set_result(message.get("content", {}))
+        elif kind in ("snapshot", "snapshot_failed") and not self.snapshots_on_frame_pipe:
+            self._on_violation(f"broke the frame protocol (a {kind!r} report on the frame pipe) and was stopped")
         else:
             self.on_event(message)
 
@@ -602,7 +751,10 @@ class SubprocessSandbox:
         """Collect the exit status, forward last words, release everything."""
         if self.process is None or self._exited is None:
             return
-        deadline = self.clock() + 5.0
+        # The sandbox's supervisor lets snapshot children finish before the
+        # sandbox ends (they report on their own pipe): wait for them too.
+        patience = SNAPSHOT_PATIENCE_SECONDS if self.snapshots_in_flight else 5.0
+        deadline = self.clock() + patience
         while self.process.poll() is None and self.clock() < deadline:
             await asyncio.sleep(0.01)
         if self.process.poll() is None:
@@ -610,7 +762,7 @@ class SubprocessSandbox:
             self.process.wait()
         self.drain_raw_output()
         if self.death_reason is None:
-            self.death_reason = describe_exit(self.process.returncode, self.limits)
+            self.death_reason = self._cause_of_death()
         assert self._loop is not None
         for pipe in self._pipes:
             self._loop.remove_reader(pipe.fd)
@@ -621,7 +773,26 @@ class SubprocessSandbox:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._to_worker = self._from_worker = None
-        if self._cgroup is not None:
-            self._cgroup.remove()
-            self._cgroup = None
+        if self._chunks is not None:
+            self._chunks.close()
+            self._chunks = None
+        if self._launched is not None:
+            launch = self._launched
+            launch.discard(keep_spool=True)
+            # The last reports may still be being adopted from the spool.
+            self._loop.call_later(SNAPSHOT_PATIENCE_SECONDS, launch.remove_spool)
         self._exited.set()
+
+    def _cause_of_death(self) -> str:
+        assert self.process is not None
+        code = self.process.returncode
+        if self._launched is not None and self._launched.confined and code is not None and 128 < code <= 128 + 64:
+            code = -(code - 128)  # bubblewrap's init reports a signal as 128 + its number
+        cgroup = self._cgroup
+        if cgroup is not None and cgroup.oom_kills() > self._oom_kills and self.limits.memory:
+            return (
+                f"was killed for exceeding the sandbox memory limit of {format_size(self.limits.memory)} "
+                "(memory: every process of the sandbox and its /tmp files together); "
+                "raise it with %capsule limits --memory SIZE"
+            )
+        return describe_exit(code, self.limits)

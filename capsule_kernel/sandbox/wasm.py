@@ -16,6 +16,7 @@ import os
 import signal
 from typing import Any
 
+from capsule_kernel.sandbox.launch import Launch
 from capsule_kernel.sandbox.limits import Limits, format_duration
 from capsule_kernel.sandbox.subprocess import SandboxDied, SubprocessSandbox
 from capsule_kernel.sandbox.wasm_host import STOP_GRACE_SECONDS
@@ -27,6 +28,7 @@ _BACKSTOP_SECONDS = 10.0
 class WasmSandbox(SubprocessSandbox):
     kind = "wasm"
     worker_module = "capsule_kernel.sandbox.wasm_host"
+    snapshots_on_frame_pipe = True  # the trusted host writes them, after the guest's cell
 
     def __init__(self, limits: Limits, on_event: Any, *, mounts: list[dict[str, Any]] | None = None, **kwargs: Any):
         super().__init__(limits, on_event, **kwargs)
@@ -36,7 +38,28 @@ class WasmSandbox(SubprocessSandbox):
         self.python_version = "3.12 (WASI)"
 
     def extra_config(self) -> dict[str, Any]:
-        return {"mounts": self.mounts}
+        return {
+            "mounts": self.mounts,
+            "chunk_root": str(self.chunk_root) if self.chunk_root else None,
+            "parent_pid": os.getpid(),
+        }
+
+    def _launch(self, name: str) -> Launch:  # noqa: ARG002 - the base class's signature
+        """The host is a trusted process: it runs with the kernel's environment, unconfined by bubblewrap.
+
+        The guest is confined by Wasm itself (no sockets, threads or host files
+        but the mounts); the host still isolates its own network and drops
+        capabilities (``host_limits.py``) as defence in depth.
+        """
+        environ = dict(self.environ)
+        environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        environ["CAPSULE_SANDBOX"] = "wasm"
+        environ.pop("PYTHONSTARTUP", None)
+        return Launch.plain(environ, str(self.cwd))
+
+    def trusted_enforcement(self, ready: dict[str, Any]) -> dict[str, str]:
+        """The host is trusted: what it reports of the limits it set is believed."""
+        return dict(ready.get("enforcement", {}))
 
     async def start(self) -> None:
         await super().start()

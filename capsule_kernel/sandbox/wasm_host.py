@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from capsule_kernel.checkpoint import chunks, snapshot
-from capsule_kernel.sandbox import confinement, protocol, wasm_runtime
+from capsule_kernel.sandbox import host_limits, protocol, wasm_runtime
 from capsule_kernel.sandbox.limits import format_duration, format_size
 
 # WASI errno values (wasi_snapshot_preview1).
@@ -554,14 +554,14 @@ def main(argv: list[str] | None = None) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     for fd in (config["read_fd"], config["write_fd"]):
         os.set_inheritable(fd, False)
-    confinement.die_with_parent(config["parent_pid"])
+    host_limits.die_with_parent(config["parent_pid"])
     enforcement: dict[str, str] = {}
-    _, enforcement["host_network"] = confinement.isolate_network()
+    _, enforcement["host_network"] = host_limits.isolate_network()
     limits = dict(config["limits"])
     # The host needs address space for Wasm's memory reservations; the guest's
     # memory is capped by the store instead.
-    enforcement.update(confinement.apply_rlimits({**limits, "memory": None}))
-    enforcement["privileges"] = confinement.drop_privileges()
+    enforcement.update(host_limits.apply_rlimits({**limits, "memory": None}))
+    enforcement["privileges"] = host_limits.drop_privileges()
     config["enforcement"] = enforcement
     sys.exit(WasmHost(config).run())
 

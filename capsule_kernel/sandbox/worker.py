@@ -1,8 +1,9 @@
 """The code that runs INSIDE the subprocess sandbox.
 
-Started by the kernel as ``python -m capsule_kernel.sandbox.worker CONFIG``
-with the frame pipe on two inherited descriptors. It confines itself first
-(network, rlimits, capabilities), then starts IPython and serves frames:
+Started by the kernel as ``python -P -m capsule_kernel.sandbox.worker CONFIG``
+inside bubblewrap, with the frame pipe on two inherited descriptors. It is
+confined before its first instruction (``confinement.py``, on the kernel's
+side) and never confines itself; it starts IPython and serves frames:
 execute, request (complete / inspect / history), comm, shutdown.
 
 While idle the worker ignores interrupts; while a cell runs, SIGINT raises
@@ -20,7 +21,6 @@ import sys
 import traceback
 from typing import Any
 
-from capsule_kernel.sandbox import confinement
 from capsule_kernel.sandbox.limits import format_duration
 
 
@@ -49,7 +49,13 @@ class Worker:
         self.comms = worker_shell.comm_manager()
         from capsule_kernel.sandbox.worker_snapshots import Snapshotter
 
-        self.snapshots = Snapshotter(self.shell, self.channel, config.get("chunk_root"), config.get("report_fd"))
+        chunk_fd = config.get("chunk_fd")
+        source = None
+        if chunk_fd is not None:
+            from capsule_kernel.sandbox.worker_chunks import KernelChunks
+
+            source = KernelChunks(chunk_fd)
+        self.snapshots = Snapshotter(self.shell, self.channel, config.get("spool"), config.get("report_fd"), source)
         self.channel.start()
         self.flusher.start()
 
@@ -82,7 +88,6 @@ class Worker:
                 "type": "ready",
                 "pid": os.getpid(),
                 "python": sys.version.split()[0],
-                "enforcement": self.config.get("enforcement", {}),
             }
         )
         handlers = {
@@ -111,10 +116,12 @@ class Worker:
 
     def update_limits(self, message: dict[str, Any]) -> None:
         self.shell.limits = dict(message["limits"])
+        _move_soft_limits(self.shell.limits)
 
     def execute(self, message: dict[str, Any]) -> None:
         shell = self.shell
         shell.limits = dict(message.get("limits", shell.limits))
+        _move_soft_limits(shell.limits)
         shell.allow_stdin = bool(message.get("allow_stdin"))
         shell.execution_count = int(message.get("execution_count", shell.execution_count))
         silent = bool(message.get("silent"))
@@ -212,27 +219,44 @@ class Worker:
             self._interrupts_ignored()
 
 
+def _move_soft_limits(limits: dict[str, Any]) -> None:
+    """Soft RLIMIT_AS / RLIMIT_NOFILE follow %capsule limits, below the hard limits set at launch.
+
+    The kernel cannot change a running sandbox's rlimits (it runs as another
+    user), so the worker moves its own soft limits; the hard limits, and the
+    cgroup that caps the whole sandbox, stay the kernel's.
+    """
+    import resource
+
+    for name, which in (("memory", resource.RLIMIT_AS), ("files", resource.RLIMIT_NOFILE)):
+        soft, hard = resource.getrlimit(which)
+        value = limits.get(name)
+        wanted = resource.RLIM_INFINITY if value is None else int(value)
+        if hard != resource.RLIM_INFINITY:
+            wanted = hard if wanted == resource.RLIM_INFINITY else min(wanted, hard)
+        if wanted != soft:
+            try:
+                resource.setrlimit(which, (wanted, hard))
+            except (ValueError, OSError):
+                pass
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     config = json.loads(argv[0])
+    channels = (config["read_fd"], config["write_fd"], config.get("report_fd"), config.get("chunk_fd"))
+    if config.get("supervised", True):
+        from capsule_kernel.sandbox.worker_supervisor import supervise
+
+        supervise(tuple(fd for fd in channels if fd is not None))
     # A segfault prints the cell's Python stack to the raw stderr, which the
     # kernel forwards as the dying sandbox's last words.
     faulthandler.enable(file=sys.__stderr__, all_threads=False)
-    for fd in (config["read_fd"], config["write_fd"], config.get("report_fd")):
+    for fd in channels:
         if fd is None:
             continue
         # Shell commands started by cells must not hold the frame pipe open.
         os.set_inheritable(fd, False)
-    confinement.die_with_parent(config["parent_pid"])
-    enforcement: dict[str, str] = {}
-    if config["limits"].get("network"):
-        enforcement["network"] = "allowed (network = on)"
-    else:
-        _, note = confinement.isolate_network()
-        enforcement["network"] = note
-    enforcement.update(confinement.apply_rlimits(config["limits"]))
-    enforcement["privileges"] = confinement.drop_privileges()
-    config["enforcement"] = {**config.get("enforcement", {}), **enforcement}
     Worker(config).serve()
 
 

@@ -41,9 +41,20 @@ MAX_FINGERPRINTS = 16384
 
 
 class Snapshotter:
-    def __init__(self, shell: Any, channel: FrameChannel, chunk_root: str | None, report_fd: int | None) -> None:
+    def __init__(
+        self,
+        shell: Any,
+        channel: FrameChannel,
+        chunk_root: str | None,
+        report_fd: int | None,
+        source: chunks.ChunkSource | None = None,
+    ) -> None:
         self.shell = shell
         self.channel = channel
+        # Snapshots write new chunks into `chunk_root`, the sandbox's private
+        # spool, which the kernel empties into the store; restores read
+        # chunks from `source` (descriptors from the kernel), never the store.
+        self.source = source
         # Snapshot children report to the kernel on their own pipe, so a
         # snapshot in flight still lands if this worker dies meanwhile.
         self.report_fd = report_fd
@@ -176,7 +187,9 @@ class Snapshotter:
             todo, removed, _, aliases = plan if plan else ([], [], {}, {})
             previous = {name: digests[name] for name in todo if name in digests}
             with HashingThreads() as pool:
-                result = snapshot.take(namespace, todo, previous, self.root, pool.map, aliases, self.fingerprints)
+                result = snapshot.take(
+                    namespace, todo, previous, self.root, pool.map, aliases, self.fingerprints, durable=False
+                )
             report = {
                 "type": "snapshot",
                 "execution_count": execution_count,
@@ -265,16 +278,16 @@ class Snapshotter:
     def restore(self, entries: dict[str, Any], replace: bool) -> dict[str, Any]:
         """Load a checkpoint into the namespace; report what could not be."""
         self.wait()
-        assert self.root is not None
+        assert self.source is not None
         namespace = self.shell.user_ns
-        root = self.root
+        source = self.source
         if replace:
             for name in snapshot.saveable_names(namespace, set(self.shell.user_ns_hidden)):
                 if name not in entries:
                     del namespace[name]
         with HashingThreads() as pool:
             restored, failed = snapshot.load_all(
-                entries, namespace, lambda entry: snapshot.load(entry, root, pool.map), merge=not replace
+                entries, namespace, lambda entry: snapshot.load(entry, source, pool.map), merge=not replace
             )
         digests = {name: entry["digest"] for name, entry in entries.items() if "digest" in entry and name in restored}
         sizes = {name: entry.get("size", 0) for name, entry in entries.items() if name in restored}
