@@ -56,7 +56,7 @@ def _kernel_enforced(name: str) -> str:
     if name == "timeout":
         return "enforced by the kernel: interrupt, then kill after a grace period"
     if name == "cpu":
-        return "RLIMIT_CPU, re-armed by the kernel before each cell"
+        return "watched by the kernel on the sandbox's cgroup: an exception at the limit, a stop 5 CPU s later"
     if name == "fuel":
         return "Wasm cells only: wasmtime fuel, topped up before each cell"
     return ""

@@ -486,8 +486,13 @@ class SubprocessSandbox:
             except (ValueError, OSError) as err:
                 notes[name] = _not_applied(err)
         cgroup = self._cgroup
-        if old.memory != limits.memory and cgroup is not None and "applied" in notes.get("memory", ""):
+        if old.memory != limits.memory and cgroup is not None:
+            # The whole sandbox's limit moves at once; the per-process one only as far as it may.
             self.enforcement["memory"] = cgroup.set_memory(limits.memory) + " (and RLIMIT_AS per process)"
+            per_process = notes.get("memory", "")
+            notes["memory"] = "applied to the whole sandbox (cgroup)" + (
+                "" if "applied" in per_process else f"; per process: {per_process}"
+            )
         if old.procs != limits.procs:
             if cgroup is not None:
                 self.enforcement["procs"] = cgroup.set_pids(limits.procs)
