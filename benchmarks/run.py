@@ -1,12 +1,19 @@
 """Capsule against stock ipykernel, side by side, interleaved in one run.
 
-Measures, for both kernels started through jupyter_client like any frontend:
+Measures, for each kernel started through jupyter_client like any frontend:
   * start: KernelManager.start_kernel() until the kernel_info reply arrives
+  * first cell: start_kernel() until the reply to a first `1+1` (Capsule:
+    the sandbox has started, confined, and answered)
   * roundtrip: a trivial cell, execute_request until iopub status idle
+  * crash to restored reply (Capsule only): a cell that calls os._exit, until
+    its error reply, which comes after a fresh sandbox has the last
+    checkpoint back
 
-Runs are interleaved (capsule, ipykernel, capsule, ...) so drift in machine
-load hits both alike. Prints a table of medians, p95 and the capsule/ipykernel
-ratio, and writes benchmarks/results/latest.json.
+Three kernels: Capsule as shipped (confined by bubblewrap), Capsule with
+CAPSULE_CONFINEMENT=off (the cost of confinement is the difference), and
+stock ipykernel. Runs are interleaved (one of each, then again) so drift in
+machine load hits all alike. Prints medians, p95 and the ratios to
+ipykernel, and writes benchmarks/results/latest.json.
 
     ./dev bench [--starts 10] [--cells 300]
 """
@@ -18,6 +25,7 @@ import json
 import os
 import platform
 import queue
+import re
 import statistics
 import sys
 import tempfile
@@ -26,7 +34,12 @@ from pathlib import Path
 
 from jupyter_client.manager import KernelManager
 
-KERNELS = {"capsule": "capsule", "ipykernel": "python3"}
+# name -> (kernelspec, extra environment)
+KERNELS = {
+    "capsule": ("capsule", {}),
+    "capsule-unconfined": ("capsule", {"CAPSULE_CONFINEMENT": "off"}),
+    "ipykernel": ("python3", {}),
+}
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 
 
@@ -62,11 +75,17 @@ def wait_idle(client, msg_id: str, timeout: float = 60.0) -> None:
     )
 
 
-def time_start(spec: str) -> float:
-    """Seconds from start_kernel() to the first kernel_info reply."""
-    km = KernelManager(kernel_name=spec)
+def _start(spec: tuple[str, dict[str, str]]) -> KernelManager:
+    name, extra = spec
+    km = KernelManager(kernel_name=name)
+    km.start_kernel(env={**os.environ, **extra})
+    return km
+
+
+def time_start(spec: tuple[str, dict[str, str]]) -> tuple[float, float]:
+    """Seconds from start_kernel() to the first kernel_info reply, and to the first cell's reply."""
     began = time.perf_counter()
-    km.start_kernel()
+    km = _start(spec)
     client = km.client()
     client.start_channels()
     try:
@@ -78,15 +97,28 @@ def time_start(spec: str) -> float:
             except TimeoutError:
                 if time.perf_counter() - began > 60:
                     raise
-        return time.perf_counter() - began
+        info = time.perf_counter() - began
+        wait_reply(client, client.execute("1+1"))
+        return info, time.perf_counter() - began
     finally:
         client.stop_channels()
         km.shutdown_kernel(now=True)
 
 
-def start_ready(spec: str):
-    km = KernelManager(kernel_name=spec)
-    km.start_kernel()
+def time_crash(client) -> float:
+    """A cell that kills its sandbox, until the error reply (fresh sandbox, checkpoint restored)."""
+    time_cell(client, "survivor = list(range(1000))")
+    began = time.perf_counter()
+    msg_id = client.execute("import os\nos._exit(1)")
+    reply = wait_reply(client, msg_id, timeout=120)
+    elapsed = time.perf_counter() - began
+    assert "was restored" in reply["content"].get("evalue", ""), reply["content"]
+    wait_idle(client, msg_id)
+    return elapsed
+
+
+def start_ready(spec: tuple[str, dict[str, str]]):
+    km = _start(spec)
     client = km.client()
     client.start_channels()
     client.wait_for_ready(timeout=60)
@@ -118,8 +150,9 @@ def resident_memory(name: str, km, client) -> dict[str, float]:
     """Resident memory of the kernel process, and of the sandbox for capsule."""
     kernel_pid = km.provisioner.process.pid
     result = {"kernel_mib": rss_bytes(kernel_pid) / 2**20}
-    if name == "capsule":
-        msg_id = client.execute("import os; print(os.getpid())")
+    if name.startswith("capsule"):
+        # The worker's host pid (inside its PID namespace it has another): %capsule status says.
+        msg_id = client.execute("%capsule status")
         pid = None
         deadline = time.monotonic() + 30
         while pid is None and time.monotonic() < deadline:
@@ -127,10 +160,11 @@ def resident_memory(name: str, km, client) -> dict[str, float]:
                 msg = client.get_iopub_msg(timeout=0.5)
             except queue.Empty:
                 continue
-            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
-                pid = int(msg["content"]["text"])
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "display_data":
+                match = re.search(r"^pid\s+(\d+)", msg["content"]["data"]["text/plain"], re.MULTILINE)
+                pid = int(match.group(1)) if match else None
         wait_reply(client, msg_id)
-        result["sandbox_mib"] = rss_bytes(pid) / 2**20
+        result["sandbox_mib"] = rss_bytes(pid) / 2**20 if pid else 0.0
     result["total_mib"] = sum(result.values())
     return result
 
@@ -144,8 +178,11 @@ def summarize(samples: dict[str, list[float]], unit_scale: float = 1000.0) -> di
             "p95_ms": percentile(values, 95) * unit_scale,
             "p99_ms": percentile(values, 99) * unit_scale,
         }
-    out["ratio_median"] = out["capsule"]["median_ms"] / out["ipykernel"]["median_ms"]
-    out["ratio_p95"] = out["capsule"]["p95_ms"] / out["ipykernel"]["p95_ms"]
+    if "ipykernel" in out:
+        for name in [key for key in out if key != "ipykernel"]:
+            suffix = "" if name == "capsule" else f"_{name}"
+            out[f"ratio_median{suffix}"] = out[name]["median_ms"] / out["ipykernel"]["median_ms"]
+            out[f"ratio_p95{suffix}"] = out[name]["p95_ms"] / out["ipykernel"]["p95_ms"]
     return out
 
 
@@ -153,15 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", type=int, default=10, help="kernel starts per kernel (default 10)")
     parser.add_argument("--cells", type=int, default=300, help="trivial cells per kernel (default 300)")
+    parser.add_argument("--crashes", type=int, default=10, help="crashes per Capsule kernel (default 10)")
     args = parser.parse_args(argv)
     # Checkpoints stay on (they are part of every cell's cost) but go to a scratch store.
     scratch = tempfile.TemporaryDirectory(prefix="capsule-bench-")
     os.environ["CAPSULE_HOME"] = scratch.name
 
     starts: dict[str, list[float]] = {name: [] for name in KERNELS}
+    first_cells: dict[str, list[float]] = {name: [] for name in KERNELS}
     for _ in range(args.starts):
         for name, spec in KERNELS.items():
-            starts[name].append(time_start(spec))
+            info, first = time_start(spec)
+            starts[name].append(info)
+            first_cells[name].append(first)
 
     live = {name: start_ready(spec) for name, spec in KERNELS.items()}
     cells: dict[str, list[float]] = {name: [] for name in KERNELS}
@@ -177,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, (_, client) in live.items():
                 state_cells[name].append(time_cell(client, "counter = counter + 1"))
         memory = {name: resident_memory(name, km, client) for name, (km, client) in live.items()}
+        crashes: dict[str, list[float]] = {name: [] for name in live if name.startswith("capsule")}
+        for _ in range(args.crashes):
+            for name in crashes:
+                crashes[name].append(time_crash(live[name][1]))
     finally:
         for km, client in live.values():
             client.stop_channels()
@@ -185,23 +230,37 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "processor": platform.machine()},
         "start_to_kernel_info": summarize(starts),
+        "start_to_first_cell_reply": summarize(first_cells),
+        "crash_to_restored_reply": summarize(crashes),
         "trivial_cell_roundtrip": summarize(cells),
         "state_changing_cell_roundtrip": summarize(state_cells),
         "resident_memory_after_cells": memory,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'measure':30} {'kernel':10} {'n':>4} {'median ms':>10} {'p95 ms':>9} {'p99 ms':>9}")
-    for measure in ("start_to_kernel_info", "trivial_cell_roundtrip", "state_changing_cell_roundtrip"):
+    print(f"{'measure':30} {'kernel':18} {'n':>4} {'median ms':>10} {'p95 ms':>9} {'p99 ms':>9}")
+    measures = (
+        "start_to_kernel_info",
+        "start_to_first_cell_reply",
+        "trivial_cell_roundtrip",
+        "state_changing_cell_roundtrip",
+        "crash_to_restored_reply",
+    )
+    for measure in measures:
         section = report[measure]
         for name in KERNELS:
+            if name not in section:
+                continue
             row = section[name]
             timings = f"{row['median_ms']:>10.2f} {row['p95_ms']:>9.2f} {row['p99_ms']:>9.2f}"
-            print(f"{measure:30} {name:10} {row['n']:>4} {timings}")
-        print(f"{measure:30} {'ratio':10} {'':>4} {section['ratio_median']:>10.2f} {section['ratio_p95']:>9.2f}")
+            print(f"{measure:30} {name:18} {row['n']:>4} {timings}")
+        for key in [key for key in section if key.startswith("ratio_median")]:
+            label = "ratio" + key.removeprefix("ratio_median")
+            p95 = section[key.replace("median", "p95")]
+            print(f"{measure:30} {label:18} {'':>4} {section[key]:>10.2f} {p95:>9.2f}")
     for name, row in memory.items():
         parts = ", ".join(f"{key} {value:.1f}" for key, value in row.items())
-        print(f"{'resident memory (MiB)':30} {name:10} {parts}")
+        print(f"{'resident memory (MiB)':30} {name:18} {parts}")
     print(f"written to {RESULTS}")
     return 0
 

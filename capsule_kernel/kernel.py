@@ -120,6 +120,9 @@ class CapsuleKernel(Kernel):
         self._idle_death: str | None = None
         self._restore_outcome = "the namespace starts empty"
         self._resume_notice: str | None = None
+        # Said once, on the first cell, when this machine cannot confine the sandbox.
+        self._confinement_notice: str | None = None
+        self._confinement_noted = False
         self._resume_offer: str | None = None
         self.settings = KernelSettings.load()
         self.routing_mode = self.settings.mode
@@ -272,6 +275,15 @@ class CapsuleKernel(Kernel):
         if self._starting is None or self._starting.done():
             self._starting = asyncio.ensure_future(self._start_sandbox(restore=True))
             self._starting.add_done_callback(self._log_start_failure)
+
+    def _note_confinement(self, sandbox: SubprocessSandbox) -> None:
+        """Once per kernel: a subprocess sandbox that is not a security boundary says so."""
+        state = sandbox.enforcement.get("confinement", "")
+        if self._confinement_noted or sandbox.kind != "subprocess" or not state.startswith("not"):
+            return
+        self._confinement_noted = True
+        self._confinement_notice = f"Capsule: the subprocess sandbox is {state}. See %capsule status.\n"
+        self.log.warning(self._confinement_notice.strip())
 
     def _note_death_between_cells(self, sandbox: SubprocessSandbox) -> None:
         if not sandbox.death_noted:
@@ -525,7 +537,8 @@ class CapsuleKernel(Kernel):
         except (SandboxDied, TimeoutError) as err:
             return self._fail(count, "SandboxUnavailable", f"the {kind} sandbox could not start: {err}")
         await self._bring_names(sandbox, reads)
-        for attribute in ("_resume_notice", "_resume_offer"):
+        self._note_confinement(sandbox)
+        for attribute in ("_confinement_notice", "_resume_notice", "_resume_offer"):
             text = getattr(self, attribute)
             if text:
                 setattr(self, attribute, None)

@@ -117,6 +117,10 @@ class Launch:
         if not available.confined:
             # Said plainly at start and in %capsule status; the limits still hold.
             enforcement["confinement"] = f"not a security boundary here: {available.problem}"
+            enforcement["network"] = (
+                "allowed (network = on)" if limits.network else "not enforced: the sandbox is not confined here"
+            )
+            enforcement["files"] = "enforced: RLIMIT_NOFILE per process, set before the worker starts"
             procs = tuple(cgroup.procs_files()) if cgroup else ()
             env = dict(environment, HOME=str(Path.home()))
             env.update(confinement.rlimit_environment(limits.files, limits.memory, None if cgroup else limits.procs))

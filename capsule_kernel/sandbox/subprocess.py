@@ -115,6 +115,8 @@ class SubprocessSandbox:
     # Snapshot reports come on their own pipe, written by snapshot children;
     # one on the frame pipe is forged (the Wasm host sends its own there).
     snapshots_on_frame_pipe = False
+    # The worker's process forks a supervisor first (worker_supervisor.py).
+    supervised = True
 
     def __init__(
         self,
@@ -329,7 +331,9 @@ class SubprocessSandbox:
     def _find_worker(self, launch: Launch) -> None:
         """The worker's host pid: bubblewrap's init (pid 1) -> the supervisor -> the worker."""
         if launch.info_read is None:
-            self.worker_pid = self.process.pid if self.process else None
+            # No bubblewrap: the launched process is the supervisor itself (or a Wasm host).
+            assert self.process is not None
+            self.worker_pid = _only_child(self.process.pid) if self.supervised else self.process.pid
             return
         info = b""
         while chunk := _read_available(launch.info_read):

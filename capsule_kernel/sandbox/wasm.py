@@ -29,6 +29,7 @@ class WasmSandbox(SubprocessSandbox):
     kind = "wasm"
     worker_module = "capsule_kernel.sandbox.wasm_host"
     snapshots_on_frame_pipe = True  # the trusted host writes them, after the guest's cell
+    supervised = False
 
     def __init__(self, limits: Limits, on_event: Any, *, mounts: list[dict[str, Any]] | None = None, **kwargs: Any):
         super().__init__(limits, on_event, **kwargs)
