@@ -30,6 +30,7 @@ from capsule_kernel import __version__, magics
 from capsule_kernel.analyzer import Analyzer, ExecutionPlan
 from capsule_kernel.checkpoint.recorder import Checkpoints
 from capsule_kernel.checkpoint.store import session_identity
+from capsule_kernel.policy_files import PolicyFileWatch
 from capsule_kernel.router import REFUSED, route
 from capsule_kernel.sandbox import protocol
 from capsule_kernel.sandbox.limits import LimitSettings
@@ -123,6 +124,10 @@ class CapsuleKernel(Kernel):
         # Said once, on the first cell, when this machine cannot confine the sandbox.
         self._confinement_notice: str | None = None
         self._confinement_noted = False
+        # Config files in the notebook's directory, which a sandbox may write.
+        self._policy_files = PolicyFileWatch(
+            Path.cwd(), self.checkpoints.chunk_root.parent if self.checkpoints.chunk_root else None
+        )
         self._resume_offer: str | None = None
         self.settings = KernelSettings.load()
         self.routing_mode = self.settings.mode
@@ -275,6 +280,19 @@ class CapsuleKernel(Kernel):
         if self._starting is None or self._starting.done():
             self._starting = asyncio.ensure_future(self._start_sandbox(restore=True))
             self._starting.add_done_callback(self._log_start_failure)
+
+    def _check_policy_files(self) -> None:
+        """A config file that changed while a cell ran is never read as policy again (policy_files.py)."""
+        changed = self._policy_files.check()
+        if changed:
+            names = " and ".join(changed)
+            text = (
+                f"Capsule: {names} changed while this cell ran; a sandbox may have written it, so Capsule "
+                "will not read it as configuration. Edit it while no kernel runs, or set limits with "
+                "CAPSULE_* variables.\n"
+            )
+            self.log.warning(text.strip())
+            self._publish("stream", {"name": "stderr", "text": text})
 
     def _note_confinement(self, sandbox: SubprocessSandbox) -> None:
         """Once per kernel: a subprocess sandbox that is not a security boundary says so."""
@@ -564,6 +582,7 @@ class CapsuleKernel(Kernel):
             return reply
         finally:
             self._cell_running = False
+            self._check_policy_files()
             for task in list(self._side_tasks):
                 if getattr(task, "cell_scoped", False):
                     task.cancel()

@@ -230,3 +230,22 @@ def test_a_malformed_chunk_request_ends_the_sandbox(tmp_path):
     asyncio.run(scenario())
     worker_end.close()
     assert violations and "chunk protocol" in violations[0]
+
+
+def test_a_config_file_changed_during_a_cell_is_distrusted(tmp_path, monkeypatch):
+    from capsule_kernel.policy_files import PolicyFileWatch
+    from capsule_kernel.sandbox.limits import find_config_file
+
+    home = tmp_path / "home"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "capsule.toml").write_text("[limits]\nmemory = '1GiB'\n")
+    monkeypatch.setenv("CAPSULE_HOME", str(home))
+    watch = PolicyFileWatch(work, home)
+    assert watch.check() == []
+    assert find_config_file(work)[0] == work / "capsule.toml"
+    (work / "capsule.toml").write_text("[limits]\nmemory = 'unlimited'\n")  # as a cell would
+    assert watch.check() == ["capsule.toml"]
+    assert find_config_file(work) is None  # same uid as the kernel, but seen changing under a sandbox
+    (work / "capsule.toml").write_text("[limits]\nmemory = '2GiB'\n")  # the user, with no kernel running
+    assert find_config_file(work)[0] == work / "capsule.toml"

@@ -57,6 +57,7 @@ class SandboxCgroup:
     @classmethod
     def create(cls, name: str) -> tuple[SandboxCgroup | None, str]:
         """Make the cgroup; return it (or None) and a sentence for %capsule status."""
+        sweep()
         v1 = {controller: ROOT / controller for controller in ("memory", "pids", "cpuacct")}
         if all((path / "cgroup.procs").exists() for path in v1.values()):
             return cls._create_v1(name, v1)
@@ -195,3 +196,35 @@ class SandboxCgroup:
             except OSError:
                 removed = False
         return removed
+
+
+def sweep() -> None:
+    """Remove the empty cgroups of kernels that are gone (named capsule-<kernel pid>-<random>).
+
+    A cgroup can only be removed once its last process has fully exited; the
+    kernel retries after a sandbox ends, and whatever a killed kernel left is
+    removed here, by the next kernel.
+    """
+    for parent in (ROOT / "memory" / PARENT, ROOT / "pids" / PARENT, ROOT / "cpuacct" / PARENT, ROOT / PARENT):
+        try:
+            entries = list(parent.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            parts = entry.name.split("-")
+            if len(parts) != 3 or parts[0] != "capsule" or not parts[1].isdigit():
+                continue
+            if int(parts[1]) == os.getpid() or _alive(int(parts[1])):
+                continue
+            with contextlib.suppress(OSError):
+                entry.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -100,8 +100,8 @@ class Launch:
         if cgroup is None:
             enforcement["memory"] = f"per process only: RLIMIT_AS ({cgroup_note})"
             enforcement["procs"] = (
-                "per user only: RLIMIT_NPROC, which root ignores" if identity.uid == 0 else "per user: RLIMIT_NPROC"
-            ) + f" ({cgroup_note})"
+                f"per user only: RLIMIT_NPROC counts every process of uid {identity.uid} ({cgroup_note})"
+            )
             enforcement["cgroup"] = f"not enforced: {cgroup_note}"
         else:
             enforcement["memory"] = cgroup.set_memory(limits.memory) + " (and RLIMIT_AS per process)"
@@ -162,6 +162,8 @@ class Launch:
                 f"{workdir}: read-only, because it holds code the kernel imports (a trusted import path)"
             )
         if identity.switch:
+            for mount in mounts:  # like the working directory: an ACL entry lets the sandbox's uid in
+                workdir_acl.grant(mount.path, identity.uid, writable=mount.writable)
             # bubblewrap binds as the sandbox's uid: let it walk to what it binds.
             own = [place for place in (spool, state) if place is not None]
             for place in [*policy.python_paths, *(m.path for m in mounts), workdir, *own]:

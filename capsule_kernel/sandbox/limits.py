@@ -260,11 +260,20 @@ def sandbox_uid(environ: Mapping[str, str] | None = None) -> int:
 
 
 def written_by_a_sandbox(path: Path) -> bool:
-    """A config file a sandbox made: a root kernel's sandboxes have their own uid, so their files show it."""
+    """A config file a sandbox made or changed.
+
+    A root kernel's sandboxes have their own uid, so their files show it; any
+    kernel distrusts a file it saw change while a cell ran (policy_files.py).
+    """
+    from capsule_kernel.checkpoint.store import default_home
+    from capsule_kernel.policy_files import distrusted
+
     try:
-        return os.geteuid() == 0 and path.stat().st_uid == sandbox_uid()
+        if os.geteuid() == 0 and path.stat().st_uid == sandbox_uid():
+            return True
     except OSError:
         return False
+    return distrusted(path, default_home())
 
 
 def find_config_file(start: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -785,12 +785,17 @@ class SubprocessSandbox:
         if self._chunks is not None:
             self._chunks.close()
             self._chunks = None
+        self._exited.set()
         if self._launched is not None:
             launch = self._launched
+            # The cgroup can go once its last process has fully exited (a moment after the kill).
+            deadline = self.clock() + 2.0
             launch.discard(keep_spool=True)
+            while launch.cgroup is not None and self.clock() < deadline:
+                await asyncio.sleep(0.02)
+                launch.discard(keep_spool=True)
             # The last reports may still be being adopted from the spool.
             self._loop.call_later(SNAPSHOT_PATIENCE_SECONDS, launch.remove_spool)
-        self._exited.set()
 
     def _cause_of_death(self) -> str:
         assert self.process is not None

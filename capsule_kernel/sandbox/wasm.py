@@ -105,7 +105,7 @@ class WasmSandbox(SubprocessSandbox):
                 notes[name] = "applies from the next Wasm cell"
         if old.memory != limits.memory:
             notes["memory"] = "the Wasm store's memory cap is fixed at start: applies after %capsule restart"
-        for name in ("cpu", "files", "procs", "network"):
+        for name in ("cpu", "files", "procs", "network", "disk"):
             if getattr(old, name) != getattr(limits, name):
                 notes[name] = "not used by Wasm cells (fuel meters CPU; there are no files, processes or sockets)"
         if self.alive:

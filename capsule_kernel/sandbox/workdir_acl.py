@@ -106,8 +106,8 @@ def ensure_passage(path: Path, uid: int) -> list[Path]:
     return changed
 
 
-def grant(directory: Path, uid: int) -> str:
-    """Give uid rwx on directory (and by default on what is made in it); say what happened."""
+def grant(directory: Path, uid: int, *, writable: bool = True) -> str:
+    """Give uid rwx (or r-x) on directory, and by default on what is made in it; say what happened."""
     try:
         info = directory.stat()
     except OSError as err:
@@ -116,8 +116,9 @@ def grant(directory: Path, uid: int) -> str:
         return "not a directory"
     if info.st_uid == uid:
         return "owned by the sandbox's uid"
+    perm = _RWX if writable else 5
     try:
-        _add(directory, uid, _RWX, inherit=True)
+        _add(directory, uid, perm, inherit=True)
     except OSError as err:
-        return f"read-only for the sandbox: cannot add an ACL entry for uid {uid} ({err.strerror})"
-    return f"read-write through an ACL entry for uid {uid}"
+        return f"not usable by the sandbox: cannot add an ACL entry for uid {uid} ({err.strerror})"
+    return f"{'read-write' if writable else 'readable'} through an ACL entry for uid {uid}"

@@ -411,6 +411,8 @@ def test_a_daemon_does_not_outlive_its_sandbox(fresh_kernel):
     wait_until(lambda: len(processes_with(f"sleep {tag}")) >= 2, what="the daemons to start")
     assert kernel.execute("%capsule restart").status == "ok"
     assert wait_gone(f"sleep {tag}") == []
+    # The old sandbox's cgroup goes too, once its last process has exited.
+    wait_until(lambda: len(sandbox_cgroups(kernel, "pids")) == 1, what="one cgroup left")
     kernel.execute(f"import subprocess\nsubprocess.run(['setsid', 'sh', '-c', '(sleep {tag}2 &) ; exit'])")
     wait_until(lambda: processes_with(f"sleep {tag}2"), what="the daemon to start")
     kernel.close()
@@ -474,3 +476,43 @@ def test_everyday_work_still_works_inside_the_confined_sandbox(fresh_kernel, tmp
     bash = kernel.execute("%%bash\necho bash-$((1 + 1))")
     assert "bash-2" in bash.stdout
     assert (tmp_path / "plot.png").exists()  # the working directory is writable
+
+
+def test_a_declared_mount_is_shown_and_nothing_beside_it(fresh_kernel, tmp_path):
+    data = tmp_path / "data"
+    beside = tmp_path / "beside"
+    work = tmp_path / "nb"
+    for directory in (data, beside, work):
+        directory.mkdir()
+    (data / "in.txt").write_text("mounted")
+    (beside / "secret.txt").write_text(SECRET)
+    kernel = fresh_kernel(cwd=work)
+    kernel.execute("kept = 'yes'")
+    assert "restarted" in kernel.execute(f"%capsule mount {data} --rw").texts()
+    result = kernel.execute(
+        f"print(open({str(data / 'in.txt')!r}).read())\n"
+        f"open({str(data / 'out.txt')!r}, 'w').write('from the sandbox')\n"
+        f"try:\n    print(open({str(beside / 'secret.txt')!r}).read())\n"
+        "except OSError as err:\n    print('beside', type(err).__name__)\n"
+        "print(kept)"
+    )
+    assert "mounted" in result.stdout and "beside FileNotFoundError" in result.stdout
+    assert "yes" in result.stdout  # the restart kept the namespace
+    assert SECRET not in result.texts()
+    assert (data / "out.txt").read_text() == "from the sandbox"
+
+
+def test_a_config_file_written_by_a_cell_is_not_read_as_policy(fresh_kernel, tmp_path):
+    work = tmp_path / "nb"
+    work.mkdir()
+    kernel = fresh_kernel(cwd=work, env={"CAPSULE_MEMORY": "768MiB"})
+    wide = f'[limits]\nprocs = "unlimited"\nnetwork = "on"\n[fs_access]\nwrite = [{str(tmp_path)!r}]\n'
+    result = kernel.execute(f"open('capsule.toml', 'w').write({wide!r})")
+    assert "will not read it as configuration" in result.stderr
+    kernel.km.restart_kernel(now=False)
+    kernel.kc.wait_for_ready(timeout=60)
+    limits = kernel.execute("%capsule limits").texts()
+    procs = next(line for line in limits.splitlines() if line.startswith("procs"))
+    network = next(line for line in limits.splitlines() if line.startswith("network"))
+    assert "512" in procs and "off" in network, limits
+    assert "(none)" in kernel.execute("%capsule mount").texts()

@@ -1,0 +1,76 @@
+"""The config files in the notebook's directory, watched for changes a sandbox could have made.
+
+Runs in the KERNEL. The kernel reads its policy (limits, mounts, mode) from
+the nearest ``capsule.toml`` or ``pyproject.toml [tool.capsule]``, starting
+in the notebook's working directory, which the sandbox may write. A root
+kernel tells a file its sandbox wrote by its owner (the sandbox has its own
+uid); a kernel that shares its uid with the sandbox cannot. So the kernel
+notes the files' state when it starts and after every cell: a file that
+changed while a sandbox could write it is distrusted, by content hash,
+in CAPSULE_HOME (which no sandbox can reach), and no later kernel reads it
+as configuration. Editing it while no kernel runs makes it trusted again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+NAMES = ("capsule.toml", "pyproject.toml")
+_LEDGER = "distrusted-config.json"
+_MAX_ENTRIES = 1000
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def distrusted(path: Path, home: Path) -> bool:
+    """Whether this file's content was seen changing under a running sandbox."""
+    digest = _digest(path)
+    if digest is None:
+        return False
+    try:
+        return digest in json.loads((home / _LEDGER).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+class PolicyFileWatch:
+    """The state of the notebook directory's config files, compared after each cell."""
+
+    def __init__(self, directory: Path, home: Path | None) -> None:
+        self.directory = directory
+        self.home = home
+        self.seen = self._state()
+
+    def _state(self) -> dict[str, str | None]:
+        return {name: _digest(self.directory / name) for name in NAMES}
+
+    def check(self) -> list[str]:
+        """Names of the config files that changed since last time (now distrusted)."""
+        now = self._state()
+        changed = [name for name in NAMES if now[name] != self.seen[name] and now[name] is not None]
+        self.seen = now
+        if changed and self.home is not None:
+            self._distrust([now[name] for name in changed])
+        return changed
+
+    def _distrust(self, digests: list[str | None]) -> None:
+        ledger = self.home / _LEDGER
+        try:
+            known = json.loads(ledger.read_text())
+        except (OSError, ValueError):
+            known = []
+        known = [d for d in known if d not in digests] + [d for d in digests if d]
+        temporary = ledger.with_name(f".{_LEDGER}.{os.getpid()}")
+        with contextlib.suppress(OSError):
+            ledger.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(known[-_MAX_ENTRIES:]))
+            os.replace(temporary, ledger)
