@@ -459,7 +459,6 @@ def test_a_forged_snapshot_report_on_the_frame_pipe_ends_the_sandbox_not_the_ker
 
 
 def test_everyday_work_still_works_inside_the_confined_sandbox(fresh_kernel, tmp_path):
-    pytest.importorskip("pandas")
     (tmp_path / "data.csv").write_text("a,b\n1,2\n3,4\n")
     kernel = fresh_kernel()
     result = kernel.execute(
