@@ -160,7 +160,6 @@ class SubprocessSandbox:
         self._escalation: asyncio.Future | None = None
         self._cpu_watch: asyncio.Task | None = None
         self._started_with = limits  # the hard rlimits of the running worker
-        self._oom_kills = 0
         self._to_worker: int | None = None
         self._from_worker: int | None = None
         self._pipes: list[_Pipe] = []
@@ -803,7 +802,7 @@ class SubprocessSandbox:
         if self._launched is not None and self._launched.confined and code is not None and 128 < code <= 128 + 64:
             code = -(code - 128)  # bubblewrap's init reports a signal as 128 + its number
         cgroup = self._cgroup
-        if cgroup is not None and cgroup.oom_kills() > self._oom_kills and self.limits.memory:
+        if cgroup is not None and cgroup.oom_kills() > 0 and self.limits.memory:  # its own cgroup: counts from 0
             return (
                 f"was killed for exceeding the sandbox memory limit of {format_size(self.limits.memory)} "
                 "(memory: every process of the sandbox and its /tmp files together); "
