@@ -515,3 +515,15 @@ def test_a_config_file_written_by_a_cell_is_not_read_as_policy(fresh_kernel, tmp
     network = next(line for line in limits.splitlines() if line.startswith("network"))
     assert "512" in procs and "off" in network, limits
     assert "(none)" in kernel.execute("%capsule mount").texts()
+
+
+def test_cpu_burnt_by_a_child_process_counts_against_the_cell(fresh_kernel):
+    kernel = fresh_kernel()
+    kernel.execute("kept = 'yes'")
+    kernel.execute("%capsule limits --cpu 1s")
+    result = kernel.execute(
+        "import subprocess\nsubprocess.run(['sh', '-c', 'while :; do :; done'], timeout=60)", timeout=90
+    )
+    assert result.status == "error"
+    assert "CPULimitExceeded" in result.texts() or "CPU limit" in result.texts()
+    assert kernel.execute("kept").result_text == "'yes'"
