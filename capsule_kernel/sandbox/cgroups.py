@@ -22,6 +22,8 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capsule_kernel.sandbox.deaths import process_exists
+
 ROOT = Path("/sys/fs/cgroup")
 # Parent of every sandbox's cgroup, so that they are easy to find and clean up.
 PARENT = "capsule"
@@ -198,8 +200,17 @@ class SandboxCgroup:
         return removed
 
 
+def left_by_a_gone_kernel(path: Path) -> bool:
+    """Whether a sandbox's cgroup or spool (named capsule-<kernel pid>-<random>) outlived its kernel."""
+    parts = path.name.split("-")
+    if len(parts) != 3 or parts[0] != "capsule" or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    return pid != os.getpid() and not process_exists(pid)
+
+
 def sweep() -> None:
-    """Remove the empty cgroups of kernels that are gone (named capsule-<kernel pid>-<random>).
+    """Remove the empty cgroups of kernels that are gone.
 
     A cgroup can only be removed once its last process has fully exited; the
     kernel retries after a sandbox ends, and whatever a killed kernel left is
@@ -207,24 +218,9 @@ def sweep() -> None:
     """
     for parent in (ROOT / "memory" / PARENT, ROOT / "pids" / PARENT, ROOT / "cpuacct" / PARENT, ROOT / PARENT):
         try:
-            entries = list(parent.iterdir())
+            entries = [entry for entry in parent.iterdir() if left_by_a_gone_kernel(entry)]
         except OSError:
             continue
         for entry in entries:
-            parts = entry.name.split("-")
-            if len(parts) != 3 or parts[0] != "capsule" or not parts[1].isdigit():
-                continue
-            if int(parts[1]) == os.getpid() or _alive(int(parts[1])):
-                continue
             with contextlib.suppress(OSError):
                 entry.rmdir()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from capsule_kernel.sandbox import confinement, seccomp, workdir_acl
-from capsule_kernel.sandbox.cgroups import SandboxCgroup
+from capsule_kernel.sandbox.cgroups import SandboxCgroup, left_by_a_gone_kernel
 from capsule_kernel.sandbox.limits import format_size
 
 if TYPE_CHECKING:
@@ -229,22 +229,10 @@ def _make_spool(chunk_root: Path | None, name: str, identity: confinement.Identi
 
 
 def _sweep(spools: Path) -> None:
-    """Remove the spools of kernels that are gone (named capsule-<kernel pid>-<random>)."""
+    """Remove the spools of kernels that are gone."""
     try:
-        entries = list(spools.iterdir())
+        entries = [entry for entry in spools.iterdir() if left_by_a_gone_kernel(entry)]
     except OSError:
         return
     for entry in entries:
-        parts = entry.name.split("-")
-        if len(parts) == 3 and parts[0] == "capsule" and parts[1].isdigit() and not _alive(int(parts[1])):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        shutil.rmtree(entry, ignore_errors=True)
