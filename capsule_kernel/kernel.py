@@ -29,7 +29,7 @@ from IPython.core.inputtransformer2 import TransformerManager
 from capsule_kernel import __version__, magics
 from capsule_kernel.analyzer import Analyzer, ExecutionPlan
 from capsule_kernel.checkpoint.recorder import Checkpoints
-from capsule_kernel.checkpoint.store import session_identity
+from capsule_kernel.checkpoint.store import default_home, session_identity
 from capsule_kernel.policy_files import PolicyFileWatch
 from capsule_kernel.router import REFUSED, route
 from capsule_kernel.sandbox import protocol
@@ -125,9 +125,7 @@ class CapsuleKernel(Kernel):
         self._confinement_notice: str | None = None
         self._confinement_noted = False
         # Config files in the notebook's directory, which a sandbox may write.
-        self._policy_files = PolicyFileWatch(
-            Path.cwd(), self.checkpoints.chunk_root.parent if self.checkpoints.chunk_root else None
-        )
+        self._policy_files = PolicyFileWatch(Path.cwd(), default_home())
         self._resume_offer: str | None = None
         self.settings = KernelSettings.load()
         self.routing_mode = self.settings.mode

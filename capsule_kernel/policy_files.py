@@ -45,7 +45,7 @@ def distrusted(path: Path, home: Path) -> bool:
 class PolicyFileWatch:
     """The state of the notebook directory's config files, compared after each cell."""
 
-    def __init__(self, directory: Path, home: Path | None) -> None:
+    def __init__(self, directory: Path, home: Path) -> None:
         self.directory = directory
         self.home = home
         self.seen = self._state()
@@ -58,7 +58,7 @@ class PolicyFileWatch:
         now = self._state()
         changed = [name for name in NAMES if now[name] != self.seen[name] and now[name] is not None]
         self.seen = now
-        if changed and self.home is not None:
+        if changed:
             self._distrust([now[name] for name in changed])
         return changed
 

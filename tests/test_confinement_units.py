@@ -219,13 +219,16 @@ def test_a_malformed_chunk_request_ends_the_sandbox(tmp_path):
     violations: list[str] = []
 
     async def scenario() -> None:
-        server = chunk_server.ChunkServer(kernel_end, tmp_path, copy=False, on_violation=violations.append)
+        stopped = asyncio.Event()
+
+        def on_violation(reason: str) -> None:
+            violations.append(reason)
+            stopped.set()
+
+        server = chunk_server.ChunkServer(kernel_end, tmp_path, copy=False, on_violation=on_violation)
         server.start(asyncio.get_running_loop())
         worker_end.send(b"\x00" * 4000)  # oversized garbage
-        for _ in range(200):
-            if violations:
-                break
-            await asyncio.sleep(0.005)
+        await asyncio.wait_for(stopped.wait(), timeout=10)
 
     asyncio.run(scenario())
     worker_end.close()

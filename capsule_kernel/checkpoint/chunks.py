@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,6 +62,21 @@ class DirectorySource:
 
     def __str__(self) -> str:
         return str(self.root)
+
+
+def entry_chunks(entries: Mapping[str, Any]) -> list[str]:
+    """Every chunk name a manifest's entries mention (pickles and buffers), once each, in order."""
+    names: dict[str, None] = {}
+    for entry in entries.values():
+        for digest in [*entry.get("pickle", []), *(d for b in entry.get("buffers", []) for d in b)]:
+            if isinstance(digest, str):
+                names[digest] = None
+    return list(names)
+
+
+def is_chunk_name(digest: str) -> bool:
+    """A SHA-256 in lowercase hex: the only names a chunk file may have."""
+    return len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
 
 
 def as_source(root: Path | ChunkSource) -> ChunkSource:

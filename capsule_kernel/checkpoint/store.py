@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.checkpoint.chunks import CHUNK_BYTES, chunk_path, verify
+from capsule_kernel.checkpoint.chunks import CHUNK_BYTES, chunk_path, entry_chunks, is_chunk_name, verify
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -151,21 +151,20 @@ class CheckpointStore:
         is discarded. Chunks already in the store are kept as they are.
         """
         bad = []
-        for digest in _digests(entries):
-            if chunk_path(self.chunks, digest).exists():
-                with contextlib.suppress(OSError):
-                    os.utime(chunk_path(self.chunks, digest))  # recently used: garbage collection keeps it
-                if self._known_sound(digest):
-                    _discard(spool, digest)
-                    continue
-            if not self._copy_in(spool, digest) and not self._known_sound(digest):
+        for digest in entry_chunks(entries):
+            if not is_chunk_name(digest):
                 bad.append(digest)
-            _discard(spool, digest)
+                continue
+            with contextlib.suppress(OSError):
+                os.utime(chunk_path(self.chunks, digest))  # recently used: garbage collection keeps it
+            # Another adoption may have stored the same chunk meanwhile: look again after a failed copy.
+            if not (self._sound(digest) or self._copy_in(spool, digest) or self._sound(digest)):
+                bad.append(digest)
+            with contextlib.suppress(OSError):
+                chunk_path(spool, digest).unlink()
         return bad
 
     def _copy_in(self, spool: Path, digest: str) -> bool:
-        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-            return False
         try:
             handle = os.open(chunk_path(spool, digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
@@ -200,9 +199,6 @@ class CheckpointStore:
             with contextlib.suppress(OSError):
                 temporary.unlink()
 
-    def _known_sound(self, digest: str) -> bool:
-        return not self.missing_chunks({"": {"pickle": [digest]}})
-
     def missing_chunks(self, entries: Mapping[str, Any]) -> list[str]:
         """Chunks named by these entries that are absent or corrupt.
 
@@ -211,22 +207,21 @@ class CheckpointStore:
         in place): a changed list of nine 100 MB arrays re-verifies only
         the array that changed. Restores check every chunk they read anyway.
         """
-        bad = []
-        for entry in entries.values():
-            for digest in [*entry.get("pickle", []), *(d for b in entry.get("buffers", []) for d in b)]:
-                try:
-                    info = chunk_path(self.chunks, digest).stat()
-                except OSError:
-                    bad.append(digest)
-                    continue
-                identity = (info.st_dev, info.st_ino, info.st_size)
-                if self._verified.get(digest) == identity:
-                    continue
-                if verify(self.chunks, digest):
-                    self._verified[digest] = identity
-                else:
-                    bad.append(digest)
-        return bad
+        return [digest for digest in entry_chunks(entries) if not self._sound(digest)]
+
+    def _sound(self, digest: str) -> bool:
+        """The store holds this chunk and its content matches its name (checked once per file)."""
+        try:
+            info = chunk_path(self.chunks, digest).stat()
+        except OSError:
+            return False
+        identity = (info.st_dev, info.st_ino, info.st_size)
+        if self._verified.get(digest) == identity:
+            return True
+        if not verify(self.chunks, digest):
+            return False
+        self._verified[digest] = identity
+        return True
 
     def record(
         self,
@@ -370,19 +365,3 @@ class CheckpointStore:
             size,
             written,
         )
-
-
-def _digests(entries: Mapping[str, Any]) -> list[str]:
-    """Every chunk name an entry list mentions, once each, in order."""
-    names: dict[str, None] = {}
-    for entry in entries.values():
-        for digest in [*entry.get("pickle", []), *(d for b in entry.get("buffers", []) for d in b)]:
-            if isinstance(digest, str):
-                names[digest] = None
-    return list(names)
-
-
-def _discard(spool: Path, digest: str) -> None:
-    if len(digest) == 64 and digest.isalnum():
-        with contextlib.suppress(OSError):
-            chunk_path(spool, digest).unlink()

@@ -266,12 +266,14 @@ def sandbox_environment(
     return env
 
 
+@functools.cache
 def trusted_python_paths() -> tuple[Path, ...]:
     """Directories the kernel, the worker and the Wasm host import from (shown read-only).
 
     The kernel's own sys.path (``__main__.harden`` already took away the
     working directory Python puts first), plus the interpreter's prefixes:
-    nothing a sandbox can write may be on it.
+    nothing a sandbox can write may be on it. Computed once per kernel: its
+    import path does not change after start-up.
     """
     here = {"", "."}
     candidates = [

@@ -104,7 +104,7 @@ class Launch:
             )
             enforcement["cgroup"] = f"not enforced: {cgroup_note}"
         else:
-            enforcement["memory"] = cgroup.set_memory(limits.memory) + " (and RLIMIT_AS per process)"
+            enforcement["memory"] = memory_enforcement(cgroup, limits.memory)
             enforcement["procs"] = cgroup.set_pids(limits.procs)
             enforcement["cgroup"] = f"enforced: {cgroup_note}, created by the kernel, not visible inside"
         spool = _make_spool(sandbox.chunk_root, name, identity)
@@ -135,9 +135,7 @@ class Launch:
         mounts = tuple(
             confinement.Bind(Path(str(m["path"])).resolve(), bool(m.get("writable"))) for m in sandbox.mounts
         )
-        hidden = confinement.hidden_paths(
-            Path(os.environ.get("HOME") or Path.home()), [p for p in sandbox.hidden_paths() if p is not None]
-        )
+        hidden = confinement.hidden_paths(Path(os.environ.get("HOME") or Path.home()), sandbox.hidden_paths())
         policy = confinement.Policy(
             workdir=workdir,
             identity=identity,
@@ -198,6 +196,11 @@ class Launch:
             enforcement["disk"] = f"enforced: {format_size(limits.disk)} in each of /tmp, /dev/shm and HOME (tmpfs)"
         launch.enforcement = enforcement
         return launch
+
+
+def memory_enforcement(cgroup: SandboxCgroup, limit: int | None) -> str:
+    """Set the whole sandbox's memory limit; the words for %capsule limits (RLIMIT_AS stays per process)."""
+    return cgroup.set_memory(limit) + " (and RLIMIT_AS per process)"
 
 
 def _own_directory(path: Path | None, identity: confinement.Identity) -> Path | None:

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from capsule_kernel.checkpoint.chunks import entry_chunks
 from capsule_kernel.sandbox import chunk_server, protocol
 from capsule_kernel.sandbox.deaths import describe_exit, process_exists
-from capsule_kernel.sandbox.launch import ConfinementRequired, Launch
+from capsule_kernel.sandbox.launch import ConfinementRequired, Launch, memory_enforcement
 from capsule_kernel.sandbox.limits import Limits, format_duration, format_size
 from capsule_kernel.settings import SandboxSettings
 
@@ -144,7 +145,6 @@ class SubprocessSandbox:
         self.sandbox_settings = sandbox_settings or SandboxSettings()
         # The notebook's own persistent IPython directory (history), writable by its sandboxes only.
         self.state_dir = state_dir
-        self.interrupt_grace = self.sandbox_settings.interrupt_grace
         self.spawn = spawn
         self.clock = clock
         self.process: subprocess.Popen | None = None
@@ -188,9 +188,12 @@ class SubprocessSandbox:
     @property
     def pid(self) -> int | None:
         """The worker's host pid (what %capsule status and error messages show); None until it is ready."""
-        if self.process is None:
-            return None
         return self.worker_pid
+
+    @property
+    def interrupt_grace(self) -> float:
+        """How long a cell may ignore an interrupt before its sandbox is stopped (the operator's)."""
+        return self.sandbox_settings.interrupt_grace
 
     @property
     def _cgroup(self) -> Any:
@@ -201,11 +204,12 @@ class SubprocessSandbox:
         """Where this sandbox's snapshots put new chunks for the kernel to adopt."""
         return self._launched.spool if self._launched else None
 
-    def hidden_paths(self) -> list[Path | None]:
+    def hidden_paths(self) -> list[Path]:
         """Host paths a bound directory must not reveal: the store, the Jupyter runtime directory."""
         from jupyter_core.paths import jupyter_runtime_dir
 
-        return [self.chunk_root.parent if self.chunk_root else None, Path(jupyter_runtime_dir())]
+        store = [self.chunk_root.parent] if self.chunk_root else []
+        return [*store, Path(jupyter_runtime_dir())]
 
     @property
     def alive(self) -> bool:
@@ -312,7 +316,7 @@ class SubprocessSandbox:
         self.enforcement = {**launch.enforcement, **self.trusted_enforcement(ready)}
         if launch.cgroup is not None and self.limits != self._started_with:
             # Changed while it was starting: the cgroup follows now, rlimits with the first cell.
-            self.enforcement["memory"] = launch.cgroup.set_memory(self.limits.memory) + " (and RLIMIT_AS per process)"
+            self.enforcement["memory"] = memory_enforcement(launch.cgroup, self.limits.memory)
             self.enforcement["procs"] = launch.cgroup.set_pids(self.limits.procs)
 
     def extra_config(self) -> dict[str, Any]:
@@ -454,14 +458,8 @@ class SubprocessSandbox:
 
     async def restore(self, entries: dict[str, Any], *, replace: bool, timeout: float = 600) -> dict[str, Any]:
         """Load checkpoint entries into the namespace; the worker may open their chunks (and only those) meanwhile."""
-        digests = {
-            digest
-            for entry in entries.values()
-            for digest in [*entry.get("pickle", []), *(d for b in entry.get("buffers", []) for d in b)]
-        }
-        if self._chunks is None:
-            return await self.request("restore", {"entries": entries, "replace": replace}, timeout=timeout)
-        with self._chunks.serving(digests):
+        serving = self._chunks.serving(entry_chunks(entries)) if self._chunks else contextlib.nullcontext()
+        with serving:
             return await self.request("restore", {"entries": entries, "replace": replace}, timeout=timeout)
 
     def update_limits(self, limits: Limits) -> dict[str, str]:
@@ -491,7 +489,7 @@ class SubprocessSandbox:
         cgroup = self._cgroup
         if old.memory != limits.memory and cgroup is not None:
             # The whole sandbox's limit moves at once; the per-process one only as far as it may.
-            self.enforcement["memory"] = cgroup.set_memory(limits.memory) + " (and RLIMIT_AS per process)"
+            self.enforcement["memory"] = memory_enforcement(cgroup, limits.memory)
             per_process = notes.get("memory", "")
             notes["memory"] = "applied to the whole sandbox (cgroup)" + (
                 "" if "applied" in per_process else f"; per process: {per_process}"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tests.harness import wait_until
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -75,12 +77,9 @@ class Sentinel:
 
 def wait_gone(fragment: str, timeout: float = 15.0) -> list[int]:
     """Poll until no host process mentions fragment; return what is left at the deadline."""
-    deadline = time.monotonic() + timeout
-    left = processes_with(fragment)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = processes_with(fragment)
-    return left
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: not processes_with(fragment), timeout=timeout, what=f"no process with {fragment!r}")
+    return processes_with(fragment)
 
 
 def owned_by_root_kernel() -> bool:

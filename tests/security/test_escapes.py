@@ -343,15 +343,24 @@ def test_forked_children_together_stay_under_the_memory_limit(fresh_kernel):
     kernel.execute("x = 'kept'")
     thread, results, _ = execute_in_background(
         kernel,
-        "import os, time\nkids = []\n"
+        "import os, select, time\nkids, pipes = [], []\n"
         "for _ in range(4):\n"
+        "    read_end, write_end = os.pipe()\n"
         "    pid = os.fork()\n"
         "    if pid == 0:\n"
         "        block = bytearray(200 * 1024 * 1024)\n"
         "        for i in range(0, len(block), 4096): block[i] = 1\n"
-        "        time.sleep(30); os._exit(0)\n"
-        "    kids.append(pid)\n"
-        "time.sleep(3)\n"
+        "        os.write(write_end, b'+'); time.sleep(30); os._exit(0)\n"
+        "    os.close(write_end)\n"
+        "    kids.append(pid); pipes.append(read_end)\n"
+        "# each child says when it holds its 200 MiB, or its pipe closes when it is killed\n"
+        "holding = 0\n"
+        "while pipes:\n"
+        "    ready, _, _ = select.select(pipes, [], [], 60)\n"
+        "    if not ready:\n        break\n"
+        "    for fd in ready:\n"
+        "        holding += os.read(fd, 1) == b'+'\n"
+        "        pipes.remove(fd)\n"
         "alive = [os.waitpid(pid, os.WNOHANG)[0] == 0 for pid in kids]\n"
         "print('alive', sum(alive))\n"
         "for pid in kids:\n    try: os.kill(pid, 9)\n    except OSError: pass",
