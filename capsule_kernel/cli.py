@@ -27,12 +27,14 @@ def kernelspec_source() -> Path:
     return Path(__file__).resolve().parent.parent / "kernelspec"
 
 
-def build_kernelspec(target: Path, display_name: str, python: str) -> None:
-    """Copy the logos and write kernel.json pointing at this interpreter."""
+def build_kernelspec(target: Path, display_name: str, python: str, env: dict[str, str] | None = None) -> None:
+    """Copy the logos and write kernel.json pointing at this interpreter (and the operator's variables)."""
     source = kernelspec_source()
     spec = json.loads((source / "kernel.json").read_text())
     spec["argv"] = [python, "-P", "-m", "capsule_kernel", "-f", "{connection_file}"]
     spec["display_name"] = display_name
+    if env:
+        spec["env"] = dict(env)
     target.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
         if item.name != "kernel.json" and item.is_file():
@@ -45,7 +47,7 @@ def install(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / args.name
-        build_kernelspec(staged, args.display_name, sys.executable)
+        build_kernelspec(staged, args.display_name, sys.executable, dict(args.env))
         prefix = sys.prefix if args.sys_prefix else args.prefix
         dest = KernelSpecManager().install_kernel_spec(
             str(staged), kernel_name=args.name, user=args.user, prefix=prefix
@@ -66,6 +68,13 @@ def uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
+def _variable(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not name.replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name.strip(), value
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="capsule-kernel", description="The Capsule Jupyter kernel.")
     root.add_argument("--version", action="version", version=f"capsule-kernel {__version__}")
@@ -78,6 +87,14 @@ def parser() -> argparse.ArgumentParser:
     inst.add_argument("--name", default=KERNEL_NAME, help=f"kernelspec name (default {KERNEL_NAME})")
     inst.add_argument(
         "--display-name", default=DISPLAY_NAME, help=f"name shown in frontends (default {DISPLAY_NAME!r})"
+    )
+    inst.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        type=_variable,
+        metavar="NAME=VALUE",
+        help="an operator setting for every kernel of this spec, e.g. CAPSULE_MODE=wasm (repeatable)",
     )
     inst.set_defaults(run=install)
     rm = commands.add_parser("uninstall", help="remove the kernelspec")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from capsule_kernel.sandbox.limits import LimitError, find_config_file, parse_count, parse_duration, parse_switch
 
@@ -43,9 +45,7 @@ class SandboxSettings:
     interrupt_grace: float = DEFAULT_INTERRUPT_GRACE_SECONDS
 
     @classmethod
-    def parse(
-        cls, table: object, where: str, environ: dict[str, str] | os._Environ[str]
-    ) -> tuple[SandboxSettings, list[str]]:
+    def parse(cls, table: object, where: str, environ: Mapping[str, str]) -> tuple[SandboxSettings, list[str]]:
         """From the config table and CAPSULE_REQUIRE_CONFINEMENT; bad values are skipped with a warning."""
         warnings: list[str] = []
         values: dict[str, object] = {}
@@ -103,9 +103,13 @@ class KernelSettings:
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     source: Path | None = None
     warnings: tuple[str, ...] = field(default=())
+    # Where the mode came from, and the whole capsule table (policy.py reads its other keys).
+    mode_source: str = "default"
+    table: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, cwd: Path | None = None) -> KernelSettings:
+    def load(cls, cwd: Path | None = None, environ: Mapping[str, str] | None = None) -> KernelSettings:
+        environ = os.environ if environ is None else environ
         warnings = []
         try:
             found = find_config_file(Path.cwd() if cwd is None else cwd)
@@ -128,9 +132,10 @@ class KernelSettings:
                 warnings.append(f"{path}: {key}: {err}")
         if values.get("gc_grace") is None:
             values.pop("gc_grace", None)
-        mode = os.environ.get("CAPSULE_MODE") or table.get("mode")
+        mode = environ.get("CAPSULE_MODE") or table.get("mode")
         if mode in ("subprocess", "wasm", "auto"):
             values["mode"] = mode
+            values["mode_source"] = "environment CAPSULE_MODE" if environ.get("CAPSULE_MODE") else str(path)
         elif mode is not None:
             warnings.append(f"{path or 'CAPSULE_MODE'}: mode: {mode!r} is not subprocess, wasm or auto")
         access = table.get("fs_access", {})
@@ -147,8 +152,8 @@ class KernelSettings:
             values["fs_access"] = tuple(mounts)
         else:
             warnings.append(f"{path}: fs_access must be a table with read = [...] and write = [...]")
-        values["sandbox"], sandbox_warnings = SandboxSettings.parse(table.get("sandbox"), str(path), os.environ)
+        values["sandbox"], sandbox_warnings = SandboxSettings.parse(table.get("sandbox"), str(path), environ)
         warnings += sandbox_warnings
         for warning in warnings:
             log.warning(warning)
-        return cls(**values, source=path, warnings=tuple(warnings))
+        return cls(**values, source=path, warnings=tuple(warnings), table=dict(table))

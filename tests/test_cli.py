@@ -82,3 +82,44 @@ def test_module_starts_with_dash_f(tmp_path):
 
 def test_module_starts_with_vscode_flag_form(tmp_path):
     _start_and_talk(tmp_path, lambda path: [f"--f={path}"])
+
+
+def test_install_env_writes_operator_settings_that_the_kernel_enforces(tmp_path):
+    """--env K=V lands in kernel.json; a kernel started from that spec runs under it (a locked Wasm mode)."""
+    from jupyter_client import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from tests.harness import KernelHarness
+
+    env = {k: v for k, v in os.environ.items() if k != "JUPYTER_PATH"}
+    env["JUPYTER_PATH"] = str(tmp_path / "share" / "jupyter")
+    installed = run(
+        str(BIN / "capsule-kernel"),
+        "install",
+        "--prefix",
+        str(tmp_path),
+        "--name",
+        "capsule-env-test",
+        "--env",
+        "CAPSULE_MODE=wasm",
+        "--env",
+        "CAPSULE_LOCK_MODE=1",
+        env=env,
+    )
+    assert installed.returncode == 0, installed.stderr
+    spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "capsule-env-test"
+    spec = json.loads((spec_dir / "kernel.json").read_text())
+    assert spec["env"] == {"CAPSULE_MODE": "wasm", "CAPSULE_LOCK_MODE": "1"}
+    bad = run(str(BIN / "capsule-kernel"), "install", "--prefix", str(tmp_path), "--env", "no-equals", env=env)
+    assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
+    km = KernelManager(
+        kernel_name="capsule-env-test", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir.parent)])
+    )
+    km.start_kernel(cwd=str(tmp_path))
+    kernel = KernelHarness(km)
+    try:
+        assert kernel.execute("1").metadata["capsule"]["sandbox"] == "wasm"
+        refused = kernel.execute("%capsule mode subprocess")
+        assert refused.status == "error" and "locked" in refused.content["evalue"]
+    finally:
+        kernel.close()

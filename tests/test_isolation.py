@@ -33,9 +33,9 @@ def test_frames_are_json_not_pickles():
 
     import pytest
 
-    from capsule_kernel.sandbox import protocol
+    from capsule_kernel.sandbox import frames
 
     body = pickle.dumps({"type": "stream"})
-    frame = protocol.HEADER.pack(len(body)) + body
-    with pytest.raises(protocol.ProtocolError):
-        protocol.FrameDecoder().feed(frame)
+    frame = frames.HEADER.pack(len(body)) + body
+    with pytest.raises(frames.ProtocolError):
+        frames.FrameDecoder().feed(frame)

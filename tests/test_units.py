@@ -8,7 +8,7 @@ import pytest
 
 from capsule_kernel.analyzer import Analyzer
 from capsule_kernel.magics import MagicUsageError, capsule_lines
-from capsule_kernel.sandbox import protocol
+from capsule_kernel.sandbox import frames
 from capsule_kernel.sandbox.deaths import describe_exit
 from capsule_kernel.sandbox.limits import (
     LimitError,
@@ -117,32 +117,32 @@ def test_limits_json_round_trip():
 
 
 def test_frame_decoder_handles_split_and_glued_frames():
-    frames = protocol.encode({"type": "a", "n": 1}) + protocol.encode({"type": "b", "text": "é" * 1000})
-    decoder = protocol.FrameDecoder()
+    data = frames.encode({"type": "a", "n": 1}) + frames.encode({"type": "b", "text": "é" * 1000})
+    decoder = frames.FrameDecoder()
     seen = []
-    for i in range(0, len(frames), 7):
-        seen += decoder.feed(frames[i : i + 7])
+    for i in range(0, len(data), 7):
+        seen += decoder.feed(data[i : i + 7])
     assert [m["type"] for m in seen] == ["a", "b"]
     assert decoder.pending_bytes == 0
 
 
 def test_frame_decoder_rejects_garbage():
-    with pytest.raises(protocol.ProtocolError):
-        protocol.FrameDecoder().feed(b"\xff\xff\xff\xff" + b"x" * 10)
-    with pytest.raises(protocol.ProtocolError):
-        protocol.FrameDecoder().feed(protocol.HEADER.pack(2) + b"[]")
+    with pytest.raises(frames.ProtocolError):
+        frames.FrameDecoder().feed(b"\xff\xff\xff\xff" + b"x" * 10)
+    with pytest.raises(frames.ProtocolError):
+        frames.FrameDecoder().feed(frames.HEADER.pack(2) + b"[]")
 
 
 def test_buffers_round_trip():
-    assert protocol.unpack_buffers(protocol.pack_buffers([b"\x00\x01", memoryview(b"xy")])) == [b"\x00\x01", b"xy"]
+    assert frames.unpack_buffers(frames.pack_buffers([b"\x00\x01", memoryview(b"xy")])) == [b"\x00\x01", b"xy"]
 
 
 def test_pipe_round_trip():
     read_fd, write_fd = os.pipe()
-    protocol.write_frame(write_fd, {"type": "ping"})
+    frames.write_frame(write_fd, {"type": "ping"})
     os.close(write_fd)
-    assert protocol.read_frame(read_fd) == {"type": "ping"}
-    assert protocol.read_frame(read_fd) is None
+    assert frames.read_frame(read_fd) == {"type": "ping"}
+    assert frames.read_frame(read_fd) is None
 
 
 analyzer = Analyzer()

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import pickle
 import re
 import reprlib
+import sys
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -298,24 +300,88 @@ def explain_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+# What a value made in the Wasm sandbox may be built from when it is loaded outside Wasm:
+# data, never code. Anything else (a function, a class, a __reduce__ that calls
+# something) is refused by name; the value is reported as not brought over.
+DATA_ONLY_TYPES = frozenset(
+    [
+        ("builtins", name)
+        for name in (
+            "dict",
+            "list",
+            "tuple",
+            "set",
+            "frozenset",
+            "str",
+            "bytes",
+            "bytearray",
+            "int",
+            "float",
+            "complex",
+            "bool",
+            "slice",
+            "range",
+            "NoneType",
+            "Ellipsis",
+            "NotImplemented",
+        )
+    ]
+    + [("collections", name) for name in ("OrderedDict", "defaultdict", "deque", "Counter")]
+    + [("datetime", name) for name in ("date", "time", "datetime", "timedelta", "timezone")]
+    + [("decimal", "Decimal"), ("fractions", "Fraction"), ("uuid", "UUID"), ("uuid", "SafeUUID")]
+    + [("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")]
+)
+MADE_IN_WASM = "wasm"
+# Inside the Wasm guest its own values load as they were made; the rule is for every other sandbox.
+_OUTSIDE_WASM = sys.platform != "wasi"
+
+
+class DataOnlyUnpickler(pickle.Unpickler):
+    """Loads pickles made in the Wasm sandbox as inert data (DATA_ONLY_TYPES), refusing everything else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in DATA_ONLY_TYPES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"it was made in the Wasm sandbox and may cross only as data; it needs {module}.{name}"
+        )
+
+
+def _module(entry: dict[str, Any]) -> Any:
+    """A module entry: a dotted name, and for a value made in Wasm a standard-library one."""
+    name = entry["module"]
+    if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+        raise ValueError(f"{name!r} is not a module name")
+    wasm_made = entry.get("made_in") == MADE_IN_WASM and _OUTSIDE_WASM
+    if wasm_made and name.split(".")[0] not in sys.stdlib_module_names:
+        raise ValueError(f"it was made in the Wasm sandbox, which imports only the standard library, not {name}")
+    return importlib.import_module(name)
+
+
+def _unpickle(entry: dict[str, Any], data: bytes, buffers: list[Any]) -> Any:
+    if entry.get("made_in") == MADE_IN_WASM and _OUTSIDE_WASM:
+        return DataOnlyUnpickler(io.BytesIO(data), buffers=buffers).load()
+    return pickle.loads(data, buffers=buffers)
+
+
 def load(entry: dict[str, Any], chunk_root: Path | ChunkSource, mapper: Mapper = map) -> Any:
     """One value back from its entry (runs in the sandbox: this unpickles)."""
     if "module" in entry:
-        return importlib.import_module(entry["module"])
+        return _module(entry)
     if "error" in entry:
         raise ValueError(f"it was not saved: {entry['error']}")
     data = read_bytes(chunk_root, entry["pickle"], mapper)
     # Large buffers (arrays, frames) are mapped copy-on-write from their chunk files, not copied.
     buffers = [map_bytes(chunk_root, digests, mapper) for digests in entry["buffers"]]
-    return pickle.loads(data, buffers=buffers)
+    return _unpickle(entry, data, buffers)
 
 
 def load_bytes(entry: dict[str, Any], data: bytes | None, buffers: list[Any]) -> Any:
     """One value back from bytes already read (the Wasm guest gets them from its host)."""
     if "module" in entry:
-        return importlib.import_module(entry["module"])
+        return _module(entry)
     if "error" in entry:
         raise ValueError(f"it was not saved: {entry['error']}")
     if data is None:
         raise ValueError(entry.get("unreadable", "its bytes could not be read"))
-    return pickle.loads(data, buffers=buffers)
+    return _unpickle(entry, data, buffers)

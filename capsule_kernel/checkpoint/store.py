@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import sqlite3
 import stat
 import threading
@@ -40,7 +42,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     changed TEXT NOT NULL,
     removed TEXT NOT NULL,
     size INTEGER NOT NULL,
-    written INTEGER NOT NULL
+    written INTEGER NOT NULL,
+    mac TEXT
 );
 CREATE INDEX IF NOT EXISTS checkpoints_by_session ON checkpoints (session, seq);
 """
@@ -86,8 +89,38 @@ class Checkpoint:
         return {name: entry["error"] for name, entry in self.entries.items() if "error" in entry}
 
 
+class CheckpointRefused(ValueError):
+    """A checkpoint row that fails authentication: nothing of it is loaded."""
+
+
+KEY_FILE = "checkpoint.key"
+
+
+def store_key(home: Path) -> bytes:
+    """The key that authenticates checkpoint rows: made once, readable by the kernel's user only.
+
+    It lives in CAPSULE_HOME, which no sandbox can see; a row rewritten in
+    capsule.sqlite by anything without it fails verification.
+    """
+    path = home / KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) < 32:
+            raise OSError(f"{path} is not a Capsule checkpoint key") from None
+        return key
+    key = secrets.token_bytes(32)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key
+
+
 class CheckpointStore:
-    """Checkpoints of every session, and the chunks they share."""
+    """Checkpoints of every session, and the chunks they share; every row is authenticated (HMAC-SHA256)."""
 
     def __init__(self, home: Path, clock: Any = time.time) -> None:
         self.home = home
@@ -103,6 +136,11 @@ class CheckpointStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(checkpoints)")]
+        if "mac" not in columns:
+            # A store from before rows were authenticated: its rows have no MAC and are refused.
+            self._db.execute("ALTER TABLE checkpoints ADD COLUMN mac TEXT")
+        self._key = store_key(home)
 
     def close(self) -> None:
         with self._guard:
@@ -273,26 +311,24 @@ class CheckpointStore:
                 size=sum(entry.get("size", 0) for entry in entries.values()),
                 written=written,
             )
+            row = (
+                checkpoint.id,
+                session,
+                checkpoint.seq,
+                checkpoint.parent,
+                execution_count,
+                first_line,
+                checkpoint.created,
+                status,
+                json.dumps(entries),
+                json.dumps(checkpoint.changed),
+                json.dumps(checkpoint.removed),
+                checkpoint.size,
+                written,
+            )
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
-                    "INSERT INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        checkpoint.id,
-                        session,
-                        checkpoint.seq,
-                        checkpoint.parent,
-                        execution_count,
-                        first_line,
-                        checkpoint.created,
-                        status,
-                        json.dumps(entries),
-                        json.dumps(checkpoint.changed),
-                        json.dumps(checkpoint.removed),
-                        checkpoint.size,
-                        written,
-                    ),
-                )
+                self._db.execute("INSERT INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (*row, self._mac(row)))
             return checkpoint
 
     def prune(self, session: str, keep: int | None) -> int:
@@ -347,9 +383,33 @@ class CheckpointStore:
     def _max_seq(self, session: str) -> int:
         return self._query("SELECT MAX(seq) FROM checkpoints WHERE session = ?", (session,))[0][0] or 0
 
-    @staticmethod
-    def _row(row: tuple) -> Checkpoint:
-        (cid, session, seq, parent, count, first_line, created, status, entries, changed, removed, size, written) = row
+    def _mac(self, row: tuple) -> str:
+        """HMAC-SHA256 over every column of a row, in order, as JSON."""
+        return hmac.new(self._key, json.dumps(list(row)).encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def _row(self, row: tuple) -> Checkpoint:
+        (
+            cid,
+            session,
+            seq,
+            parent,
+            count,
+            first_line,
+            created,
+            status,
+            entries,
+            changed,
+            removed,
+            size,
+            written,
+            mac,
+        ) = row
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(row[:13])):
+            raise CheckpointRefused(
+                f"checkpoint {str(cid)[:8]} (after cell [{count}]) of session {session} was refused: its row in "
+                f"{self.path} does not match its authentication code (it was changed outside Capsule, or written "
+                "without this store's key), so nothing of it is loaded"
+            )
         return Checkpoint(
             cid,
             session,

@@ -3,15 +3,16 @@
 A cell made only of ``%capsule`` lines is handled by the kernel without
 touching the sandbox (so it works even while the sandbox is down). A
 ``%capsule`` line inside other code is sent back from the sandbox's IPython
-to the kernel as a frame and answered the same way.
+to the kernel as a frame; authority.py decides whether it may run (read-only,
+or a line of the cell's own source).
 """
 
 from __future__ import annotations
 
-from capsule_kernel.magics.commands import run
-from capsule_kernel.magics.parser import MagicUsageError
+from capsule_kernel.magics.commands import run, run_parsed
+from capsule_kernel.magics.parser import MagicHelp, MagicUsageError
 
-__all__ = ["MagicUsageError", "capsule_lines", "run"]
+__all__ = ["MagicHelp", "MagicUsageError", "capsule_lines", "run", "run_parsed"]
 
 
 def capsule_lines(code: str) -> list[str] | None:

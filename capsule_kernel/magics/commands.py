@@ -1,24 +1,25 @@
 """What each ``%capsule`` subcommand does, run by the kernel (never the sandbox).
 
-Each command takes the kernel as its context and returns mime bundles to show;
-a bad argument raises MagicUsageError before anything changes.
+Each command takes the session (magics/context.py: a narrow interface) and
+returns mime bundles to show; a bad argument, or a change the operator's
+policy does not allow, raises MagicUsageError before anything changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import html
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capsule_kernel.checkpoint.store import Checkpoint, CheckpointRefused
 from capsule_kernel.magics.parser import MagicHelp, MagicUsageError, parse, usage_text
+from capsule_kernel.policy import PolicyRefused
 from capsule_kernel.sandbox.limits import LIMIT_NAMES, LimitError, format_duration, format_size
 from capsule_kernel.sandbox.wasm_runtime import RuntimeUnavailable, find_runtime
 
 if TYPE_CHECKING:
-    from capsule_kernel.checkpoint.store import Checkpoint
-    from capsule_kernel.kernel import CapsuleKernel
+    from capsule_kernel.magics.context import MagicContext
 
 Bundle = dict[str, str]
 
@@ -41,9 +42,9 @@ def _table(title: str, headers: list[str], rows: list[list[str]], notes: list[st
     }
 
 
-def limits_table(kernel: CapsuleKernel, title: str = "Sandbox limits", notes: dict[str, str] | None = None) -> Bundle:
-    settings = kernel.limit_settings
-    enforcement = kernel.sandbox.enforcement if kernel.sandbox else {}
+def limits_table(ctx: MagicContext, title: str = "Sandbox limits", notes: dict[str, str] | None = None) -> Bundle:
+    settings = ctx.limit_settings
+    enforcement = ctx.sandbox.enforcement if ctx.sandbox else {}
     rows = []
     for name in LIMIT_NAMES:
         how = (notes or {}).get(name) or enforcement.get(name) or _kernel_enforced(name)
@@ -62,30 +63,23 @@ def _kernel_enforced(name: str) -> str:
     return ""
 
 
-async def _sandbox_started(kernel: CapsuleKernel) -> None:
-    """Wait for a sandbox that is starting (the first starts right after kernel_info)."""
-    if kernel.sandbox is not None and not kernel.sandbox.ready and not kernel.cell_running:
-        with contextlib.suppress(Exception):
-            await kernel.ready_sandbox()
-
-
-async def cmd_limits(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+async def cmd_limits(ctx: MagicContext, args: Any) -> list[Bundle]:
     changes = {name: getattr(args, name) for name in LIMIT_NAMES if getattr(args, name) is not None}
-    await _sandbox_started(kernel)
+    await ctx.sandbox_started()
     if not changes:
-        return [limits_table(kernel)]
+        return [limits_table(ctx)]
     try:
-        new = kernel.limit_settings.override(changes, "%capsule limits")
-    except LimitError as err:
+        new = ctx.policy.notebook_limits(changes)
+    except (LimitError, PolicyRefused) as err:
         raise MagicUsageError(f"%capsule limits: {err}") from None
-    notes = kernel.sandbox.update_limits(new) if kernel.sandbox else {}
+    notes = ctx.sandbox.update_limits(new) if ctx.sandbox else {}
     shown = {name: notes[name] for name in changes if name in notes}
-    return [limits_table(kernel, "Sandbox limits (changed: " + ", ".join(changes) + ")", shown)]
+    return [limits_table(ctx, "Sandbox limits (changed: " + ", ".join(changes) + ")", shown)]
 
 
-async def cmd_status(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
-    await _sandbox_started(kernel)
-    sandbox = kernel.sandbox
+async def cmd_status(ctx: MagicContext, args: Any) -> list[Bundle]:  # noqa: ARG001
+    await ctx.sandbox_started()
+    sandbox = ctx.sandbox
     rows = [["sandbox", sandbox.kind if sandbox else "none"]]
     if sandbox is not None:
         alive = sandbox.alive
@@ -99,20 +93,20 @@ async def cmd_status(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa:
             ["memory in use", format_size(memory) if memory else "-"],
             ["cells run", str(sandbox.cells_run)],
         ]
-    rows.append(["routing mode", kernel.routing_mode])
-    wasm = kernel.sandboxes.get("wasm")
+    rows.append(["routing mode", ctx.routing_mode])
+    wasm = ctx.sandboxes.get("wasm")
     if wasm is not None and wasm is not sandbox:
         rows.append(["wasm sandbox", f"pid {wasm.pid}, {wasm.cells_run} cells" if wasm.alive else "stopped"])
     if wasm is not None:
         last = f"{wasm.last_fuel:,}" if getattr(wasm, "last_fuel", None) is not None else "-"
         rows.append(["wasm fuel", f"last cell {last}; this instance {getattr(wasm, 'total_fuel', 0):,}"])
-    rows += [["session cells", str(kernel.execution_count - 1)]]
-    rows += [["session", f"{kernel.session_name} ({kernel.session_source})"]]
-    store = kernel.checkpoints.store
+    rows += [["session cells", str(ctx.execution_count - 1)]]
+    rows += [["session", f"{ctx.session_name} ({ctx.session_source})"]]
+    store = ctx.checkpoints.store
     if store is None:
-        rows.append(["checkpoints", f"off: {kernel.checkpoints.problem}"])
+        rows.append(["checkpoints", f"off: {ctx.checkpoints.problem}"])
     else:
-        latest = store.latest(kernel.session_name)
+        latest = store.latest(ctx.session_name)
         where = f"{store.path}"
         rows.append(
             [
@@ -124,8 +118,10 @@ async def cmd_status(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa:
         )
     for name in LIMIT_NAMES:
         rows.append(
-            [f"limit: {name}", f"{kernel.limit_settings.limits.describe(name)} ({kernel.limit_settings.sources[name]})"]
+            [f"limit: {name}", f"{ctx.limit_settings.limits.describe(name)} ({ctx.limit_settings.sources[name]})"]
         )
+    rows += ctx.policy.describe()
+    rows += [["config problem", problem] for problem in ctx.policy.problems]
     if sandbox is not None:
         # What confines the sandbox, measure by measure, as the kernel set it up.
         for measure in CONFINEMENT_MEASURES:
@@ -149,15 +145,15 @@ CONFINEMENT_MEASURES = (
 )
 
 
-async def cmd_log(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
-    store = kernel.checkpoints.store
+async def cmd_log(ctx: MagicContext, args: Any) -> list[Bundle]:
+    store = ctx.checkpoints.store
     if store is None:
-        return [{"text/plain": f"Checkpoints are off: {kernel.checkpoints.problem}"}]
+        return [{"text/plain": f"Checkpoints are off: {ctx.checkpoints.problem}"}]
     if args.n < 1:
         raise MagicUsageError("%capsule log: -n must be at least 1")
-    await kernel.checkpoints_settled()
+    await ctx.checkpoints_settled()
     timed_rows: list[tuple[float, list[str]]] = []
-    for checkpoint in store.history(kernel.session_name, args.n):
+    for checkpoint in store.history(ctx.session_name, args.n):
         changed = ", ".join(checkpoint.changed[:6]) + (" ..." if len(checkpoint.changed) > 6 else "")
         unsaved = "; ".join(f"{name}: {why}" for name, why in sorted(checkpoint.unsaved.items()))
         timed_rows.append(
@@ -175,44 +171,42 @@ async def cmd_log(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
                 ],
             )
         )
-    if kernel.promises is not None:
-        await kernel.promises.settled()
-        for cell in (await kernel.promises.interrupted(kernel.session_name))[-args.n :]:
+    if ctx.promises is not None:
+        await ctx.promises.settled()
+        for cell in (await ctx.promises.interrupted(ctx.session_name))[-args.n :]:
             param = cell["param"] or {}
             created = cell["created"] / 1000
             when = time.strftime("%H:%M:%S", time.localtime(created))
             first = str(param.get("first_line", ""))[:40]
             timed_rows.append((created, [f"[{cell['cell']}]", "-", first, "-", "-", when, "interrupted", "-"]))
     rows = [row for _, row in sorted(timed_rows, key=lambda item: item[0])]
-    title = f"Checkpoints of session {kernel.session_name}"
+    title = f"Checkpoints of session {ctx.session_name}"
     if not rows:
         return [{"text/plain": f"{title}: none yet (one is taken after every successful cell)"}]
     headers = ["cell", "checkpoint", "first line", "changed", "size", "time", "status", "not saved"]
     return [_table(title, headers, rows)]
 
 
-def _checkpoint(kernel: CapsuleKernel, ref: str, command: str) -> Checkpoint:
-    store = kernel.checkpoints.store
+def _checkpoint(ctx: MagicContext, ref: str, command: str) -> Checkpoint:
+    store = ctx.checkpoints.store
     if store is None:
-        raise MagicUsageError(f"%capsule {command}: checkpoints are off ({kernel.checkpoints.problem})")
-    found = store.find(kernel.session_name, ref)
+        raise MagicUsageError(f"%capsule {command}: checkpoints are off ({ctx.checkpoints.problem})")
+    found = store.find(ctx.session_name, ref)
     if found is None:
         raise MagicUsageError(
-            f"%capsule {command}: no checkpoint {ref!r} in session {kernel.session_name} (see %capsule log)"
+            f"%capsule {command}: no checkpoint {ref!r} in session {ctx.session_name} (see %capsule log)"
         )
     return found
 
 
-async def cmd_restore(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
-    await kernel.checkpoints_settled()
-    target = _checkpoint(kernel, args.ref, "restore")
-    sandbox = await kernel.ready_sandbox()
-    before = await kernel.checkpoints.current_names(sandbox)
-    outcome = await kernel.checkpoints.restore(target, sandbox, replace=True)
-    await kernel.namespace_replaced(target)
-    kernel.checkpoints.record_restore(
-        kernel.session_name, kernel.execution_count, f"%capsule restore {args.ref}", target
-    )
+async def cmd_restore(ctx: MagicContext, args: Any) -> list[Bundle]:
+    await ctx.checkpoints_settled()
+    target = _checkpoint(ctx, args.ref, "restore")
+    sandbox = await ctx.ready_sandbox()
+    before = await ctx.checkpoints.current_names(sandbox)
+    outcome = await ctx.checkpoints.restore(target, sandbox, replace=True)
+    await ctx.namespace_replaced(target)
+    ctx.checkpoints.record_restore(ctx.session_name, ctx.execution_count, f"%capsule restore {args.ref}", target)
     removed = sorted(set(before) - set(target.entries))
     lines = [f"The namespace is now as after cell [{target.execution_count}]: {outcome}."]
     if removed:
@@ -221,24 +215,24 @@ async def cmd_restore(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
     return [{"text/plain": "\n".join(lines)}]
 
 
-async def cmd_resume(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
-    store = kernel.checkpoints.store
+async def cmd_resume(ctx: MagicContext, args: Any) -> list[Bundle]:  # noqa: ARG001
+    store = ctx.checkpoints.store
     if store is None:
-        raise MagicUsageError(f"%capsule resume: checkpoints are off ({kernel.checkpoints.problem})")
-    await kernel.checkpoints_settled()
-    latest = store.latest(kernel.session_name)
+        raise MagicUsageError(f"%capsule resume: checkpoints are off ({ctx.checkpoints.problem})")
+    await ctx.checkpoints_settled()
+    latest = store.latest(ctx.session_name)
     if latest is None:
-        raise MagicUsageError(f"%capsule resume: session {kernel.session_name} has no checkpoint to resume from")
-    return [{"text/plain": await kernel.resume(latest)}]
+        raise MagicUsageError(f"%capsule resume: session {ctx.session_name} has no checkpoint to resume from")
+    return [{"text/plain": await ctx.resume(latest)}]
 
 
-async def cmd_gc(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
-    if kernel.checkpoints.store is None:
-        raise MagicUsageError(f"%capsule gc: checkpoints are off ({kernel.checkpoints.problem})")
-    await kernel.checkpoints_settled()
-    grace = kernel.settings.gc_grace
-    dropped, files, freed = await kernel.checkpoints.collect_garbage(grace)
-    keep = kernel.checkpoints.keep
+async def cmd_gc(ctx: MagicContext, args: Any) -> list[Bundle]:  # noqa: ARG001
+    if ctx.checkpoints.store is None:
+        raise MagicUsageError(f"%capsule gc: checkpoints are off ({ctx.checkpoints.problem})")
+    await ctx.checkpoints_settled()
+    grace = ctx.settings.gc_grace
+    dropped, files, freed = await ctx.checkpoints.collect_garbage(grace)
+    keep = ctx.checkpoints.keep
     return [
         {
             "text/plain": (
@@ -250,13 +244,13 @@ async def cmd_gc(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG
     ]
 
 
-async def cmd_session(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+async def cmd_session(ctx: MagicContext, args: Any) -> list[Bundle]:
     if args.name is None:
-        return [{"text/plain": f"Session: {kernel.session_name} ({kernel.session_source})"}]
+        return [{"text/plain": f"Session: {ctx.session_name} ({ctx.session_source})"}]
     name = args.name.strip()
     if not name:
         raise MagicUsageError("%capsule session: the name must not be empty")
-    await kernel.switch_session(name, "%capsule session")
+    await ctx.switch_session(name, "%capsule session")
     return [{"text/plain": f"Checkpoints now go to session {name}."}]
 
 
@@ -267,10 +261,10 @@ def _describe(entry: dict[str, Any]) -> str:
     return f"{entry.get('type', '?')}{shape}: {entry.get('repr', '')}"
 
 
-async def cmd_diff(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
-    await kernel.checkpoints_settled()
-    a = _checkpoint(kernel, args.a, "diff")
-    b = _checkpoint(kernel, args.b, "diff")
+async def cmd_diff(ctx: MagicContext, args: Any) -> list[Bundle]:
+    await ctx.checkpoints_settled()
+    a = _checkpoint(ctx, args.a, "diff")
+    b = _checkpoint(ctx, args.b, "diff")
     rows = []
     for name in sorted(set(a.entries) | set(b.entries)):
         old, new = a.entries.get(name), b.entries.get(name)
@@ -294,13 +288,13 @@ def _identity(entry: dict[str, Any], entries: dict[str, Any]) -> str:
     return entry.get("digest") or entry.get("module") or entry.get("error", "")
 
 
-async def cmd_restart(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
-    await kernel.restart_sandbox("restarted by %capsule restart")
-    text = f"Started a fresh sandbox (pid {kernel.sandbox.pid}); the namespace was reset."
+async def cmd_restart(ctx: MagicContext, args: Any) -> list[Bundle]:  # noqa: ARG001
+    await ctx.restart_sandbox("restarted by %capsule restart")
+    text = f"Started a fresh sandbox (pid {ctx.sandbox.pid}); the namespace was reset."
     return [{"text/plain": text}]
 
 
-def cmd_mode(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+def cmd_mode(ctx: MagicContext, args: Any) -> list[Bundle]:
     explanations = {
         "subprocess": "every cell runs in the subprocess sandbox (CPython with your packages, under OS limits)",
         "wasm": "every cell runs in the Wasm sandbox; cells it cannot run (native imports, shell) are refused",
@@ -308,22 +302,26 @@ def cmd_mode(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
         "names a cell reads are brought over from the other sandbox",
     }
     if args.mode is None:
-        text = f"Routing mode: {kernel.routing_mode}: {explanations[kernel.routing_mode]}."
+        text = f"Routing mode: {ctx.routing_mode}: {explanations[ctx.routing_mode]}."
         return [{"text/plain": text + "\nChange it with %capsule mode subprocess | wasm | auto."}]
+    try:
+        ctx.policy.check_mode(ctx.routing_mode, args.mode)
+    except PolicyRefused as err:
+        raise MagicUsageError(f"%capsule mode: refused: {err}") from None
     if args.mode in ("wasm", "auto"):
         try:
             find_runtime()
         except RuntimeUnavailable as err:
             raise MagicUsageError(f"%capsule mode {args.mode}: no Wasm runtime: {err}") from None
-    old, kernel.routing_mode = kernel.routing_mode, args.mode
+    old, ctx.routing_mode = ctx.routing_mode, args.mode
     return [{"text/plain": f"Routing mode: {args.mode} (was {old}): {explanations[args.mode]}."}]
 
 
-async def cmd_mount(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
+async def cmd_mount(ctx: MagicContext, args: Any) -> list[Bundle]:
     if args.path is None:
         if args.rw or args.remove:
             raise MagicUsageError("%capsule mount: --rw and --remove need a PATH")
-        rows = [[m["path"], "read-write" if m.get("writable") else "read-only"] for m in kernel.mounts]
+        rows = [[m["path"], "read-write" if m.get("writable") else "read-only"] for m in ctx.mounts]
         notes = [
             "Both sandboxes see these directories at the same paths. Wasm cells see no other host file;",
             "the subprocess sandbox also sees the working directory and a read-only system and Python.",
@@ -331,32 +329,36 @@ async def cmd_mount(kernel: CapsuleKernel, args: Any) -> list[Bundle]:
         return [_table("Mounts", ["path", "access"], rows or [["(none)", "-"]], notes)]
     path = Path(args.path).expanduser().resolve()
     if args.remove:
-        before = len(kernel.mounts)
-        kernel.mounts = [m for m in kernel.mounts if m["path"] != str(path)]
-        if len(kernel.mounts) == before:
+        before = len(ctx.mounts)
+        ctx.mounts = [m for m in ctx.mounts if m["path"] != str(path)]
+        if len(ctx.mounts) == before:
             raise MagicUsageError(f"%capsule mount --remove: {path} is not mounted")
         text = f"Unmounted {path}."
     else:
         if not path.is_dir():
             raise MagicUsageError(f"%capsule mount: {path} is not a directory")
-        kernel.mounts = [m for m in kernel.mounts if m["path"] != str(path)]
-        kernel.mounts.append({"path": str(path), "writable": bool(args.rw)})
+        try:
+            ctx.policy.check_mount(path, bool(args.rw))
+        except PolicyRefused as err:
+            raise MagicUsageError(f"%capsule mount: refused: {err}") from None
+        ctx.mounts = [m for m in ctx.mounts if m["path"] != str(path)]
+        ctx.mounts.append({"path": str(path), "writable": bool(args.rw)})
         text = f"Mounted {path} ({'read-write' if args.rw else 'read-only'})."
     for kind in ("subprocess", "wasm"):
-        sandbox = kernel.sandboxes.get(kind)
+        sandbox = ctx.sandboxes.get(kind)
         if sandbox is None or not sandbox.alive:
             continue
-        if kernel.cell_running and kind == kernel.active_kind:
+        if ctx.cell_running and kind == ctx.active_kind:
             text += f" The {kind} sandbox is running this cell: it sees the change after %capsule restart."
         else:
             # WASI preopens and bind mounts are fixed when a sandbox starts:
             # restart it, keeping its checkpointed names.
-            await kernel.replace_sandbox(kind)
+            await ctx.replace_sandbox(kind)
             text += f" The {kind} sandbox was restarted with its checkpointed names to apply it."
     return [{"text/plain": text}]
 
 
-def cmd_help(kernel: CapsuleKernel, args: Any) -> list[Bundle]:  # noqa: ARG001
+def cmd_help(ctx: MagicContext, args: Any) -> list[Bundle]:  # noqa: ARG001
     return [{"text/plain": usage_text()}]
 
 
@@ -376,15 +378,23 @@ COMMANDS = {
 }
 
 
-async def run(kernel: CapsuleKernel, line: str) -> list[Bundle]:
-    """Run one %capsule line; MagicUsageError for bad arguments."""
+async def run(ctx: MagicContext, line: str) -> list[Bundle]:
+    """Run one %capsule line the kernel read from a cell's source; MagicUsageError for bad arguments."""
     try:
         args = parse(line)
     except MagicHelp as help_text:
         return [{"text/plain": str(help_text)}]
+    return await run_parsed(ctx, args)
+
+
+async def run_parsed(ctx: MagicContext, args: Any) -> list[Bundle]:
+    """Run a line the kernel has parsed (magics/authority.py decides which may run)."""
     if args.command is None:
         return [{"text/plain": usage_text()}]
-    result = COMMANDS[args.command](kernel, args)
-    if hasattr(result, "__await__"):
-        result = await result
+    try:
+        result = COMMANDS[args.command](ctx, args)
+        if hasattr(result, "__await__"):
+            result = await result
+    except CheckpointRefused as err:
+        raise MagicUsageError(f"%capsule {args.command}: {err}") from None
     return result

@@ -23,6 +23,9 @@ LIMIT_NAMES = ("memory", "cpu", "timeout", "files", "procs", "network", "disk", 
 WASM_ONLY_LIMITS = ("fuel",)
 
 ENV_PREFIX = "CAPSULE_"
+# After an interrupt or the deadline, how long a Wasm cell may take to notice
+# (at its next print, sleep or input) before the instance is stopped hard.
+STOP_GRACE_SECONDS = 1.0
 # Each private tmpfs of a subprocess sandbox (/tmp, /dev/shm, HOME) holds at most this.
 DEFAULT_DISK = 2 * 1024**3
 
@@ -362,13 +365,23 @@ class LimitSettings:
         self.limits = replace(self.limits, **{name: value})
         self.sources[name] = source
 
-    def override(self, changes: Mapping[str, Any], source: str) -> Limits:
-        """Apply run-time changes all or nothing; raise LimitError on any bad one."""
+    def apply(self, name: str, raw: Any, source: str) -> None:
+        """One operator value from a later layer; a bad one is a warning, never a failed start."""
+        self._apply_one(name, raw, source, strict=False)
+
+    @staticmethod
+    def parse_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Parse run-time changes; LimitError on any bad one, before anything changes."""
         parsed = {}
         for name, raw in changes.items():
             if name not in _PARSERS:
                 raise LimitError(f"unknown limit {name!r} (known: {', '.join(LIMIT_NAMES)})")
             parsed[name] = _PARSERS[name](raw)
+        return parsed
+
+    def override(self, changes: Mapping[str, Any], source: str) -> Limits:
+        """Apply run-time changes all or nothing; raise LimitError on any bad one."""
+        parsed = self.parse_changes(changes)
         self.limits = replace(self.limits, **parsed)
         for name in parsed:
             self.sources[name] = source

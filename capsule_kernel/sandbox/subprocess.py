@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from capsule_kernel.checkpoint.chunks import entry_chunks
-from capsule_kernel.sandbox import chunk_server, protocol
+from capsule_kernel.sandbox import chunk_server, frames
 from capsule_kernel.sandbox.deaths import describe_exit, process_exists
 from capsule_kernel.sandbox.launch import ConfinementRequired, Launch, memory_enforcement
 from capsule_kernel.sandbox.limits import Limits, format_duration, format_size
@@ -59,16 +59,34 @@ def _not_applied(err: Exception) -> str:
 class SandboxDied(Exception):
     """The worker process ended while the kernel was waiting on it."""
 
-    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
+    def __init__(self, reason: str, *, timed_out: bool = False, violation: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.timed_out = timed_out
+        self.violation = violation
+
+
+class PreviousCellOverran(SandboxDied):
+    """The sandbox never took the new cell: the cell before it kept it busy past its own limit.
+
+    The time is charged to that earlier cell (``previous``), not to the cell
+    that was waiting; the sandbox was stopped, and the waiting cell may run
+    in a fresh one.
+    """
+
+    def __init__(self, reason: str, previous: int | None) -> None:
+        super().__init__(reason)
+        self.previous = previous
+
+
+# What the user reads when a sandbox sent something outside the frame vocabulary.
+VIOLATION = "broke the protocol (it sent {what}), so it was stopped"
 
 
 @dataclass
 class _ReportPipe:
     fd: int
-    decoder: protocol.FrameDecoder
+    decoder: frames.FrameDecoder
 
 
 @dataclass
@@ -113,9 +131,9 @@ class SubprocessSandbox:
     kind = "subprocess"
     # The program that runs inside: ``python -P -m <worker_module> CONFIG``.
     worker_module = "capsule_kernel.sandbox.worker"
-    # Snapshot reports come on their own pipe, written by snapshot children;
-    # one on the frame pipe is forged (the Wasm host sends its own there).
-    snapshots_on_frame_pipe = False
+    # Who writes the frame pipe and the report pipe (frames.FRAMES: what each may send).
+    sender = frames.WORKER
+    report_sender = frames.SNAPSHOT
     # The worker's process forks a supervisor first (worker_supervisor.py).
     supervised = True
 
@@ -163,8 +181,14 @@ class SubprocessSandbox:
         self._to_worker: int | None = None
         self._from_worker: int | None = None
         self._pipes: list[_Pipe] = []
-        self._decoder = protocol.FrameDecoder()
+        self._decoder = frames.FrameDecoder(self.sender)
+        self._handlers = self._frame_handlers()
         self._ready: asyncio.Future | None = None
+        self._started: asyncio.Future | None = None
+        self._cell_count: int | None = None
+        # The cell whose budget runs now (until the next cell starts), and its wall-clock deadline.
+        self._holder: int | None = None
+        self._busy_until: float | None = None
         self._done: asyncio.Future | None = None
         self._replies: dict[int, asyncio.Future] = {}
         self._exited: asyncio.Event | None = None
@@ -174,10 +198,13 @@ class SubprocessSandbox:
         self._reap_task: asyncio.Task | None = None
         # Set by whoever stops the sandbox on purpose, so its end is not news.
         self.stopping = False
+        # Set when the sandbox broke the protocol (the user reads "broke the protocol").
+        self.violated = False
         # Set once the kernel has told the user about this sandbox's death.
         self.death_noted = False
         self._reports: _ReportPipe | None = None
         self.snapshots_in_flight: dict[int, int] = {}
+        self._reported_early: set[int] = set()
         # What the frontend's start-up code said the notebook is (VS Code).
         self.notebook_path: str | None = None
         # The execution count whose checkpoint the last "done" announced, if any.
@@ -238,6 +265,7 @@ class SubprocessSandbox:
         self._exited = asyncio.Event()
         self._ready = loop.create_future()
         self.death_reason = None
+        self.violated = False
         self._reap_task = None
         self.worker_pid = None
         self._init_pid = None
@@ -292,7 +320,8 @@ class SubprocessSandbox:
         self.cells_run = 0
         self._to_worker = to_worker_w
         self._from_worker = from_worker_r
-        self._decoder = protocol.FrameDecoder()
+        self._decoder = frames.FrameDecoder(self.sender)
+        self._holder = self._busy_until = None
         self._chunks = chunk_server.ChunkServer(
             chunk_kernel, self.chunk_root, copy=launch.copy_chunks, on_violation=self._on_violation
         )
@@ -302,7 +331,7 @@ class SubprocessSandbox:
         loop.add_reader(from_worker_r, self._on_frames_readable)
         # Snapshot reports outlive the worker: this pipe closes only when the
         # last snapshot child has written and exited.
-        self._reports = _ReportPipe(report_r, protocol.FrameDecoder())
+        self._reports = _ReportPipe(report_r, frames.FrameDecoder(self.report_sender))
         loop.add_reader(report_r, self._on_reports_readable)
         self._pipes = [
             _Pipe(out_r, "stdout", codecs.getincrementaldecoder("utf-8")("replace")),
@@ -353,7 +382,10 @@ class SubprocessSandbox:
             raise SandboxDied(self.death_reason) from None
 
     def _on_violation(self, reason: str) -> None:
-        self.death_reason = reason
+        """The sandbox sent something outside the vocabulary: stop it; nothing after it is believed."""
+        if self.death_reason is None or not self.violated:
+            self.death_reason = reason
+        self.violated = True
         self.kill()
 
     async def shutdown(self, grace: float = 2.0) -> None:
@@ -418,30 +450,75 @@ class SubprocessSandbox:
         if self._to_worker is None:
             raise SandboxDied(self.death_reason or "the sandbox is not running")
         try:
-            protocol.write_frame(self._to_worker, message)
+            frames.write_frame(self._to_worker, message)
         except (BrokenPipeError, OSError) as err:
             raise SandboxDied(self.death_reason or f"the sandbox pipe closed ({err})") from None
 
     async def execute(self, request: dict[str, Any]) -> dict[str, Any]:
         """Run one cell; return the worker's reply content.
 
-        Raises SandboxDied when the worker ends before replying (a crash, a
-        kill, or the timeout kill after the grace period).
+        The cell's budget (its wall clock and CPU) starts when the worker takes
+        the cell (its ``started`` frame), not when the kernel sends it: until
+        then the sandbox still belongs to the cell before, and if that cell
+        keeps it past its own limit (a forged ``done``, then more work), the
+        sandbox is stopped and PreviousCellOverran names that cell. Raises
+        SandboxDied when the worker ends before replying (a crash, a kill, the
+        timeout kill after the grace period, or a broken protocol).
         """
         assert self._loop is not None
         self._done = self._loop.create_future()
+        self._started = self._loop.create_future()
+        self._cell_count = int(request["execution_count"])
         self._timed_out = False
         self._escalation = None
-        self._arm_cpu_limit()
+        previous, busy_until = self._holder, self._busy_until
         self.send({"type": "execute", **request, "limits": self.limits.to_json()})
         self.cells_run += 1
         try:
-            return await self._await_or_death(self._done, self.limits.timeout, on_timeout=self._timeout_then_kill)
+            await self._wait_started(previous, busy_until)
+            self._holder = self._cell_count
+            started_at = self.clock()
+            self._busy_until = started_at + self.limits.timeout if self.limits.timeout else None
+            self._arm_cpu_limit()
+            return await self._await_or_death(self._done, self.cell_wait(), on_timeout=self.cell_overdue)
         finally:
-            self._done = None
-            if self._cpu_watch is not None:
-                self._cpu_watch.cancel()
-                self._cpu_watch = None
+            self._done = self._started = None
+
+    def cell_wait(self) -> float | None:
+        """How long the kernel waits for a started cell's reply before it acts."""
+        return self.limits.timeout
+
+    async def cell_overdue(self) -> None:
+        """The cell ran past its wall-clock limit: interrupt it, then kill the sandbox after a grace period."""
+        await self._timeout_then_kill()
+
+    def start_patience(self) -> float:
+        """How long past the previous cell's deadline the sandbox may take to pick the next cell up."""
+        return TIMEOUT_GRACE_SECONDS
+
+    async def _wait_started(self, previous: int | None, busy_until: float | None) -> None:
+        """Wait for the worker to take the cell, for as long as the cell before may still hold it."""
+        assert self._started is not None
+        if busy_until is None:
+            await self._await_or_death(self._started, None)
+            return
+        patience = max(0.0, busy_until - self.clock()) + self.start_patience()
+        try:
+            await self._await_or_death(self._started, patience)
+        except PreviousCellOverran:
+            raise
+        except SandboxDied as death:
+            # It died holding the cell before (the Wasm host stops such a cell itself).
+            raise PreviousCellOverran(death.reason, previous) from None
+        except TimeoutError:
+            limit = format_duration(self.limits.timeout)
+            self.death_reason = (
+                f"was still busy with cell [{previous}] after that cell's reply, past its wall-clock limit of "
+                f"{limit} (timeout), so the sandbox was stopped"
+            )
+            self.kill()
+            await self._reaped()
+            raise PreviousCellOverran(self.death_reason, previous) from None
 
     async def request(self, kind: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """Ask the idle worker something (completion, inspection, history)."""
@@ -541,6 +618,10 @@ class SubprocessSandbox:
             used = self._cgroup.cpu_seconds()
             if used is not None:
                 return used
+        return self._worker_cpu_seconds()
+
+    def _worker_cpu_seconds(self) -> float | None:
+        """CPU time of the worker process and its threads (not its children)."""
         try:
             fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
@@ -550,9 +631,13 @@ class SubprocessSandbox:
     def _arm_cpu_limit(self) -> None:
         """Watch the cell's CPU time from outside: SIGXCPU at the limit, a stop CPU_HARD_GRACE later.
 
-        Measured on the sandbox's cgroup, so CPU burnt by the cell's child
-        processes and threads counts too, and nothing the sandbox sends can
-        change the budget (it is the kernel's reading, not a report).
+        Measured on the sandbox's cgroup while the cell runs, so CPU burnt by
+        the cell's child processes and threads counts too, and nothing the
+        sandbox sends can change the budget (it is the kernel's reading, not a
+        report). After the cell's reply the watch goes on, on the worker
+        process itself (snapshot children are not the cell's work), until the
+        next cell starts: a cell that reports its end early and computes on,
+        or a thread it left running, spends that cell's budget.
         """
         self._cpu_watch = None
         if self.limits.cpu is None or self._loop is None or self._done is None:
@@ -563,24 +648,36 @@ class SubprocessSandbox:
             return
         scope = "the whole sandbox (cgroup)" if self._cgroup is not None else "the worker process"
         self.enforcement["cpu"] = (
-            f"enforced by the kernel: CPU time of {scope} per cell; an exception in the cell, "
-            f"then the sandbox is stopped {CPU_HARD_GRACE_SECONDS} s of CPU later"
+            f"enforced by the kernel: CPU time of {scope} per cell, and of the worker after the reply until "
+            f"the next cell starts; an exception in the cell, then the sandbox is stopped "
+            f"{CPU_HARD_GRACE_SECONDS} s of CPU later"
         )
-        self._cpu_watch = self._loop.create_task(self._watch_cpu(start, self.limits.cpu, self._done))
+        self._cpu_watch = self._loop.create_task(self._watch_cpu(start, self.limits.cpu, self._done, self._holder))
 
-    async def _watch_cpu(self, start: float, limit: float, done: asyncio.Future) -> None:
+    async def _watch_cpu(self, start: float, limit: float, done: asyncio.Future, cell: int | None) -> None:
         signalled = False
-        while not done.done() and self.alive:
-            used = (self._cpu_seconds_used() or start) - start
+        used = 0.0
+        after_reply: float | None = None  # the worker's own CPU when the reply came
+        while self.alive:
+            if not done.done():
+                used = (self._cpu_seconds_used() or start) - start
+            else:
+                now = self._worker_cpu_seconds()
+                if now is not None:
+                    after_reply = now if after_reply is None else after_reply
+                    used_then = used
+                    used = used_then + now - after_reply
+                    after_reply = now
             if not signalled and used >= limit:
                 signalled = True
                 if self.worker_pid is not None:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(self.worker_pid, signal.SIGXCPU)
             elif signalled and used >= limit + CPU_HARD_GRACE_SECONDS:
+                after = "" if not done.done() else f" after the reply of cell [{cell}]"
                 self.death_reason = (
                     f"went on computing {CPU_HARD_GRACE_SECONDS} s of CPU past the CPU limit of "
-                    f"{format_duration(limit)} (cpu), so the sandbox was stopped"
+                    f"{format_duration(limit)} (cpu){after}, so the sandbox was stopped"
                 )
                 self.kill()
                 return
@@ -626,7 +723,9 @@ class SubprocessSandbox:
                 raise TimeoutError(f"the sandbox did not answer within {timeout:g} s")
             if future.done():
                 return future.result()
-            raise SandboxDied(self.death_reason or "the sandbox ended", timed_out=self._timed_out)
+            raise SandboxDied(
+                self.death_reason or "the sandbox ended", timed_out=self._timed_out, violation=self.violated
+            )
         finally:
             exited.cancel()
 
@@ -642,12 +741,13 @@ class SubprocessSandbox:
             return
         try:
             messages = self._decoder.feed(data)
-        except protocol.ProtocolError as err:
-            self.death_reason = f"broke the frame protocol ({err}) and was stopped"
-            self.kill()
+        except frames.ProtocolError as err:
+            self._on_violation(VIOLATION.format(what=err))
             self._on_eof()
             return
         for message in messages:
+            if self.death_reason is not None and self.process_ended:
+                break  # stopped for an earlier frame of this read: believe nothing after it
             self._dispatch(message)
 
     def _on_reports_readable(self) -> None:
@@ -663,11 +763,18 @@ class SubprocessSandbox:
             return
         try:
             messages = reports.decoder.feed(data)
-        except protocol.ProtocolError as err:
-            self.on_event({"type": "snapshot_failed", "execution_count": -1, "reason": f"bad report: {err}"})
+        except frames.ProtocolError as err:
+            # Written by the sandbox's snapshot children: a broken report is the sandbox breaking the protocol.
+            self._loop.remove_reader(reports.fd)
+            os.close(reports.fd)
+            self._reports = None
+            self.snapshots_in_flight.clear()
+            self._on_violation(VIOLATION.format(what=f"{err} on its snapshot report pipe"))
             return
         for message in messages:
-            self.snapshots_in_flight.pop(message.get("execution_count"), None)
+            count = message["execution_count"]
+            if self.snapshots_in_flight.pop(count, None) is None:
+                self._reported_early.add(count)  # read before the "done" that announces it
             # Where the report's new chunks are: set here, on the trusted side,
             # over anything the report itself says.
             message["spool"] = self.spool
@@ -690,34 +797,83 @@ class SubprocessSandbox:
                     self.snapshots_in_flight.pop(count, None)
             await asyncio.sleep(0.01)
 
+    def _frame_handlers(self) -> dict[str, Callable[[dict[str, Any]], None]]:
+        """What the kernel does with each frame a sandbox may send it (frames.FRAMES says which)."""
+        forward = self.on_event
+        return {
+            "ready": self._on_ready,
+            "started": self._on_started,
+            "done": self._on_done,
+            "reply": self._on_reply,
+            "snapshot_started": self._on_snapshot_started,
+            "stream": forward,
+            "display": forward,
+            "clear_output": forward,
+            "execute_result": forward,
+            "error": forward,
+            "comm": forward,
+            "input_request": forward,
+            "magic": forward,
+        }
+
     def _dispatch(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "ready":
-            if self._ready is not None and not self._ready.done():
-                self._ready.set_result(message)
-        elif kind == "done":
-            # Everything the cell wrote to its raw descriptors is already in the
-            # pipes: forward it now, so that it precedes the execute_reply.
-            self.drain_raw_output()
-            if isinstance(message.get("notebook_path"), str):
-                self.notebook_path = message["notebook_path"]
-            self.last_done_snapshot = message.get("snapshot")
-            if message.get("snapshot") is not None:
-                self.snapshots_in_flight[message["snapshot"]] = 0  # its pid follows
-            if self._done is not None and not self._done.done():
-                self._done.set_result(message["reply"])
-        elif kind == "snapshot_started":
-            count = message.get("execution_count")
-            if count in self.snapshots_in_flight:
-                self.snapshots_in_flight[count] = int(message.get("pid", 0))
-        elif kind == "reply":
-            future = self._replies.get(message.get("id"))
-            if future is not None and not future.done():
-                future.set_result(message.get("content", {}))
-        elif kind in ("snapshot", "snapshot_failed") and not self.snapshots_on_frame_pipe:
-            self._on_violation(f"broke the frame protocol (a {kind!r} report on the frame pipe) and was stopped")
-        else:
-            self.on_event(message)
+        handler = self._handlers.get(message["type"])
+        if handler is None:
+            self._on_violation(VIOLATION.format(what=f"a {message['type']!r} frame on its frame pipe"))
+            return
+        handler(message)
+
+    def _out_of_sequence(self, what: str) -> None:
+        self._on_violation(VIOLATION.format(what=f"{what}, out of sequence"))
+
+    def _on_ready(self, message: dict[str, Any]) -> None:
+        if self._ready is None or self._ready.done():
+            self._out_of_sequence("a second 'ready'")
+            return
+        self._ready.set_result(message)
+
+    def _on_started(self, message: dict[str, Any]) -> None:
+        if self._started is None or self._started.done() or message["execution_count"] != self._cell_count:
+            self._out_of_sequence("a 'started' for no cell it was given")
+            return
+        if self._cpu_watch is not None:
+            self._cpu_watch.cancel()  # the cell before gives the sandbox up now
+            self._cpu_watch = None
+        self._started.set_result(True)
+
+    def _on_done(self, message: dict[str, Any]) -> None:
+        if self._done is None or self._done.done() or self._started is None or not self._started.done():
+            self._out_of_sequence("a 'done' while no cell of its ran")
+            return
+        snapshot = message.get("snapshot")
+        if snapshot is not None and snapshot != self._cell_count:
+            self._out_of_sequence(f"a 'done' announcing a snapshot of cell [{snapshot}]")
+            return
+        # Everything the cell wrote to its raw descriptors is already in the
+        # pipes: forward it now, so that it precedes the execute_reply.
+        self.drain_raw_output()
+        self.last_done_snapshot = snapshot
+        if snapshot is not None and snapshot not in self._reported_early:
+            self.snapshots_in_flight[snapshot] = 0  # its pid follows
+        self._reported_early.discard(snapshot)
+        self._done.set_result(message["reply"])
+
+    def _on_reply(self, message: dict[str, Any]) -> None:
+        request_id = message.get("id")
+        if not isinstance(request_id, int) or not 0 < request_id <= self._next_request:
+            self._out_of_sequence("a 'reply' to a request the kernel never made")
+            return
+        future = self._replies.get(request_id)
+        if future is not None and not future.done():
+            future.set_result(message["content"])
+
+    def _on_snapshot_started(self, message: dict[str, Any]) -> None:
+        count = message["execution_count"]
+        if count != self.last_done_snapshot:
+            self._out_of_sequence(f"a 'snapshot_started' for cell [{count}], which announced none")
+            return
+        if count in self.snapshots_in_flight:  # else its report was read already
+            self.snapshots_in_flight[count] = message["pid"]
 
     def _on_raw_output(self, pipe: _Pipe) -> None:
         data = _read_available(pipe.fd)

@@ -10,16 +10,15 @@ the fuel the cell used.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 from typing import Any
 
+from capsule_kernel.sandbox import frames
 from capsule_kernel.sandbox.launch import Launch
-from capsule_kernel.sandbox.limits import Limits, format_duration
+from capsule_kernel.sandbox.limits import STOP_GRACE_SECONDS, Limits, format_duration
 from capsule_kernel.sandbox.subprocess import SandboxDied, SubprocessSandbox
-from capsule_kernel.sandbox.wasm_host import STOP_GRACE_SECONDS
 
 # Beyond the host's own timeout handling, when the kernel gives up on the host.
 _BACKSTOP_SECONDS = 10.0
@@ -28,7 +27,9 @@ _BACKSTOP_SECONDS = 10.0
 class WasmSandbox(SubprocessSandbox):
     kind = "wasm"
     worker_module = "capsule_kernel.sandbox.wasm_host"
-    snapshots_on_frame_pipe = True  # the trusted host writes them, after the guest's cell
+    # The trusted host writes both pipes (snapshot reports too): it has checked the guest's frames.
+    sender = frames.HOST
+    report_sender = frames.HOST
     supervised = False
 
     def __init__(self, limits: Limits, on_event: Any, *, mounts: list[dict[str, Any]] | None = None, **kwargs: Any):
@@ -68,19 +69,19 @@ class WasmSandbox(SubprocessSandbox):
 
     async def execute(self, request: dict[str, Any]) -> dict[str, Any]:
         """Run one cell; the host stops it at its limits, the kernel only if the host stops answering."""
-        assert self._loop is not None
-        self._done = self._loop.create_future()
-        self._timed_out = False
         self.last_fuel = None
-        self.send({"type": "execute", **request, "limits": self.limits.to_json()})
-        self.cells_run += 1
-        backstop = None
-        if self.limits.timeout:
-            backstop = self.limits.timeout + STOP_GRACE_SECONDS + _BACKSTOP_SECONDS
-        try:
-            return await self._await_or_death(self._done, backstop, on_timeout=self._backstop_kill)
-        finally:
-            self._done = None
+        return await super().execute(request)
+
+    def cell_wait(self) -> float | None:
+        if not self.limits.timeout:
+            return None
+        return self.limits.timeout + STOP_GRACE_SECONDS + _BACKSTOP_SECONDS
+
+    async def cell_overdue(self) -> None:
+        await self._backstop_kill()
+
+    def start_patience(self) -> float:
+        return STOP_GRACE_SECONDS + _BACKSTOP_SECONDS
 
     async def _backstop_kill(self) -> None:
         self._timed_out = True
@@ -113,22 +114,17 @@ class WasmSandbox(SubprocessSandbox):
                 self.send({"type": "limits", "limits": limits.to_json()})
         return notes
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "trap":
-            self.death_reason = str(message.get("reason", "trapped"))
-            return
-        if kind == "done":
-            fuel = message.get("fuel_consumed")
-            self.last_fuel = int(fuel) if isinstance(fuel, int) else None
-            self.total_fuel += self.last_fuel or 0
-            message = {**message, "snapshot": None}
-            super()._dispatch(message)
-            # The snapshot (if any) was sent before "done", on this same pipe: already on its way.
-            self.last_done_snapshot = message.get("snapshot_sent")
-            return
-        super()._dispatch(message)
+    def _frame_handlers(self) -> dict[str, Any]:
+        """The subprocess sandbox's table, plus the host's own frames."""
+        return {**super()._frame_handlers(), "trap": self._on_trap}
 
-    async def snapshots_settled(self, timeout: float) -> None:  # noqa: ARG002 - the base class's signature
-        """Snapshots arrive before "done" on the frame pipe: nothing is ever in flight."""
-        await asyncio.sleep(0)
+    def _on_trap(self, message: dict[str, Any]) -> None:
+        self.death_reason = message["reason"]
+        if "broke the protocol" in self.death_reason:
+            self.violated = True
+
+    def _on_done(self, message: dict[str, Any]) -> None:
+        fuel = message.get("fuel_consumed")
+        self.last_fuel = fuel if isinstance(fuel, int) and fuel >= 0 else None
+        self.total_fuel += self.last_fuel or 0
+        super()._on_done(message)

@@ -21,11 +21,9 @@ import base64
 import builtins
 import errno
 import io
-import json
 import linecache
 import os
 import re
-import struct
 import sys
 import time
 import traceback
@@ -33,8 +31,8 @@ import types
 from typing import Any
 
 from capsule_kernel.checkpoint import snapshot
+from capsule_kernel.sandbox import frames
 
-_HEADER = struct.Struct(">I")
 _CHANNEL_IN, _CHANNEL_OUT = 0, 1
 # How the host delivers an interrupt or a deadline at its next call.
 _CANCEL_ERRNOS = {errno.ECANCELED: "interrupt", errno.ETIMEDOUT: "timeout"}
@@ -78,8 +76,7 @@ class Channel:
         self.queued: list[dict[str, Any]] = []
 
     def send(self, message: dict[str, Any]) -> None:
-        body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        view = memoryview(_HEADER.pack(len(body)) + body)
+        view = memoryview(frames.encode(message))
         while view:
             try:
                 written = os.pwrite(_CHANNEL_OUT, view, 0)
@@ -106,8 +103,8 @@ class Channel:
         return b"".join(parts)
 
     def _read_frame(self) -> dict[str, Any]:
-        (length,) = _HEADER.unpack(self._read_exactly(_HEADER.size))
-        return json.loads(self._read_exactly(length).decode("utf-8"))
+        (length,) = frames.HEADER.unpack(self._read_exactly(frames.HEADER.size))
+        return frames.check(frames._decode_body(self._read_exactly(length)), frames.KERNEL, length)
 
     def receive(self) -> dict[str, Any]:
         return self.queued.pop(0) if self.queued else self._read_frame()

@@ -34,17 +34,26 @@ from pathlib import Path
 from typing import Any
 
 from capsule_kernel.checkpoint import chunks, snapshot
-from capsule_kernel.sandbox import host_limits, protocol, wasm_runtime
-from capsule_kernel.sandbox.limits import format_duration, format_size
+from capsule_kernel.sandbox import frames, host_limits, wasm_runtime
+from capsule_kernel.sandbox.limits import STOP_GRACE_SECONDS, format_duration, format_size
 
 # WASI errno values (wasi_snapshot_preview1).
 _SUCCESS, _BADF, _CANCELED, _INVAL, _SPIPE, _TIMEDOUT = 0, 8, 11, 28, 70, 73
 _UNLIMITED_FUEL = 1 << 62
 WASM_MEMORY_CEILING = 4 * 1024**3  # wasm32 addresses at most 4 GiB
-# After an interrupt or the deadline, how long a cell may take to notice
-# (at its next print, sleep or input) before the instance is stopped hard.
-STOP_GRACE_SECONDS = 1.0
 TRAP_EXIT_CODE = 86
+# Fuel one CPU second of host work counts as (half the rate of pure Wasm computation
+# here, so a computing cell always meets its fuel limit first, deterministically).
+FUEL_PER_HOST_CPU_SECOND = 200_000_000
+_CPU_POLL_SECONDS = 0.02
+# A guest frame larger than this (but for snapshot data, bounded by the guest's memory) breaks the channel.
+_GUEST_FRAME_FLOOR = 128 * 1024 * 1024
+
+
+class GuestViolation(Exception):
+    """The guest sent a frame outside the vocabulary, or out of sequence: the instance ends."""
+
+
 _GUEST_ROOT = "/capsule"
 
 
@@ -64,6 +73,7 @@ def guest_library(cache: Path) -> Path:
         "capsule_kernel/checkpoint/snapshot.py": package / "checkpoint" / "snapshot.py",
         "capsule_kernel/checkpoint/chunks.py": package / "checkpoint" / "chunks.py",
         "capsule_kernel/sandbox/__init__.py": None,
+        "capsule_kernel/sandbox/frames.py": package / "sandbox" / "frames.py",
         "capsule_kernel/sandbox/wasm_guest.py": package / "sandbox" / "wasm_guest.py",
     }
     shims = package / "sandbox" / "wasm_shims"
@@ -112,14 +122,23 @@ class Stopper:
         self.reason: str | None = None  # why the current cell is being stopped
         self.stopped_hard: str | None = None
         self.sleep_wake = threading.Event()
+        # The CPU the cell may spend, counting what the host does for it inside host
+        # calls (WASI reads from mounts): fuel counts Wasm instructions only.
+        self.main_clock = time.pthread_getcpuclockid(threading.get_ident())
+        self.cpu_start = 0.0
+        self.cpu_budget: float | None = None
+        self.cpu_reason = ""
         threading.Thread(target=self._watch, name="capsule-wasm-stopper", daemon=True).start()
 
-    def begin_cell(self, timeout: float | None) -> None:
+    def begin_cell(self, timeout: float | None, cpu_budget: float | None = None, cpu_reason: str = "") -> None:
+        """Called on the main thread as the guest takes a cell: the cell's clocks start here."""
         with self.lock:
             self.in_cell = True
             self.pending = self.reason = None
             self.hard_stop_at = None
             self.deadline = time.monotonic() + timeout if timeout else None
+            self.cpu_start = time.clock_gettime(self.main_clock)
+            self.cpu_budget, self.cpu_reason = cpu_budget, cpu_reason
             self.sleep_wake.clear()
             self.lock.notify()
 
@@ -162,7 +181,13 @@ class Stopper:
                     self.hard_stop_at = None
                     self.stopped_hard = self.reason or "interrupt"
                     self.engine.increment_epoch()
+                if self.in_cell and self.cpu_budget is not None and self.stopped_hard is None:
+                    if time.clock_gettime(self.main_clock) - self.cpu_start >= self.cpu_budget:
+                        self.stopped_hard = "cpu"
+                        self.engine.increment_epoch()
                 times = [t for t in (self.deadline, self.hard_stop_at) if t is not None and self.in_cell]
+                if self.in_cell and self.cpu_budget is not None and self.stopped_hard is None:
+                    times.append(now + _CPU_POLL_SECONDS)
                 self.lock.wait(max(0.0, min(times) - now) if times else None)
 
 
@@ -177,7 +202,44 @@ class WasmHost:
         self.write_lock = threading.Lock()
         self.inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.to_guest = bytearray()
-        self.from_guest = protocol.FrameDecoder()
+        memory = min(self.limits.get("memory") or WASM_MEMORY_CEILING, WASM_MEMORY_CEILING)
+        # The guest must hold a frame's data to send it (base64: 4/3): no frame may be larger.
+        cap = min(frames.MAX_FRAME_BYTES, max(_GUEST_FRAME_FLOOR, memory * 4 // 3 + 2**20))
+        self.from_guest = frames.FrameDecoder(frames.GUEST, limit=cap)
+        self.report_fd: int | None = config.get("report_fd")
+        # The cell the guest holds: its count, and how far it got (execute -> cell_end -> done -> idle).
+        self.cell: int | None = None
+        self.phase = "idle"
+        self.fuel_budget: int | None = None
+        self.snapshot_sent: int | None = None
+        self.ready_sent = False
+        self.guest_handlers = {
+            "ready": self._guest_ready,
+            "cell_start": self._guest_cell_start,
+            "cell_end": self._guest_cell_end,
+            "snapshot_data": self._guest_snapshot,
+            "snapshot_failed": self._guest_snapshot_failed,
+            "done": self._guest_done,
+            "sleep_ended": lambda caller, message: None,  # noqa: ARG005
+            "reply": self._forward,
+            "stream": self._forward,
+            "display": self._forward,
+            "clear_output": self._forward,
+            "execute_result": self._forward,
+            "error": self._forward,
+            "input_request": self._forward,
+            "magic": self._forward,
+        }
+        self.kernel_handlers = {
+            "execute": self._deliver_execute,
+            "request": self._deliver_request,
+            "limits": self._deliver_limits,
+            "input_reply": self._deliver_as_is,
+            "magic_reply": self._deliver_as_is,
+            "shutdown": self._deliver_as_is,
+            "eof": self._deliver_as_is,
+            "comm": lambda caller, message: None,  # noqa: ARG005 - no widgets in Wasm cells
+        }
         self.chunk_root = Path(config["chunk_root"]) if config.get("chunk_root") else None
         self.enforcement: dict[str, str] = dict(config.get("enforcement", {}))
         self.fuel_at_start = 0
@@ -189,7 +251,7 @@ class WasmHost:
 
     def send(self, message: dict[str, Any]) -> None:
         with self.write_lock:
-            protocol.write_frame(self.write_fd, message)
+            frames.write_frame(self.write_fd, message)
 
     def note(self, text: str) -> None:
         self.send({"type": "stream", "name": "stderr", "text": text})
@@ -197,8 +259,8 @@ class WasmHost:
     def _read_kernel(self) -> None:
         while True:
             try:
-                message = protocol.read_frame(self.config["read_fd"])
-            except (OSError, protocol.ProtocolError):
+                message = frames.read_frame(self.config["read_fd"])
+            except (OSError, frames.ProtocolError):
                 message = None
             self.inbox.put(message)
             if message is None:
@@ -279,7 +341,14 @@ class WasmHost:
             return _SPIPE  # positional reads are the channel's; files are read sequentially
         if (cancel := self._cancel_errno()) is not None:
             return cancel
+        if self.from_guest.pending_bytes:
+            # Waiting for the kernel with a frame half written: the channel is out of step for good.
+            self._violation("an unfinished frame, then waited for the kernel")
         while not self.to_guest:
+            if self.phase == "done":
+                # The guest asks for its next frame: the cell is over, truly (a forged
+                # "done" followed by more work never gets here). Its clocks stop now.
+                self._cell_idle()
             message = self.inbox.get()
             if message is None:
                 message = {"type": "eof"}
@@ -287,9 +356,9 @@ class WasmHost:
                 if (cancel := self._cancel_errno()) is not None:
                     return cancel
                 continue
-            message = self._to_guest(caller, message)
+            message = self.kernel_handlers[message["type"]](caller, message)
             if message is not None:
-                self.to_guest += protocol.encode(message)
+                self.to_guest += frames.encode(message)
         memory = caller["memory"]
         given = 0
         for pointer, length in self._iovecs(caller, memory, iovs, iovs_len):
@@ -314,11 +383,10 @@ class WasmHost:
         )
         try:
             messages = self.from_guest.feed(data)
-        except protocol.ProtocolError as err:
-            self.trap_note = f"broke the frame protocol ({err})"
-            return _INVAL
+        except frames.ProtocolError as err:
+            self._violation(str(err))
         for message in messages:
-            self._from_guest(caller, message)
+            self.guest_handlers[message["type"]](caller, message)
         memory.write(caller, struct.pack("<I", len(data)), nwritten)
         return _SUCCESS
 
@@ -375,31 +443,55 @@ class WasmHost:
 
     # -- frames in both directions ------------------------------------------------------
 
-    def _to_guest(self, caller: Any, message: dict[str, Any]) -> dict[str, Any] | None:
-        """A kernel frame on its way in: the cell boundary, where limits are set."""
+    def _violation(self, what: str) -> None:
+        """The guest broke the protocol: nothing more it says is believed, and the instance ends."""
+        self.trap_note = f"broke the protocol (it sent {what}), so the Wasm instance was stopped"
+        raise GuestViolation(self.trap_note)
+
+    def _deliver_limits(self, caller: Any, message: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG002
+        self.limits = dict(message.get("limits", {}))
+        return message
+
+    def _deliver_as_is(self, caller: Any, message: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG002
+        return message
+
+    def _deliver_execute(self, caller: Any, message: dict[str, Any]) -> dict[str, Any]:
+        """The cell boundary: the host sets fuel and the deadline from the kernel's request, and only here."""
         wasmtime = self.wasmtime
-        kind = message["type"]
-        if kind == "limits":
-            self.limits = dict(message.get("limits", {}))
-            return message
-        if kind == "execute":
-            self.limits = dict(message.get("limits", self.limits))
-            fuel = self.limits.get("fuel") or _UNLIMITED_FUEL
-            wasmtime.Store.set_fuel(caller, fuel)
-            self.fuel_at_start = fuel
-            wasmtime.Store.set_epoch_deadline(caller, 1)
-            self.in_cell = True
-            self.stopper.begin_cell(self.limits.get("timeout"))
-            return message
-        if kind == "request":
-            wasmtime.Store.set_fuel(caller, _UNLIMITED_FUEL)
-            wasmtime.Store.set_epoch_deadline(caller, 1)
-            if message.get("kind") == "restore":
-                message = self._with_restore_bytes(message)
-            return message
-        if kind in ("input_reply", "magic_reply", "shutdown", "eof"):
-            return message
-        return None  # comms: no widgets in Wasm cells
+        self.limits = dict(message.get("limits", self.limits))
+        self.fuel_budget = self.limits.get("fuel")
+        fuel = self.fuel_budget or _UNLIMITED_FUEL
+        wasmtime.Store.set_fuel(caller, fuel)
+        self.fuel_at_start = fuel
+        self.last_fuel = None
+        wasmtime.Store.set_epoch_deadline(caller, 1)
+        self.in_cell = True
+        self.cell, self.phase, self.snapshot_sent = int(message["execution_count"]), "running", None
+        cpu, reason = self._cpu_budget()
+        self.stopper.begin_cell(self.limits.get("timeout"), cpu, reason)
+        self.send({"type": "started", "execution_count": self.cell})
+        return message
+
+    def _cpu_budget(self) -> tuple[float | None, str]:
+        """CPU seconds the cell may use on the host's main thread (Wasm and the host calls it makes)."""
+        budgets = []
+        if self.limits.get("cpu"):
+            budgets.append((float(self.limits["cpu"]), f"the CPU limit of {format_duration(self.limits['cpu'])} (cpu)"))
+        if self.fuel_budget:
+            seconds = self.fuel_budget / FUEL_PER_HOST_CPU_SECOND
+            budgets.append((seconds, f"its fuel budget of {self.fuel_budget:,} units, counting the host's work for it"))
+        if not budgets:
+            return None, ""
+        # Twice the budget: the soft limits (fuel traps, timeouts) come first for ordinary cells.
+        seconds, reason = min(budgets)
+        return seconds * 2 if reason.startswith("its fuel") else seconds, reason
+
+    def _deliver_request(self, caller: Any, message: dict[str, Any]) -> dict[str, Any]:
+        self.wasmtime.Store.set_fuel(caller, _UNLIMITED_FUEL)
+        self.wasmtime.Store.set_epoch_deadline(caller, 1)
+        if message.get("kind") == "restore":
+            message = self._with_restore_bytes(message)
+        return message
 
     def _with_restore_bytes(self, message: dict[str, Any]) -> dict[str, Any]:
         """Entries name chunks; the guest has no access to them, so the bytes travel in the frame."""
@@ -421,41 +513,74 @@ class WasmHost:
         args["entries"] = entries
         return {**message, "args": args}
 
-    def _from_guest(self, caller: Any, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "sleep_ended":
-            return
-        if kind == "cell_start":
-            if self.in_cell:
-                self.fuel_at_start = self.wasmtime.Store.get_fuel(caller)
-            return
-        if kind == "cell_end":
-            self._end_cell(caller)
-            return
-        if kind == "snapshot_data":
-            self._store_snapshot(message)
-            return
-        if kind == "done":
-            if self.in_cell:
-                self._end_cell(caller)
-            message["fuel_consumed"] = self.last_fuel
-            self.last_fuel = None
-        elif kind == "ready":
-            message["enforcement"] = self.enforcement
-            message["pid"] = os.getpid()
+    # -- what the guest sends, and when it may -------------------------------------------
+
+    def _forward(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
         self.send(message)
 
-    def _end_cell(self, caller: Any) -> None:
+    def _guest_ready(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
+        if self.ready_sent:
+            self._violation("a second 'ready'")
+        self.ready_sent = True
+        self.send({"type": "ready", "python": message["python"], "enforcement": self.enforcement, "pid": os.getpid()})
+
+    def _guest_cell_start(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
+        """Fuel is reported from here (the cell's own code, not the guest's parsing); budgets ignore it."""
+        if self.phase == "running" and self.fuel_at_start == (self.fuel_budget or _UNLIMITED_FUEL):
+            self.fuel_at_start = self.wasmtime.Store.get_fuel(caller)
+
+    def _guest_cell_end(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
+        """The cell's code has finished; the snapshot follows, once, with an allowance of its own.
+
+        A forged mark gains at most that allowance once per cell (another
+        budget as large as the cell's), never unlimited fuel; the deadline
+        stays armed until the guest is idle.
+        """
+        if self.phase != "running":
+            return  # a repeated mark: believed for nothing
+        self.phase = "ended"
+        left = self.wasmtime.Store.get_fuel(caller)
+        self.last_fuel = max(0, min(self.fuel_at_start - left, self.fuel_at_start))
+        if self.fuel_budget:
+            self.wasmtime.Store.set_fuel(caller, min(left + self.fuel_budget, _UNLIMITED_FUEL))
+
+    def _guest_snapshot(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
+        if self.phase != "ended" or message["execution_count"] != self.cell or self.snapshot_sent is not None:
+            self._violation("a 'snapshot_data' frame out of sequence")
+        self.snapshot_sent = self.cell
+        self._store_snapshot(message)
+
+    def _guest_snapshot_failed(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
+        if self.phase != "ended" or message["execution_count"] != self.cell:
+            self._violation("a 'snapshot_failed' frame out of sequence")
+        self.snapshot_sent = self.cell
+        self._report(message)
+
+    def _guest_done(self, caller: Any, message: dict[str, Any]) -> None:
+        if self.phase not in ("running", "ended"):
+            self._violation("a 'done' while no cell ran")
+        if self.phase == "running":
+            self._guest_cell_end(caller, message)
+        self.phase = "done"
+        fuel, self.last_fuel = self.last_fuel, None
+        self.send({"type": "done", "reply": message["reply"], "snapshot": self.snapshot_sent, "fuel_consumed": fuel})
+
+    def _cell_idle(self) -> None:
         self.stopper.end_cell()
         self.in_cell = False
-        self.last_fuel = self.fuel_at_start - self.wasmtime.Store.get_fuel(caller)
-        # Snapshotting after the cell is not the cell's work: it does not spend the cell's fuel.
-        self.wasmtime.Store.set_fuel(caller, _UNLIMITED_FUEL)
+        self.phase = "idle"
+
+    def _report(self, report: dict[str, Any]) -> None:
+        """Snapshot reports go on the report pipe, as the subprocess sandbox's snapshot children write them."""
+        if self.report_fd is not None:
+            with contextlib.suppress(OSError):
+                frames.write_frame(self.report_fd, report)
 
     def _store_snapshot(self, message: dict[str, Any]) -> None:
         """Write the guest's pickles as chunks (never unpickled here) and report like a fork child."""
         count = message.get("execution_count")
         if self.chunk_root is None:
+            self._report({"type": "snapshot_failed", "execution_count": count, "reason": "checkpoints are off"})
             return
         entries, written = {}, 0
         try:
@@ -472,7 +597,9 @@ class WasmHost:
                 entries[name], new_bytes = snapshot.write_entry(self.chunk_root, entry, data, buffers)
                 written += new_bytes
         except (OSError, ValueError) as err:
-            self.send({"type": "snapshot_failed", "execution_count": count, "reason": f"{type(err).__name__}: {err}"})
+            self._report(
+                {"type": "snapshot_failed", "execution_count": count, "reason": f"{type(err).__name__}: {err}"}
+            )
             return
         report = {
             "type": "snapshot",
@@ -481,7 +608,7 @@ class WasmHost:
             "removed": list(message.get("removed", [])),
             "written": written,
         }
-        self.send(report)
+        self._report(report)
 
     # -- running ----------------------------------------------------------------------
 
@@ -495,10 +622,15 @@ class WasmHost:
             return TRAP_EXIT_CODE
         try:
             instance.exports(store)["_start"](store)
+        except GuestViolation as violation:
+            self._report_trap(str(violation))
+            return TRAP_EXIT_CODE
         except self.wasmtime.ExitTrap as exit_trap:
-            if exit_trap.code == 0 and not self.in_cell:
+            if exit_trap.code == 0 and not self.in_cell and self.trap_note is None:
                 return 0
-            self._report_trap(f"exited with code {exit_trap.code} (the cell called os._exit or the runtime gave up)")
+            self._report_trap(
+                self.trap_note or f"exited with code {exit_trap.code} (the cell called os._exit or the runtime gave up)"
+            )
             return TRAP_EXIT_CODE
         except self.wasmtime.Trap as trap:
             self._report_trap(self._describe_trap(trap))
@@ -513,12 +645,23 @@ class WasmHost:
         return 0
 
     def _describe_trap(self, trap: Any) -> str:
+        if self.trap_note:
+            return self.trap_note
+        reason = self._trap_reason(trap)
+        if self.phase == "done" and self.cell is not None:
+            # Its "done" came, then more work: the time is the cell's, not the next one's.
+            reason = f"{reason} (cell [{self.cell}] went on running after it reported its end)"
+        return reason
+
+    def _trap_reason(self, trap: Any) -> str:
         code = trap.trap_code
         codes = self.wasmtime.TrapCode
         if code == codes.OUT_OF_FUEL:
             return f"ran out of fuel: the cell used its whole budget of {self.limits.get('fuel'):,} units (fuel)"
         if code == codes.INTERRUPT:
             why = self.stopper.stopped_hard or "interrupt"
+            if why == "cpu":
+                return f"used {self.stopper.cpu_reason}, so the Wasm instance was stopped"
             if why == "timeout":
                 limit = format_duration(self.limits.get("timeout"))
                 return (
@@ -529,8 +672,6 @@ class WasmHost:
                 "was interrupted and the cell did not stop within "
                 f"{STOP_GRACE_SECONDS:g} s (pure computation never yields), so the Wasm instance was stopped"
             )
-        if self.trap_note:
-            return self.trap_note
         message = str(trap).strip().splitlines()[0] if str(trap).strip() else "trap"
         return f"trapped ({message}): the Wasm instance cannot continue"
 
@@ -552,8 +693,9 @@ def main(argv: list[str] | None = None) -> None:
     # SIGINT is taken by a thread with sigwait: the main thread is inside Wasm
     # and would not run a Python handler until the guest called the host.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    for fd in (config["read_fd"], config["write_fd"]):
-        os.set_inheritable(fd, False)
+    for fd in (config["read_fd"], config["write_fd"], config.get("report_fd")):
+        if fd is not None:
+            os.set_inheritable(fd, False)
     host_limits.die_with_parent(config["parent_pid"])
     enforcement: dict[str, str] = {}
     _, enforcement["host_network"] = host_limits.isolate_network()

@@ -120,6 +120,8 @@ class Worker:
 
     def execute(self, message: dict[str, Any]) -> None:
         shell = self.shell
+        # The cell's budget starts now, on the kernel's clocks.
+        self.channel.send({"type": "started", "execution_count": int(message.get("execution_count", 0))})
         shell.limits = dict(message.get("limits", shell.limits))
         _move_soft_limits(shell.limits)
         shell.allow_stdin = bool(message.get("allow_stdin"))
@@ -169,9 +171,6 @@ class Worker:
         count = int(message.get("execution_count", 0))
         # "snapshot": a checkpoint of this cell follows, so the kernel can wait for it.
         done = {"type": "done", "reply": json_clean(reply), "snapshot": count if plan else None}
-        notebook = shell.user_ns.get("__vsc_ipynb_file__")
-        if isinstance(notebook, str):
-            done["notebook_path"] = notebook
         self.channel.send(done)
         if plan:
             self.snapshots.take(count, plan, candidates)
@@ -199,13 +198,13 @@ class Worker:
         self.channel.send({"type": "reply", "id": message["id"], "content": json_clean(content)})
 
     def comm(self, message: dict[str, Any]) -> None:
-        from capsule_kernel.sandbox import protocol
+        from capsule_kernel.sandbox import frames
 
         msg = {
             "header": {"msg_type": message["msg_type"]},
             "content": message.get("content", {}),
             "metadata": message.get("metadata", {}),
-            "buffers": protocol.unpack_buffers(message.get("buffers")),
+            "buffers": frames.unpack_buffers(message.get("buffers")),
         }
         handler = getattr(self.comms, message["msg_type"], None)
         if handler is None:

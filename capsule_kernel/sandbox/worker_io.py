@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from capsule_kernel.sandbox import protocol
+from capsule_kernel.sandbox import frames
 
 # Signals the kernel uses to interrupt a cell: user interrupt, wall-clock
 # timeout, CPU limit. Blocked while a frame is being written.
@@ -54,7 +54,7 @@ class FrameChannel:
                 pass
 
     def send(self, message: dict[str, Any]) -> None:
-        frame = protocol.encode(message)
+        frame = frames.encode(message)
         with self._write_lock:
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPT_SIGNALS)
             try:
@@ -68,8 +68,8 @@ class FrameChannel:
     def _read_loop(self) -> None:
         while True:
             try:
-                message = protocol.read_frame(self._read_fd)
-            except (OSError, protocol.ProtocolError):
+                message = frames.read_frame(self._read_fd, frames.KERNEL)
+            except (OSError, frames.ProtocolError):
                 message = None
             if message is None:
                 # The kernel is gone: nobody will ever read our output.

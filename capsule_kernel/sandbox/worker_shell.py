@@ -25,7 +25,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from traitlets import Any as AnyTrait
 from traitlets import Type
 
-from capsule_kernel.sandbox import protocol
+from capsule_kernel.sandbox import frames
 from capsule_kernel.sandbox.limits import format_size
 from capsule_kernel.sandbox.worker_io import FrameChannel, StreamFlusher
 
@@ -88,7 +88,7 @@ class SandboxComm(BaseComm):
                 "msg_type": msg_type,
                 "content": content,
                 "metadata": json_clean(metadata or {}),
-                "buffers": protocol.pack_buffers(buffers),
+                "buffers": frames.pack_buffers(buffers),
             }
         )
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from capsule_kernel.checkpoint import chunks, snapshot
 from capsule_kernel.checkpoint.chunks import HashingThreads
-from capsule_kernel.sandbox import protocol
+from capsule_kernel.sandbox import frames
 from capsule_kernel.sandbox.deaths import process_exists
 from capsule_kernel.sandbox.worker_io import FrameChannel
 
@@ -209,7 +209,7 @@ class Snapshotter:
             }
         try:
             if self.report_fd is not None:
-                protocol.write_frame(self.report_fd, report)
+                frames.write_frame(self.report_fd, report)
             outcome = {"ok": status == 0, "digests": learned, "removed": removed, "fingerprints": fingerprints}
             _write_all(digest_fd, json.dumps(outcome).encode())
             # Close before exiting: tearing down a large copy-on-write address
@@ -229,7 +229,7 @@ class Snapshotter:
                 self._unlearned -= 1
                 forward, self._chained_fd = self._chained_fd, None
                 if forward is not None:
-                    state = protocol.encode({"type": "digests", "ok": ok, "digests": self.digests, "sizes": self.sizes})
+                    state = frames.encode({"type": "digests", "ok": ok, "digests": self.digests, "sizes": self.sizes})
                 self._changed.notify_all()
         if forward is not None:
             try:
@@ -346,7 +346,7 @@ def _wait_for_frame(fd: int, parent: int) -> dict[str, Any] | None:
     copy of the pipe's write end, and EOF would never come. While waiting,
     check now and then that the worker that forked us still lives.
     """
-    decoder = protocol.FrameDecoder()
+    decoder = frames.FrameDecoder()
     while True:
         ready, _, _ = select.select([fd], [], [], 1.0)
         if not ready:

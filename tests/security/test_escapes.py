@@ -494,7 +494,7 @@ def test_a_declared_mount_is_shown_and_nothing_beside_it(fresh_kernel, tmp_path)
         directory.mkdir()
     (data / "in.txt").write_text("mounted")
     (beside / "secret.txt").write_text(SECRET)
-    kernel = fresh_kernel(cwd=work)
+    kernel = fresh_kernel(cwd=work, env={"CAPSULE_NOTEBOOK_MAY_WIDEN": "mounts"})
     kernel.execute("kept = 'yes'")
     assert "restarted" in kernel.execute(f"%capsule mount {data} --rw").texts()
     result = kernel.execute(

@@ -1,0 +1,48 @@
+"""The narrow interface %capsule commands use: what they may read and ask of a session.
+
+SessionController implements it; commands never reach the kernel class, its
+sockets or its sandboxes' internals beyond what is named here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from capsule_kernel.checkpoint.recorder import Checkpoints
+    from capsule_kernel.policy import Policy
+    from capsule_kernel.sandbox.limits import LimitSettings
+    from capsule_kernel.sandbox.subprocess import SubprocessSandbox
+    from capsule_kernel.settings import KernelSettings
+
+
+class MagicContext(Protocol):
+    policy: Policy
+    checkpoints: Checkpoints
+    sandboxes: dict[str, SubprocessSandbox]
+    routing_mode: str
+    active_kind: str
+    mounts: list[dict[str, Any]]
+    session_name: str
+    session_source: str
+    cell_running: bool
+
+    @property
+    def limit_settings(self) -> LimitSettings: ...
+    @property
+    def settings(self) -> KernelSettings: ...
+    @property
+    def promises(self) -> Any: ...
+    @property
+    def execution_count(self) -> int: ...
+    @property
+    def sandbox(self) -> SubprocessSandbox | None: ...
+
+    async def sandbox_started(self) -> None: ...
+    async def ready_sandbox(self) -> SubprocessSandbox: ...
+    async def checkpoints_settled(self, timeout: float = 60.0) -> None: ...
+    async def resume(self, checkpoint: Any, sandbox: SubprocessSandbox | None = None) -> str: ...
+    async def namespace_replaced(self, checkpoint: Any | None) -> None: ...
+    async def switch_session(self, name: str, source: str) -> None: ...
+    async def restart_sandbox(self, why: str) -> SubprocessSandbox: ...
+    async def replace_sandbox(self, kind: str) -> None: ...

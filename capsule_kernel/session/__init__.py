@@ -1,0 +1,1 @@
+"""A notebook's session behind the kernel's protocol face (controller.py is the entry)."""

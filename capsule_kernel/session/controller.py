@@ -1,0 +1,659 @@
+"""A notebook's session: its sandboxes, its identity, and the life of each cell.
+
+The kernel class is the protocol face; this owns what is behind it:
+
+- the sandbox pool (one sandbox per kind today; the coming task sandboxes are
+  entries of the same pool), started, replaced after a death, restored,
+  resumed and restarted here;
+- the session identity (from the operator or the frontend, never a frame);
+- the auto-mode name ledger (ledger.py), the durable promises
+  (durability.py) and the output relay (relay.py), which subscribe to the
+  cell lifecycle below;
+- the operator's policy (policy.py), which every notebook change is checked
+  against.
+
+Names cross between sandboxes only through checkpoints: a value made in the
+Wasm sandbox is marked so in its manifest (by the kernel, from the sandbox
+that reported it), and the subprocess sandbox then loads it as data only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from capsule_kernel import magics
+from capsule_kernel.analyzer import Analyzer, ExecutionPlan
+from capsule_kernel.checkpoint.recorder import Checkpoints
+from capsule_kernel.checkpoint.store import CheckpointRefused, default_home, session_identity
+from capsule_kernel.magics.authority import Authority
+from capsule_kernel.policy import Policy
+from capsule_kernel.policy_files import PolicyFileWatch
+from capsule_kernel.router import REFUSED, route
+from capsule_kernel.sandbox.subprocess import PreviousCellOverran, SandboxDied, SubprocessSandbox
+from capsule_kernel.sandbox.wasm import WasmSandbox
+from capsule_kernel.session.durability import CellDurability
+from capsule_kernel.session.identity import frontend_notebook_path
+from capsule_kernel.session.ledger import NameLedger
+from capsule_kernel.session.relay import Relay
+
+_REINTERRUPT_SECONDS = 1.0
+_SANDBOX_KINDS = {"subprocess": SubprocessSandbox, "wasm": WasmSandbox}
+# What a reply may say of itself; everything else in it is rebuilt by the kernel.
+_REPLY_STATUSES = ("ok", "error", "aborted")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One execute_request, as the sandbox's execute frame carries it."""
+
+    code: str
+    silent: bool
+    store_history: bool
+    user_expressions: dict[str, str]
+    allow_stdin: bool
+    execution_count: int
+    snapshot_candidates: tuple[str, ...] = ()
+    # The cell as typed, when `code` was transformed for a sandbox without IPython.
+    raw_code: str | None = None
+
+
+def _sanitized(reply: dict[str, Any], count: int) -> dict[str, Any]:
+    """A sandbox's reply, with what the kernel owns (the count, the status vocabulary) set by the kernel."""
+    status = reply.get("status") if reply.get("status") in _REPLY_STATUSES else "error"
+    clean = {key: value for key, value in reply.items() if isinstance(key, str)}
+    clean.update(status=status, execution_count=count)
+    clean.setdefault("user_expressions", {})
+    clean.setdefault("payload", [])
+    if not isinstance(clean["payload"], list) or not isinstance(clean["user_expressions"], dict):
+        clean.update(payload=[], user_expressions={})
+    if status == "error":
+        clean.setdefault("ename", "Error")
+        clean.setdefault("evalue", "")
+        clean.setdefault("traceback", [])
+    return clean
+
+
+class SessionController:
+    """Everything behind the protocol face for one notebook."""
+
+    def __init__(self, kernel: Any, policy: Policy) -> None:
+        self.log = kernel.log
+        self.policy = policy
+        self.relay = Relay(kernel)
+        self.relay.controller = self
+        self.session_name, self.session_source = session_identity()
+        self.checkpoints = Checkpoints.open(self.log)
+        self.checkpoints.keep = policy.settings.keep
+        self.analyzer = Analyzer()
+        self.authority = Authority()
+        self.ledger = NameLedger()
+        self.kernel_id = uuid.uuid4().hex[:12]
+        self.durability = CellDurability(self.checkpoints, self.kernel_id, self.log)
+        self.sandboxes: dict[str, SubprocessSandbox] = {}
+        self.active_kind = "subprocess"
+        self.routing_mode = policy.mode
+        self.mounts: list[dict[str, Any]] = [dict(m) for m in policy.settings.fs_access]
+        self.next_count = 1
+        self.cell_running = False
+        self._cell_serial = 0  # which cell an interrupt was meant for
+        self._starting: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._side_tasks: set[asyncio.Task] = set()
+        self._notices: list[str] = [f"Capsule: configuration problem: {problem}\n" for problem in policy.problems]
+        self._idle_death: str | None = None
+        self._last_death: SandboxDied = SandboxDied("the sandbox ended")
+        self._restore_outcome = "the namespace starts empty"
+        self._confinement_noted = False
+        self._policy_files = PolicyFileWatch(Path.cwd(), default_home())
+
+    # -- what magics see (magics/context.py) ------------------------------------------
+
+    @property
+    def limit_settings(self) -> Any:
+        return self.policy.limits
+
+    @property
+    def settings(self) -> Any:
+        return self.policy.settings
+
+    @property
+    def promises(self) -> Any:
+        return self.durability.promises
+
+    @property
+    def execution_count(self) -> int:
+        return self.next_count
+
+    @property
+    def sandbox(self) -> SubprocessSandbox | None:
+        """The sandbox of the active kind (the one the current or last cell ran in)."""
+        return self.sandboxes.get(self.active_kind)
+
+    # -- start-up ---------------------------------------------------------------------
+
+    async def begin(self) -> None:
+        """Once, on the kernel's loop: promises, then the first sandbox (and an offered or automatic resume)."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self.durability.open()
+        self._starting = asyncio.ensure_future(self._start_first_sandbox())
+        self._starting.add_done_callback(self._log_start_failure)
+
+    async def _start_first_sandbox(self) -> SubprocessSandbox:
+        sandbox = await self._start_sandbox()
+        try:
+            latest = self.checkpoints.latest(self.session_name)
+        except CheckpointRefused as err:
+            self._notices.append(f"Capsule: {err}\n")
+            return sandbox
+        if latest is not None and self.policy.settings.auto_resume:
+            try:
+                resumed = await self.resume(latest, sandbox)
+                self._notices.append(resumed + "\n")
+            except (SandboxDied, TimeoutError) as err:
+                self.log.error("auto_resume failed: %s", err)
+                self._notices.append(f"auto_resume failed ({err}); the namespace starts empty.\n")
+                sandbox = await self._start_sandbox()
+        elif latest is not None:
+            self._offer_resume()
+        return sandbox
+
+    async def _start_sandbox(self, *, restore: bool = False) -> SubprocessSandbox:
+        """A new sandbox of the active kind; with restore, holding the session's last checkpoint."""
+        previous = self.sandbox
+        held_before = set(self.ledger.held.get(self.active_kind, {}))
+        sandbox = await self._spawn_sandbox()
+        if not restore:
+            return sandbox
+        # In a session that used both sandboxes, a replacement gets back what its predecessor held.
+        names = held_before if self.ledger.mixed(sandbox.kind) else None
+        try:
+            self._restore_outcome = await self.checkpoints.restore_latest(
+                self.session_name, sandbox, previous, names=names
+            )
+            self.ledger.note_held(sandbox.kind, names)
+        except (SandboxDied, TimeoutError, CheckpointRefused) as err:
+            # Restoring must never become a crash loop: give up on it once.
+            self.log.error("restoring the last checkpoint failed: %s", err)
+            sandbox.stopping = True
+            await sandbox.shutdown()
+            sandbox = await self._spawn_sandbox()
+            self._restore_outcome = (
+                f"restoring the last checkpoint failed ({err}), so this sandbox starts with an empty namespace"
+            )
+        return sandbox
+
+    async def _spawn_sandbox(self) -> SubprocessSandbox:
+        kind = self.active_kind
+        sandbox = _SANDBOX_KINDS[kind](
+            self.policy.limits.limits,
+            self._event_handler(kind),
+            chunk_root=self.checkpoints.chunk_root,
+            mounts=self.mounts,
+            sandbox_settings=self.policy.settings.sandbox,
+            state_dir=self._sandbox_state_dir(),
+        )
+        self.sandboxes[kind] = sandbox
+        self.ledger.fresh_sandbox(kind)
+        await sandbox.start()
+        self.side_task(self._watch_sandbox(sandbox), cell_scoped=False)
+        self.log.info("capsule %s sandbox started, pid %s", kind, sandbox.pid)
+        return sandbox
+
+    def _sandbox_state_dir(self) -> Path | None:
+        """This notebook's persistent IPython directory (history), beside the store; one per session."""
+        root = self.checkpoints.chunk_root
+        if root is None:
+            return None
+        return root.parent / "sandbox-state" / hashlib.sha256(self.session_name.encode()).hexdigest()[:24]
+
+    async def _watch_sandbox(self, sandbox: SubprocessSandbox) -> None:
+        """Notice a sandbox that dies between cells, and replace it at once."""
+        await sandbox.wait_exit()
+        if sandbox is not self.sandboxes.get(sandbox.kind) or self.cell_running or sandbox.stopping:
+            return
+        if sandbox.kind != self.active_kind:
+            return  # replaced when a cell needs it again, with its checkpointed names
+        self._note_death_between_cells(sandbox)
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start_sandbox(restore=True))
+            self._starting.add_done_callback(self._log_start_failure)
+
+    def _note_death_between_cells(self, sandbox: SubprocessSandbox) -> None:
+        if not sandbox.death_noted:
+            sandbox.death_noted = True
+            text = f"The sandbox (pid {sandbox.pid}) {sandbox.death_reason} while no cell was running."
+            self.log.warning(text)
+            self._idle_death = text
+
+    def _log_start_failure(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("the sandbox could not start: %s", task.exception())
+
+    async def ready_sandbox(self) -> SubprocessSandbox:
+        """The running sandbox, starting (or replacing) one when needed."""
+        sandbox = self.sandbox
+        if sandbox is not None and sandbox.process_ended and not sandbox.stopping:
+            # Dead, perhaps not yet reaped: bury it before deciding anything.
+            await sandbox.wait_exit()
+            self._note_death_between_cells(sandbox)
+        if self._starting is not None and not self._starting.done():
+            with contextlib.suppress(SandboxDied, TimeoutError):
+                await asyncio.shield(self._starting)
+        if self.sandbox is None or not self.sandbox.ready:
+            self._starting = asyncio.ensure_future(self._start_sandbox(restore=self.sandbox is not None))
+            await self._starting
+        assert self.sandbox is not None
+        return self.sandbox
+
+    async def sandbox_started(self) -> None:
+        """Wait for a sandbox that is starting (the first starts right after kernel_info)."""
+        if self.sandbox is not None and not self.sandbox.ready and not self.cell_running:
+            with contextlib.suppress(Exception):
+                await self.ready_sandbox()
+
+    # -- restore, resume, restart ------------------------------------------------------
+
+    async def resume(self, checkpoint: Any, sandbox: SubprocessSandbox | None = None) -> str:
+        """Bring back a checkpoint from an earlier kernel; numbering goes on from it."""
+        if sandbox is None:
+            sandbox = await self.ready_sandbox()
+        outcome = await self.checkpoints.restore(checkpoint, sandbox, replace=True)
+        await self.namespace_replaced(checkpoint)
+        self.next_count = max(self.next_count, checkpoint.execution_count + 1)
+        self._notices = [notice for notice in self._notices if "has checkpoints from" not in notice]
+        return (
+            f"Resumed session {self.session_name}: {outcome}. "
+            f"Execution counts continue from [{checkpoint.execution_count + 1}]."
+        )
+
+    async def switch_session(self, name: str, source: str) -> None:
+        """Checkpoints go to another session from now on, starting with a full one."""
+        if name == self.session_name:
+            return
+        self.session_name, self.session_source = name, source
+        if self.sandbox is not None and self.sandbox.alive:
+            # The next snapshot must hold every name, not a delta against another session's checkpoint.
+            with contextlib.suppress(SandboxDied, TimeoutError):
+                await self.sandbox.request("forget_digests", {})
+
+    async def _adopt_frontend_session(self, code: str) -> None:
+        """VS Code names the notebook only in its start-up code: read from the source the frontend sent."""
+        path = frontend_notebook_path(code, Path.cwd())
+        if path and self.session_source.startswith("fresh id") and path != self.session_name:
+            await self.switch_session(path, "__vsc_ipynb_file__ (VS Code's notebook path)")
+            self._offer_resume()
+
+    def _offer_resume(self) -> None:
+        """A new kernel in a session that has checkpoints: say how to get them back."""
+        try:
+            latest = self.checkpoints.latest(self.session_name)
+        except CheckpointRefused as err:
+            self._notices.append(f"Capsule: {err}\n")
+            return
+        if latest is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(latest.created))
+            self._notices.append(
+                f"Session {self.session_name} has checkpoints from an earlier kernel (the last after cell "
+                f"[{latest.execution_count}], {when}). "
+                "Run %capsule resume to restore them, or set auto_resume = true in capsule.toml.\n"
+            )
+
+    async def restart_sandbox(self, why: str) -> SubprocessSandbox:
+        """Replace the sandbox with a fresh one (the namespace is lost)."""
+        old = await self.ready_sandbox()
+        old.stopping = True
+        self.log.info("restarting the sandbox: %s", why)
+        await old.shutdown()
+        fresh = await self._start_sandbox()
+        await self.namespace_replaced(None)
+        return fresh
+
+    async def checkpoints_settled(self, timeout: float = 60.0) -> None:
+        """Wait for the snapshot of the last cell to be recorded (for log and status)."""
+        for sandbox in list(self.sandboxes.values()):
+            await sandbox.snapshots_settled(timeout)
+        await self.checkpoints.settled(timeout)
+
+    async def replace_sandbox(self, kind: str) -> None:
+        """A new sandbox of this kind (new mounts or memory cap) holding what the old one held."""
+        await self.checkpoints_settled()
+        old = self.sandboxes.get(kind)
+        if old is None:
+            return
+        previous_kind, self.active_kind = self.active_kind, kind
+        try:
+            old.stopping = True
+            await old.shutdown()
+            await self._start_sandbox(restore=True)
+        finally:
+            self.active_kind = previous_kind
+
+    async def namespace_replaced(self, checkpoint: Any | None) -> None:
+        """After a restore, resume or restart: the active sandbox alone holds the truth.
+
+        The other sandbox's namespace is stale now, so it is stopped; when a
+        cell needs it again it starts fresh and receives the names it reads.
+        """
+        self.ledger.replaced(self.active_kind, checkpoint)
+        for kind, sandbox in list(self.sandboxes.items()):
+            if kind != self.active_kind:
+                sandbox.stopping = True
+                del self.sandboxes[kind]
+                await sandbox.shutdown()
+
+    # -- interrupts ---------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        sandbox = self.sandbox
+        if sandbox is None or not self.cell_running:
+            return
+        sandbox.interrupt()
+        # A SIGINT that lands while the cell is starting a child (between
+        # fork and exec of `!cmd`) reaches no one who acts on it: say it again.
+        loop, serial = self._loop, self._cell_serial
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.call_later, _REINTERRUPT_SECONDS, self._interrupt_again, sandbox, serial)
+
+    def _interrupt_again(self, sandbox: SubprocessSandbox, serial: int) -> None:
+        if sandbox is self.sandbox and self.cell_running and serial == self._cell_serial:
+            sandbox.interrupt()
+
+    # -- one cell -----------------------------------------------------------------------
+
+    async def execute(self, cell: Cell) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Run one cell where it belongs; return the reply and its metadata."""
+        code, count = cell.code, cell.execution_count
+        try:
+            magic_lines = magics.capsule_lines(code)
+        except magics.MagicUsageError as err:
+            reply = self.relay.fail(count, "UsageError", str(err))
+            return reply, {"sandbox": "kernel", "mode": "magic", "reason": "%%capsule cell"}
+        await self._adopt_frontend_session(code)
+        if magic_lines is not None:
+            reply = await self._execute_magic_cell(code, magic_lines, count)
+            return reply, {"sandbox": "kernel", "mode": "magic", "reason": "%capsule lines run in the kernel"}
+        plan = self._plan(code)
+        reads = plan.reads | plan.mutates
+        if self.routing_mode != "subprocess" and self.ledger.unknown(reads) and self._snapshots_in_flight():
+            # Where a name lives and what it is decide the route: learn it from the snapshot in flight.
+            await self.checkpoints_settled()
+        decision = route(plan, self.routing_mode, self.ledger.value_types(reads))
+        meta = {"sandbox": decision.sandbox, "mode": plan.mode, "reason": decision.reason, "routing": self.routing_mode}
+        if decision.sandbox == REFUSED:
+            reply = self.relay.fail(
+                count,
+                "WasmRefused",
+                f"the Wasm sandbox cannot run this cell: {decision.reason}. "
+                "Run %capsule mode auto (such cells then go to the subprocess sandbox) or %capsule mode subprocess.",
+            )
+            return reply, meta
+        cell = replace(cell, snapshot_candidates=tuple(sorted(plan.reads | plan.mutates | plan.writes)))
+        if decision.sandbox == "wasm" and plan.transformed is not None:
+            # No IPython inside: it gets %magics as the calls IPython would make (the analyzer's transform).
+            cell = replace(cell, code=plan.transformed, raw_code=code)
+        reply = await self._execute_in_sandbox(cell, decision.sandbox, reads)
+        sandbox = self.sandboxes.get(decision.sandbox)
+        if isinstance(sandbox, WasmSandbox) and sandbox.last_fuel is not None:
+            meta["fuel_consumed"] = sandbox.last_fuel
+        return reply, meta
+
+    def _snapshots_in_flight(self) -> bool:
+        return any(s.snapshots_in_flight for s in self.sandboxes.values())
+
+    def _plan(self, code: str) -> ExecutionPlan:
+        """The analyzer's plan; a bug in it must never cost the user the cell."""
+        try:
+            return self.analyzer.plan(code)
+        except Exception:
+            self.log.exception("the analyzer failed; running the cell as a plain cell")
+            return ExecutionPlan(source_hash="", syntax_error=None)
+
+    async def _execute_magic_cell(self, code: str, lines: list[str], count: int) -> dict[str, Any]:
+        for line in lines:
+            try:
+                self.relay.show(await magics.run(self, line))
+            except magics.MagicUsageError as err:
+                return self.relay.fail(count, "UsageError", str(err))
+        if self.sandbox is not None and self.sandbox.alive:
+            with contextlib.suppress(SandboxDied, TimeoutError):
+                await self.sandbox.request("store_history", {"code": code, "execution_count": count})
+        return {"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}
+
+    async def _execute_in_sandbox(self, cell: Cell, kind: str, reads: frozenset[str]) -> dict[str, Any]:
+        count = cell.execution_count
+        self.checkpoints.note_cell(count, cell.raw_code or cell.code)
+        if kind != self.active_kind and self.sandbox is not None:
+            # The other sandbox's last snapshot must be recorded before names cross.
+            await self.checkpoints_settled()
+        self.active_kind = kind
+        try:
+            sandbox = await self.ready_sandbox()
+        except (SandboxDied, TimeoutError) as err:
+            return self.relay.fail(count, "SandboxUnavailable", f"the {kind} sandbox could not start: {err}")
+        await self._bring_names(sandbox, reads)
+        self._note_confinement(sandbox)
+        self._publish_notices()
+        self.cell_running = True
+        self._cell_serial += 1
+        self.relay.outputs.clear()
+        self.authority.begin_cell(cell.raw_code or cell.code)
+        self.durability.started(
+            self.session_name, count, cell.code, cell.silent, sandbox.kind, sandbox.limits.to_json()
+        )
+        try:
+            reply = await self._run_with_retry(sandbox, cell)
+            snapshot = sandbox.last_done_snapshot if reply is not None else None
+            if reply is None:
+                reply = await self._report_death(self.sandbox or sandbox, self._last_death, count)
+            self.durability.after_reply(self.session_name, count, cell.silent, reply, self.relay.outputs, snapshot)
+            return reply
+        finally:
+            self.cell_running = False
+            self.authority.end_cell()
+            self._check_policy_files()
+            for task in list(self._side_tasks):
+                if getattr(task, "cell_scoped", False):
+                    task.cancel()
+
+    async def _run_with_retry(self, sandbox: SubprocessSandbox, cell: Cell) -> dict[str, Any] | None:
+        """The reply, or None after a death (in self._last_death).
+
+        A sandbox that never took the cell because the cell before it kept
+        it busy past its own limit is that earlier cell's fault: the user is
+        told so, and this cell runs once more in a fresh sandbox.
+        """
+        for attempt in range(2):
+            try:
+                reply = await sandbox.execute(asdict(cell))
+                return _sanitized(reply, cell.execution_count)
+            except PreviousCellOverran as overran:
+                if attempt:
+                    self._last_death = overran
+                    return None
+                self.relay.note(
+                    f"Capsule: cell [{overran.previous}] kept the sandbox after its reply: "
+                    f"the sandbox {overran.reason}. "
+                    "This cell runs in a fresh sandbox.\n"
+                )
+                try:
+                    sandbox = await self._start_sandbox(restore=True)
+                except (SandboxDied, TimeoutError) as err:
+                    self._last_death = SandboxDied(f"could not be replaced ({err})")
+                    return None
+                self.relay.note(f"Capsule: {self._restore_outcome}.\n")
+            except SandboxDied as death:
+                self._last_death = death
+                return None
+        return None
+
+    async def _report_death(self, sandbox: SubprocessSandbox, death: SandboxDied, count: int) -> dict[str, Any]:
+        pid = sandbox.pid
+        try:
+            fresh = await self._start_sandbox(restore=True)
+            after = f"A fresh sandbox (pid {fresh.pid}) is running; {self._restore_outcome}"
+        except (SandboxDied, TimeoutError) as err:
+            after = f"A fresh sandbox could not be started ({err}); the next cell will try again"
+        if death.violation:
+            ename = "SandboxProtocolError"
+        else:
+            ename = "CellTimeout" if death.timed_out else "SandboxDied"
+        what = f"the Wasm sandbox (host pid {pid})" if sandbox.kind == "wasm" else f"the sandbox process (pid {pid})"
+        return self.relay.fail(count, ename, f"{what} {death.reason}. {after}")
+
+    async def _bring_names(self, sandbox: SubprocessSandbox, reads: frozenset[str]) -> None:
+        """Merge into this sandbox the names the cell reads that the other sandbox wrote later."""
+        wanted = sorted(name for name in reads if self.ledger.stale(sandbox.kind, name))
+        if not wanted:
+            return
+        try:
+            latest = self.checkpoints.latest(self.session_name)
+        except CheckpointRefused as err:
+            self.relay.note(f"Not brought over from the other sandbox: {err}\n")
+            return
+        if latest is None:
+            return
+        entries = {name: latest.entries[name] for name in wanted if name in latest.entries}
+        # An alias comes with its target (one object), unless this sandbox holds the target's latest already.
+        for entry in list(entries.values()):
+            target = entry.get("alias")
+            if (
+                target
+                and target not in entries
+                and target in latest.entries
+                and self.ledger.stale(sandbox.kind, target)
+            ):
+                entries[target] = latest.entries[target]
+                wanted.append(target)
+        failed: dict[str, str] = {}
+        try:
+            result = await sandbox.restore(entries, replace=False)
+            failed = dict(result.get("failed", {}))
+        except (SandboxDied, TimeoutError) as err:
+            failed = dict.fromkeys(entries, f"the transfer failed: {err}")
+        for name in wanted:
+            self.ledger.note_brought(sandbox.kind, name)
+            if name not in entries:
+                failed.setdefault(name, "it was not in the last checkpoint")
+        if failed:
+            other = "subprocess" if sandbox.kind == "wasm" else "wasm"
+            lines = "".join(f"  {name}: {why}\n" for name, why in sorted(failed.items()))
+            self.relay.note(f"Not brought over from the {other} sandbox:\n{lines}")
+
+    # -- notices ----------------------------------------------------------------------------
+
+    def _publish_notices(self) -> None:
+        notices, self._notices = self._notices, []
+        for notice in notices:
+            self.relay.note(notice)
+        if self._idle_death:
+            death, self._idle_death = self._idle_death, None
+            self.relay.note(f"{death} A fresh sandbox was started; {self._restore_outcome}.\n")
+
+    def _note_confinement(self, sandbox: SubprocessSandbox) -> None:
+        """Once per kernel: a subprocess sandbox that is not a security boundary says so."""
+        state = sandbox.enforcement.get("confinement", "")
+        if self._confinement_noted or sandbox.kind != "subprocess" or not state.startswith("not"):
+            return
+        self._confinement_noted = True
+        text = f"Capsule: the subprocess sandbox is {state}. See %capsule status.\n"
+        self.log.warning(text.strip())
+        self.relay.note(text)
+
+    def _check_policy_files(self) -> None:
+        """A config file that changed while a cell ran is never read as policy again (policy_files.py)."""
+        changed = self._policy_files.check()
+        if changed:
+            names = " and ".join(changed)
+            text = (
+                f"Capsule: {names} changed while this cell ran; a sandbox may have written it, so Capsule "
+                "will not read it as configuration. Edit it while no kernel runs, or set limits with "
+                "CAPSULE_* variables.\n"
+            )
+            self.log.warning(text.strip())
+            self.relay.note(text)
+
+    # -- events from sandboxes -----------------------------------------------------------
+
+    def _event_handler(self, kind: str) -> Any:
+        handlers = {"snapshot": self._on_snapshot, "snapshot_failed": self._on_snapshot_failed}
+
+        def handle(event: dict[str, Any]) -> None:
+            special = handlers.get(event["type"])
+            if special is not None:
+                special(kind, event)
+            else:
+                self.relay.on_event(event)
+
+        return handle
+
+    def _on_snapshot(self, kind: str, event: dict[str, Any]) -> None:
+        if kind == "wasm":
+            # Made in Wasm: the subprocess sandbox may load it as data only (sandbox/inside loader).
+            event["entries"] = {name: {**entry, "made_in": "wasm"} for name, entry in event["entries"].items()}
+        else:
+            event["entries"] = {
+                name: {k: v for k, v in entry.items() if k != "made_in"} for name, entry in event["entries"].items()
+            }
+        self.ledger.note_snapshot(kind, event)
+        # Recording starts now, so whoever waits for settled checkpoints sees it.
+        recording = self.checkpoints.record(self.session_name, event)
+        self.side_task(self.durability.recorded(self.session_name, event, recording), cell_scoped=False)
+
+    def _on_snapshot_failed(self, kind: str, event: dict[str, Any]) -> None:  # noqa: ARG002
+        self.durability.snapshot_failed(self.session_name, event)
+
+    def side_task(self, coroutine: Coroutine[Any, Any, Any], *, cell_scoped: bool) -> None:
+        task = asyncio.ensure_future(coroutine)
+        task.cell_scoped = cell_scoped  # type: ignore[attr-defined]
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_task_done)
+
+    def _side_task_done(self, task: asyncio.Task) -> None:
+        self._side_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("capsule side task failed", exc_info=task.exception())
+
+    # -- requests answered by the sandbox --------------------------------------------------
+
+    async def ask(self, kind: str, args: dict[str, Any], fallback: dict[str, Any], timeout: float) -> dict[str, Any]:
+        try:
+            sandbox = await self.ready_sandbox()
+            return await sandbox.request(kind, args, timeout=timeout)
+        except (SandboxDied, TimeoutError) as err:
+            self.log.warning("%s request failed: %s", kind, err)
+            return fallback
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self._starting is not None:
+            with contextlib.suppress(Exception):
+                await self._starting
+        for sandbox in list(self.sandboxes.values()):
+            sandbox.stopping = True
+            await sandbox.shutdown()
+        with contextlib.suppress(Exception):
+            await self.checkpoints.settled(10.0)
+        with contextlib.suppress(Exception):
+            await self.durability.close()
+
+    def kill_all(self) -> None:
+        for sandbox in list(self.sandboxes.values()):
+            sandbox.kill()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+
+__all__ = ["Cell", "SessionController"]

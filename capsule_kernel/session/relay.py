@@ -1,0 +1,178 @@
+"""What a sandbox says, relayed to the frontend: outputs, comms, input() and in-cell %capsule lines.
+
+Every event has already passed the frame vocabulary (sandbox/frames.py);
+here each kind has one handler (a table, not a ladder), and what leaves for
+iopub is rebuilt from the checked fields only. A %capsule line that comes
+from inside a sandbox (IPython's relay, ``run_line_magic``, the Wasm guest)
+is a request from untrusted code: it may run read-only subcommands, and a
+privileged one only if it is a line the kernel itself parsed out of the
+cell's source (magics.authority).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from capsule_kernel import magics
+from capsule_kernel.sandbox import frames
+from capsule_kernel.sandbox.subprocess import SandboxDied
+
+if TYPE_CHECKING:
+    from capsule_kernel.session.controller import SessionController
+
+_INPUT_POLL_SECONDS = 0.01
+_RED = "\x1b[0;31m"
+_RESET = "\x1b[0m"
+
+
+def error_content(ename: str, evalue: str) -> dict[str, Any]:
+    return {"ename": ename, "evalue": evalue, "traceback": [f"{_RED}{ename}{_RESET}: {evalue}"]}
+
+
+class Relay:
+    """The kernel's iopub and stdin, as the session controller and its sandboxes use them."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel  # the protocol face: session, sockets, parent headers
+        self.parent: dict[str, Any] = {}
+        self.stdin_ident: Any = b""
+        self.outputs: Counter[str] = Counter()
+        self.comms: dict[str, str] = {}
+        self.controller: SessionController | None = None
+        self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+            "stream": lambda e: self.publish("stream", {"name": e["name"], "text": e["text"]}),
+            "display": self._display,
+            "clear_output": lambda e: self.publish("clear_output", {"wait": e["wait"]}),
+            "execute_result": lambda e: self.publish(
+                "execute_result", {k: e[k] for k in ("data", "metadata", "execution_count")}
+            ),
+            "error": lambda e: self.publish("error", {k: e[k] for k in ("ename", "evalue", "traceback")}),
+            "comm": self._comm,
+            "input_request": lambda e: self._side(self._answer_input(e)),
+            "magic": lambda e: self._side(self._answer_magic(e)),
+        }
+
+    # -- to the frontend -----------------------------------------------------------------
+
+    def publish(self, msg_type: str, content: dict[str, Any], **extra: Any) -> None:
+        kernel = self.kernel
+        self.outputs[msg_type] += 1
+        kernel.session.send(kernel.iopub_socket, msg_type, content, self.parent, ident=kernel._topic(msg_type), **extra)
+
+    def note(self, text: str) -> None:
+        self.publish("stream", {"name": "stderr", "text": text})
+
+    def fail(self, count: int, ename: str, evalue: str) -> dict[str, Any]:
+        """Publish an error output and build the matching error reply."""
+        content = error_content(ename, evalue)
+        self.publish("error", content)
+        return {"status": "error", "execution_count": count, "user_expressions": {}, "payload": [], **content}
+
+    def show(self, bundles: list[dict[str, str]]) -> None:
+        for bundle in bundles:
+            self.publish("display_data", {"data": bundle, "metadata": {}, "transient": {}})
+
+    # -- from a sandbox ------------------------------------------------------------------
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        self._handlers[event["type"]](event)
+
+    def _display(self, event: dict[str, Any]) -> None:
+        msg_type = "update_display_data" if event.get("update") else "display_data"
+        self.publish(msg_type, {"data": event["data"], "metadata": event["metadata"], "transient": event["transient"]})
+
+    def _comm(self, event: dict[str, Any]) -> None:
+        msg_type, content = event["msg_type"], event["content"]
+        if msg_type not in ("comm_open", "comm_msg", "comm_close"):
+            return
+        if msg_type == "comm_open":
+            self.comms[str(content.get("comm_id"))] = str(content.get("target_name", ""))
+        elif msg_type == "comm_close":
+            self.comms.pop(str(content.get("comm_id")), None)
+        try:
+            buffers = frames.unpack_buffers(event.get("buffers"))
+        except frames.ProtocolError:
+            return
+        self.publish(msg_type, content, metadata=event.get("metadata"), buffers=buffers)
+
+    def _side(self, coroutine: Any) -> None:
+        assert self.controller is not None
+        self.controller.side_task(coroutine, cell_scoped=True)
+
+    async def _answer_input(self, event: dict[str, Any]) -> None:
+        """Relay input()/getpass from the sandbox to the frontend's stdin channel."""
+        kernel = self.kernel
+        assert self.controller is not None
+        sandbox = self.controller.sandbox
+        socket = kernel.stdin_socket
+        while True:  # purge stale replies
+            try:
+                socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        content = {"prompt": event["prompt"], "password": event["password"]}
+        kernel.session.send(socket, "input_request", content, self.parent, ident=self.stdin_ident)
+        while True:
+            if socket.poll(0):
+                _, reply = kernel.session.recv(socket, zmq.NOBLOCK)
+                if reply is not None:
+                    break
+            await asyncio.sleep(_INPUT_POLL_SECONDS)
+        value = reply.get("content", {}).get("value", "")
+        if sandbox is not None:
+            with contextlib.suppress(SandboxDied):
+                sandbox.send({"type": "input_reply", "id": event["id"], "value": str(value)})
+
+    async def _answer_magic(self, event: dict[str, Any]) -> None:
+        """A %capsule line from inside a cell: read-only, or a line of the cell's own source."""
+        controller = self.controller
+        assert controller is not None
+        sandbox = controller.sandbox
+        answer: dict[str, Any] = {"type": "magic_reply", "id": event["id"], "ok": True}
+        try:
+            if event.get("cell") is not None:
+                raise magics.MagicUsageError(f"%%capsule {event['line']}: this subcommand takes no cell body")
+            args = controller.authority.from_sandbox(event["line"])
+            if args is not None:
+                self.show(await magics.run_parsed(controller, args))
+        except magics.MagicHelp as help_text:
+            self.show([{"text/plain": str(help_text)}])
+        except magics.MagicUsageError as err:
+            answer.update(ok=False, error=str(err))
+        if sandbox is not None:
+            with contextlib.suppress(SandboxDied):
+                sandbox.send(answer)
+
+    # -- from the frontend ---------------------------------------------------------------
+
+    def forward_comm(self, msg: dict[str, Any], cell_running: bool) -> None:
+        msg_type = msg["header"]["msg_type"]
+        content = msg["content"]
+        if msg_type == "comm_open":
+            self.comms[str(content.get("comm_id"))] = str(content.get("target_name", ""))
+        elif msg_type == "comm_close":
+            self.comms.pop(str(content.get("comm_id")), None)
+        if not cell_running:
+            self.parent = msg
+        assert self.controller is not None
+        sandbox = self.controller.sandbox
+        if sandbox is None or not sandbox.alive:
+            self.kernel.log.warning("dropping %s: the sandbox is not running", msg_type)
+            return
+        buffers = [bytes(b) for b in msg.get("buffers") or []]
+        with contextlib.suppress(SandboxDied):
+            sandbox.send(
+                {
+                    "type": "comm",
+                    "msg_type": msg_type,
+                    "content": content,
+                    "metadata": msg.get("metadata", {}),
+                    "buffers": frames.pack_buffers(buffers),
+                }
+            )

@@ -1,0 +1,102 @@
+"""The import contract (issue 13): the kernel side never imports what unpickles or runs inside a sandbox.
+
+Read from the source with ast (every import, also those inside functions),
+so it holds for code paths no test happens to run. Fails, for one, when
+sandbox/wasm.py imported a constant from wasm_host (which imports the
+unpickling snapshot module): checked.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "capsule_kernel"
+
+# Modules that run inside a sandbox or unpickle what a sandbox made.
+INSIDE = {
+    "capsule_kernel.checkpoint.snapshot",
+    "capsule_kernel.sandbox.worker",
+    "capsule_kernel.sandbox.worker_io",
+    "capsule_kernel.sandbox.worker_shell",
+    "capsule_kernel.sandbox.worker_requests",
+    "capsule_kernel.sandbox.worker_snapshots",
+    "capsule_kernel.sandbox.worker_chunks",
+    "capsule_kernel.sandbox.worker_supervisor",
+    "capsule_kernel.sandbox.wasm_guest",
+    "capsule_kernel.sandbox.wasm_host",  # a process of its own: it handles the guest's pickles as bytes
+}
+# The kernel process's modules: the protocol face and everything it imports.
+KERNEL_SIDE = {"capsule_kernel.kernel", "capsule_kernel.__main__", "capsule_kernel.cli"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, *, top_level_only: bool = False) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.startswith("capsule_kernel")}
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py") if "wasm_shims" not in p.parts}
+
+
+def graph(*, top_level_only: bool) -> dict[str, set[str]]:
+    return {
+        name: {dep for dep in imports(path, top_level_only=top_level_only) if dep in MODULES and dep != name}
+        for name, path in MODULES.items()
+    }
+
+
+def reachable(start: set[str], edges: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), list(start)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += edges.get(name, set())
+    return seen
+
+
+def test_the_kernel_side_never_imports_the_inside():
+    edges = graph(top_level_only=False)
+    kernel_side = reachable(KERNEL_SIDE, edges)
+    crossing = {(name, dep) for name in kernel_side for dep in edges[name] if dep in INSIDE and name not in INSIDE}
+    assert not crossing, f"kernel-side modules import sandbox-side ones: {sorted(crossing)}"
+    assert "capsule_kernel.session.controller" in kernel_side  # the walk does reach the session
+
+
+def test_no_import_cycles():
+    edges = graph(top_level_only=True)
+    for start in edges:
+        stack = [(start, [start])]
+        while stack:
+            name, path = stack.pop()
+            for dep in edges[name]:
+                assert dep != start, f"import cycle: {' -> '.join([*path, dep])}"
+                if dep not in path and len(path) < 12:
+                    stack.append((dep, [*path, dep]))
+
+
+def test_the_frame_vocabulary_is_stdlib_only():
+    """The Wasm guest imports frames.py as it is: it may import nothing but the standard library."""
+    import sys
+
+    tree = ast.parse((PACKAGE / "sandbox" / "frames.py").read_text())
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        for name in names:
+            assert name.split(".")[0] in sys.stdlib_module_names or name == "__future__", name
