@@ -388,40 +388,15 @@ class CheckpointStore:
         return hmac.new(self._key, json.dumps(list(row)).encode("utf-8"), hashlib.sha256).hexdigest()
 
     def _row(self, row: tuple) -> Checkpoint:
-        (
-            cid,
-            session,
-            seq,
-            parent,
-            count,
-            first_line,
-            created,
-            status,
-            entries,
-            changed,
-            removed,
-            size,
-            written,
-            mac,
-        ) = row
-        if not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(row[:13])):
+        *columns, mac = row
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(tuple(columns))):
+            cid, session, count = columns[0], columns[1], columns[4]
             raise CheckpointRefused(
                 f"checkpoint {str(cid)[:8]} (after cell [{count}]) of session {session} was refused: its row in "
                 f"{self.path} does not match its authentication code (it was changed outside Capsule, or written "
                 "without this store's key), so nothing of it is loaded"
             )
-        return Checkpoint(
-            cid,
-            session,
-            seq,
-            parent,
-            count,
-            first_line,
-            created,
-            status,
-            json.loads(entries),
-            json.loads(changed),
-            json.loads(removed),
-            size,
-            written,
-        )
+        # entries, changed and removed are JSON columns (8-10).
+        for i in (8, 9, 10):
+            columns[i] = json.loads(columns[i])
+        return Checkpoint(*columns)

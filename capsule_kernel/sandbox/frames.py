@@ -22,7 +22,6 @@ import base64
 import json
 import os
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +42,6 @@ _OUTPUT_CAP = 128 * MiB  # a display or comm message: a big image or widget stat
 _STREAM_CAP = 16 * MiB
 _SMALL_CAP = 1 * MiB
 _SNAPSHOT_CAP = 64 * MiB  # a manifest: one entry per name, never the data
-_JSON = (dict, list, str, int, float, bool, type(None))
 
 
 class ProtocolError(Exception):
@@ -65,7 +63,6 @@ def _frame(senders: tuple[str, ...], cap: int = _SMALL_CAP, optional: tuple[str,
 
 
 _OUT = (WORKER, HOST, GUEST)  # output a cell makes, in either sandbox
-_INT = int
 _STR_OR_NONE = (str, type(None))
 _INT_OR_NONE = (int, type(None))
 
@@ -80,12 +77,12 @@ FRAMES: dict[str, Frame] = {
         store_history=bool,
         user_expressions=dict,
         allow_stdin=bool,
-        execution_count=_INT,
+        execution_count=int,
         snapshot_candidates=list,
         raw_code=_STR_OR_NONE,
         limits=dict,
     ),
-    "request": _frame((KERNEL,), _OUTPUT_CAP, id=_INT, kind=str, args=dict),
+    "request": _frame((KERNEL,), _OUTPUT_CAP, id=int, kind=str, args=dict),
     "comm": _frame(
         (KERNEL, *_OUT),
         _OUTPUT_CAP,
@@ -100,9 +97,9 @@ FRAMES: dict[str, Frame] = {
     "magic_reply": _frame((KERNEL,), optional=("error",), id=_INT_OR_NONE, ok=bool, error=str),
     "shutdown": _frame((KERNEL,)),
     # -- a sandbox to the kernel ------------------------------------------------------
-    "ready": _frame((WORKER, HOST, GUEST), optional=("enforcement",), pid=_INT, python=str, enforcement=dict),
+    "ready": _frame((WORKER, HOST, GUEST), optional=("enforcement",), pid=int, python=str, enforcement=dict),
     # A cell has started: the receiver of "execute" took it (the budget of the cell starts).
-    "started": _frame((WORKER, HOST), execution_count=_INT),
+    "started": _frame((WORKER, HOST), execution_count=int),
     "done": _frame(
         (WORKER, HOST, GUEST),
         _OUTPUT_CAP,
@@ -115,30 +112,30 @@ FRAMES: dict[str, Frame] = {
     "stream": _frame(_OUT, _STREAM_CAP, name=str, text=str),
     "display": _frame(_OUT, _OUTPUT_CAP, optional=("update",), data=dict, metadata=dict, transient=dict, update=bool),
     "clear_output": _frame(_OUT, wait=bool),
-    "execute_result": _frame(_OUT, _OUTPUT_CAP, data=dict, metadata=dict, execution_count=_INT),
+    "execute_result": _frame(_OUT, _OUTPUT_CAP, data=dict, metadata=dict, execution_count=int),
     "error": _frame(_OUT, _OUTPUT_CAP, ename=str, evalue=str, traceback=list),
-    "input_request": _frame(_OUT, _STREAM_CAP, id=_INT, prompt=str, password=bool),
-    "magic": _frame(_OUT, _STREAM_CAP, id=_INT, line=str, cell=_STR_OR_NONE),
+    "input_request": _frame(_OUT, _STREAM_CAP, id=int, prompt=str, password=bool),
+    "magic": _frame(_OUT, _STREAM_CAP, id=int, line=str, cell=_STR_OR_NONE),
     "reply": _frame(_OUT, _OUTPUT_CAP, id=_INT_OR_NONE, content=dict),
-    "snapshot_started": _frame((WORKER,), execution_count=_INT, pid=_INT),
+    "snapshot_started": _frame((WORKER,), execution_count=int, pid=int),
     "trap": _frame((HOST,), reason=str),
     # -- snapshot reports (the subprocess sandbox's report pipe; the Wasm host's) ------
     "snapshot": _frame(
         (SNAPSHOT, HOST),
         _SNAPSHOT_CAP,
         optional=("complete",),
-        execution_count=_INT,
+        execution_count=int,
         entries=dict,
         removed=list,
-        written=_INT,
+        written=int,
         complete=bool,
     ),
-    "snapshot_failed": _frame((SNAPSHOT, HOST, GUEST), execution_count=_INT, reason=str),
+    "snapshot_failed": _frame((SNAPSHOT, HOST, GUEST), execution_count=int, reason=str),
     # -- the Wasm guest to its host (never forwarded as such) --------------------------
     "cell_start": _frame((GUEST,)),
     "cell_end": _frame((GUEST,)),
     "sleep_ended": _frame((GUEST,)),
-    "snapshot_data": _frame((GUEST,), MAX_FRAME_BYTES, execution_count=_INT, entries=dict, removed=list),
+    "snapshot_data": _frame((GUEST,), MAX_FRAME_BYTES, execution_count=int, entries=dict, removed=list),
 }
 
 
@@ -302,23 +299,3 @@ def unpack_buffers(encoded: list[str] | None) -> list[bytes]:
         return [base64.b64decode(b, validate=True) for b in encoded or []]
     except (ValueError, TypeError) as err:
         raise ProtocolError(f"comm buffers that are not base64 ({err})") from None
-
-
-class RateLimit:
-    """At most ``burst`` events per ``period`` seconds pass; the rest are counted, not logged."""
-
-    def __init__(self, burst: int = 5, period: float = 60.0) -> None:
-        self.burst, self.period = burst, period
-        self.window_start = time.monotonic()
-        self.passed = 0
-        self.suppressed = 0
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        if now - self.window_start >= self.period:
-            self.window_start, self.passed = now, 0
-        if self.passed < self.burst:
-            self.passed += 1
-            return True
-        self.suppressed += 1
-        return False

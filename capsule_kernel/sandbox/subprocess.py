@@ -657,17 +657,13 @@ class SubprocessSandbox:
     async def _watch_cpu(self, start: float, limit: float, done: asyncio.Future, cell: int | None) -> None:
         signalled = False
         used = 0.0
-        after_reply: float | None = None  # the worker's own CPU when the reply came
+        last: float | None = None  # after the reply: the worker's own CPU at the previous reading
         while self.alive:
             if not done.done():
                 used = (self._cpu_seconds_used() or start) - start
-            else:
-                now = self._worker_cpu_seconds()
-                if now is not None:
-                    after_reply = now if after_reply is None else after_reply
-                    used_then = used
-                    used = used_then + now - after_reply
-                    after_reply = now
+            elif (now := self._worker_cpu_seconds()) is not None:
+                used += now - last if last is not None else 0.0
+                last = now
             if not signalled and used >= limit:
                 signalled = True
                 if self.worker_pid is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from capsule_kernel.sandbox.deaths import process_exists
 from tests.harness import start_kernel, wait_until
 from tests.security.helpers import kernel_pid, status_field
 
@@ -110,6 +111,7 @@ def test_a_forged_done_cannot_outlive_the_timeout_and_the_next_cell_is_not_blame
     """Fails without the started/busy_until rule: the loop ran on and the next cell got CellTimeout (checked)."""
     kernel = fresh_kernel(env={"CAPSULE_TIMEOUT": "2s"})
     kernel.execute("kept = 'before'")
+    forger = kernel.sandbox_pid()
     beat = tmp_path / "heartbeat"
     forged = kernel.execute(
         FORGE
@@ -126,10 +128,10 @@ def test_a_forged_done_cannot_outlive_the_timeout_and_the_next_cell_is_not_blame
     assert innocent.status == "ok", innocent.texts()
     assert innocent.stdout == "innocent\n"
     assert "kept the sandbox after its reply" in innocent.stderr
-    # The forging loop is gone: its heartbeat stops.
+    # The forging loop is gone: the worker that ran it has ended, so its heartbeat has stopped.
+    wait_until(lambda: not process_exists(forger), timeout=30, what="the forging worker to end")
     last = beat.read_text()
-    time.sleep(0.5)  # a heartbeat is written every 50 ms: ten would have landed by now
-    assert beat.read_text() == last
+    assert last and beat.read_text() == last
     assert kernel.execute("kept").result_text == "'before'"
 
 
