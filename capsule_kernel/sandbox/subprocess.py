@@ -1,39 +1,36 @@
-"""The subprocess sandbox, seen from the kernel: a CPython child under OS limits.
+"""The subprocess sandbox, seen from the kernel: a CPython child confined by the OS.
 
-The kernel talks to the worker over two pipes of length-prefixed JSON frames
-and forwards the worker's raw stdout/stderr descriptors too (C extensions and
-shell commands write there). It never runs, evals or unpickles anything the
-worker sends. A worker can die at any instant; every wait here also watches
-for that, so the kernel survives and can say why.
+Runs in the KERNEL. The worker (``worker.py``) is real CPython with the
+user's packages, launched inside bubblewrap, a cgroup and rlimits
+(``launch.py``); the frames, pipes and reaping it shares with the Wasm
+sandbox live in ``process.py``. What is this sandbox's own: finding the
+worker inside its PID namespace, the interrupt with its escalation, the
+wall-clock and CPU limits the kernel enforces from outside (a cell cannot
+report its way out of them), and moving limits on a running worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
-import fcntl
 import json
 import os
 import resource
 import signal
-import subprocess
-import sys
-import time
-import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.checkpoint.chunks import entry_chunks
-from capsule_kernel.sandbox import chunk_server, frames
-from capsule_kernel.sandbox.deaths import describe_exit, process_exists
-from capsule_kernel.sandbox.launch import ConfinementRequired, Launch, memory_enforcement
-from capsule_kernel.sandbox.limits import Limits, format_duration, format_size
-from capsule_kernel.settings import SandboxSettings
+from capsule_kernel.sandbox import frames
+from capsule_kernel.sandbox.launch import Launch, memory_enforcement
+from capsule_kernel.sandbox.limits import Limits, format_duration
+from capsule_kernel.sandbox.process import (
+    PreviousCellOverran,
+    SandboxDied,
+    SandboxProcess,
+    read_available,
+)
 
-EventHandler = Callable[[dict[str, Any]], None]
+__all__ = ["PreviousCellOverran", "SandboxDied", "SubprocessSandbox"]
 
 # How long a cell may keep running after the wall-clock interrupt before the
 # sandbox is killed.
@@ -41,9 +38,6 @@ TIMEOUT_GRACE_SECONDS = 3.0
 # Extra CPU seconds between the soft CPU limit (an exception in the cell) and
 # the hard one (the OS kills the process), where the OS lets us set it.
 CPU_HARD_GRACE_SECONDS = 5
-STARTUP_TIMEOUT_SECONDS = 60.0
-# How long a dying sandbox may take to let its snapshot children finish.
-SNAPSHOT_PATIENCE_SECONDS = 60.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -56,56 +50,6 @@ def _not_applied(err: Exception) -> str:
     return f"could not be applied to the running sandbox ({err}); it applies from the next sandbox (%capsule restart)"
 
 
-class SandboxDied(Exception):
-    """The worker process ended while the kernel was waiting on it."""
-
-    def __init__(self, reason: str, *, timed_out: bool = False, violation: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.timed_out = timed_out
-        self.violation = violation
-
-
-class PreviousCellOverran(SandboxDied):
-    """The sandbox never took the new cell: the cell before it kept it busy past its own limit.
-
-    The time is charged to that earlier cell (``previous``), not to the cell
-    that was waiting; the sandbox was stopped, and the waiting cell may run
-    in a fresh one.
-    """
-
-    def __init__(self, reason: str, previous: int | None) -> None:
-        super().__init__(reason)
-        self.previous = previous
-
-
-# What the user reads when a sandbox sent something outside the frame vocabulary.
-VIOLATION = "broke the protocol (it sent {what}), so it was stopped"
-
-
-@dataclass
-class _ReportPipe:
-    fd: int
-    decoder: frames.FrameDecoder
-
-
-@dataclass
-class _Pipe:
-    fd: int
-    name: str
-    decoder: codecs.IncrementalDecoder
-
-
-def _read_available(fd: int) -> bytes | None:
-    """What a readable non-blocking pipe holds: None if nothing yet, b"" at its end."""
-    try:
-        return os.read(fd, 1 << 16)
-    except BlockingIOError:
-        return None
-    except OSError:
-        return b""
-
-
 def _only_child(pid: int) -> int:
     """The single child of a process (right after start-up, before the worker has forked anything)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -114,122 +58,23 @@ def _only_child(pid: int) -> int:
     return int(children[0])
 
 
-def _nonblocking(fd: int) -> None:
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-
-
-class SubprocessSandbox:
-    """One worker process: start it, run cells in it, interrupt it, bury it.
-
-    ``on_event`` receives every output frame (stream, display, error, comm,
-    input_request, magic...) the moment it arrives, so the kernel can publish
-    it at once. ``spawn`` and ``clock`` exist so tests and benchmarks can look
-    inside without patching globals.
-    """
+class SubprocessSandbox(SandboxProcess):
+    """One confined worker process: start it, run cells in it, interrupt it, bury it."""
 
     kind = "subprocess"
-    # The program that runs inside: ``python -P -m <worker_module> CONFIG``.
     worker_module = "capsule_kernel.sandbox.worker"
-    # Who writes the frame pipe and the report pipe (frames.FRAMES: what each may send).
     sender = frames.WORKER
     report_sender = frames.SNAPSHOT
-    # The worker's process forks a supervisor first (worker_supervisor.py).
-    supervised = True
 
-    def __init__(
-        self,
-        limits: Limits,
-        on_event: EventHandler,
-        *,
-        cwd: Path | None = None,
-        environ: Mapping[str, str] | None = None,
-        python: str = sys.executable,
-        chunk_root: Path | None = None,
-        mounts: list[dict[str, Any]] | None = None,
-        sandbox_settings: SandboxSettings | None = None,
-        state_dir: Path | None = None,
-        spawn: Callable[..., subprocess.Popen] = subprocess.Popen,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.limits = limits
-        self.on_event = on_event
-        self.cwd = cwd or Path.cwd()
-        # The kernel's environment: the confinement passes on only its allowlisted part.
-        self.environ = dict(os.environ if environ is None else environ)
-        self.python = python
-        self.chunk_root = chunk_root
-        self.mounts = list(mounts or [])
-        self.sandbox_settings = sandbox_settings or SandboxSettings()
-        # The notebook's own persistent IPython directory (history), writable by its sandboxes only.
-        self.state_dir = state_dir
-        self.spawn = spawn
-        self.clock = clock
-        self.process: subprocess.Popen | None = None
-        self.started_at: float | None = None
-        self.cells_run = 0
-        self.enforcement: dict[str, str] = {}
-        self.python_version = sys.version.split()[0]
-        self.death_reason: str | None = None
-        self.worker_pid: int | None = None  # the worker's pid on the host (it is pid 3 inside)
-        self._init_pid: int | None = None  # bubblewrap's pid 1 of the sandbox, on the host
-        self._launched: Launch | None = None
-        self._chunks: chunk_server.ChunkServer | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._escalation: asyncio.Future | None = None
         self._cpu_watch: asyncio.Task | None = None
-        self._started_with = limits  # the hard rlimits of the running worker
-        self._to_worker: int | None = None
-        self._from_worker: int | None = None
-        self._pipes: list[_Pipe] = []
-        self._decoder = frames.FrameDecoder(self.sender)
-        self._handlers = self._frame_handlers()
-        self._ready: asyncio.Future | None = None
-        self._started: asyncio.Future | None = None
-        self._cell_count: int | None = None
-        # The cell whose budget runs now (until the next cell starts), and its wall-clock deadline.
-        self._holder: int | None = None
-        self._busy_until: float | None = None
-        self._done: asyncio.Future | None = None
-        self._replies: dict[int, asyncio.Future] = {}
-        self._exited: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._next_request = 0
-        self._timed_out = False
-        self._reap_task: asyncio.Task | None = None
-        # Set by whoever stops the sandbox on purpose, so its end is not news.
-        self.stopping = False
-        # Set when the sandbox broke the protocol (the user reads "broke the protocol").
-        self.violated = False
-        # Set once the kernel has told the user about this sandbox's death.
-        self.death_noted = False
-        self._reports: _ReportPipe | None = None
-        self.snapshots_in_flight: dict[int, int] = {}
-        self._reported_early: set[int] = set()
-        # What the frontend's start-up code said the notebook is (VS Code).
-        self.notebook_path: str | None = None
-        # The execution count whose checkpoint the last "done" announced, if any.
-        self.last_done_snapshot: int | None = None
-
-    # -- life cycle -------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        """The worker's host pid (what %capsule status and error messages show); None until it is ready."""
-        return self.worker_pid
 
     @property
     def interrupt_grace(self) -> float:
         """How long a cell may ignore an interrupt before its sandbox is stopped (the operator's)."""
         return self.sandbox_settings.interrupt_grace
-
-    @property
-    def _cgroup(self) -> Any:
-        return self._launched.cgroup if self._launched else None
-
-    @property
-    def spool(self) -> Path | None:
-        """Where this sandbox's snapshots put new chunks for the kernel to adopt."""
-        return self._launched.spool if self._launched else None
 
     def hidden_paths(self) -> list[Path]:
         """Host paths a bound directory must not reveal: the store, the Jupyter runtime directory."""
@@ -238,124 +83,6 @@ class SubprocessSandbox:
         store = [self.chunk_root.parent] if self.chunk_root else []
         return [*store, Path(jupyter_runtime_dir())]
 
-    @property
-    def alive(self) -> bool:
-        """Started and not yet reaped (the process may be dying)."""
-        return self.process is not None and self._exited is not None and not self._exited.is_set()
-
-    @property
-    def process_ended(self) -> bool:
-        return self.process is not None and self.process.poll() is not None
-
-    @property
-    def ready(self) -> bool:
-        """Said it is ready, and its process still runs: cells can go to it."""
-        started = self._ready is not None and self._ready.done() and not self._ready.cancelled()
-        return started and self._ready.exception() is None and self.alive and not self.process_ended
-
-    async def wait_exit(self) -> None:
-        """Return once the worker has ended and been reaped."""
-        assert self._exited is not None
-        await self._exited.wait()
-
-    async def start(self) -> None:
-        """Spawn the worker, already confined, and wait until it says it is ready."""
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._exited = asyncio.Event()
-        self._ready = loop.create_future()
-        self.death_reason = None
-        self.violated = False
-        self._reap_task = None
-        self.worker_pid = None
-        self._init_pid = None
-        name = f"capsule-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            launch = self._launch(name)
-        except ConfinementRequired as err:
-            self.death_reason = str(err)
-            self._exited.set()
-            raise SandboxDied(str(err)) from None
-        to_worker_r, to_worker_w = os.pipe()
-        from_worker_r, from_worker_w = os.pipe()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        report_r, report_w = os.pipe()
-        chunk_kernel, chunk_worker = chunk_server.socket_pair()
-        config = {
-            "read_fd": to_worker_r,
-            "write_fd": from_worker_w,
-            "report_fd": report_w,
-            "chunk_fd": chunk_worker.fileno(),
-            "limits": self.limits.to_json(),
-            "spool": launch.spool_inside,
-            **self.extra_config(),
-        }
-        command = [self.python, "-P", "-m", self.worker_module, json.dumps(config)]
-        try:
-            self.process = self.spawn(
-                launch.argv(command),
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                pass_fds=(to_worker_r, from_worker_w, report_w, chunk_worker.fileno(), *launch.fds.all()),
-                cwd=launch.cwd,
-                env=launch.env,
-                start_new_session=True,
-            )
-        except OSError:
-            chunk_kernel.close()
-            launch.discard()
-            raise
-        finally:
-            for fd in (to_worker_r, from_worker_w, out_w, err_w, report_w, *launch.fds.all()):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            chunk_worker.close()
-            if launch.info_read is not None:
-                _nonblocking(launch.info_read)
-        self._launched = launch
-        self._started_with = self.limits
-        self.started_at = self.clock()
-        self.cells_run = 0
-        self._to_worker = to_worker_w
-        self._from_worker = from_worker_r
-        self._decoder = frames.FrameDecoder(self.sender)
-        self._holder = self._busy_until = None
-        self._chunks = chunk_server.ChunkServer(
-            chunk_kernel, self.chunk_root, copy=launch.copy_chunks, on_violation=self._on_violation
-        )
-        self._chunks.start(loop)
-        for fd in (from_worker_r, out_r, err_r, report_r):
-            _nonblocking(fd)
-        loop.add_reader(from_worker_r, self._on_frames_readable)
-        # Snapshot reports outlive the worker: this pipe closes only when the
-        # last snapshot child has written and exited.
-        self._reports = _ReportPipe(report_r, frames.FrameDecoder(self.report_sender))
-        loop.add_reader(report_r, self._on_reports_readable)
-        self._pipes = [
-            _Pipe(out_r, "stdout", codecs.getincrementaldecoder("utf-8")("replace")),
-            _Pipe(err_r, "stderr", codecs.getincrementaldecoder("utf-8")("replace")),
-        ]
-        for pipe in self._pipes:
-            loop.add_reader(pipe.fd, self._on_raw_output, pipe)
-        ready = await self._await_or_death(self._ready, STARTUP_TIMEOUT_SECONDS)
-        self.python_version = ready.get("python", self.python_version)
-        self._find_worker(launch)
-        self.enforcement = {**launch.enforcement, **self.trusted_enforcement(ready)}
-        if launch.cgroup is not None and self.limits != self._started_with:
-            # Changed while it was starting: the cgroup follows now, rlimits with the first cell.
-            self.enforcement["memory"] = memory_enforcement(launch.cgroup, self.limits.memory)
-            self.enforcement["procs"] = launch.cgroup.set_pids(self.limits.procs)
-
-    def extra_config(self) -> dict[str, Any]:
-        """What a subclass's worker needs beyond the pipes and limits."""
-        return {}
-
-    def trusted_enforcement(self, ready: dict[str, Any]) -> dict[str, str]:  # noqa: ARG002 - the Wasm host's hook
-        """What the kernel itself knows to be enforced; a worker's own claims are not believed."""
-        return {}
-
     def _launch(self, name: str) -> Launch:
         """Everything outside the worker that confines it: cgroup, spool, bubblewrap."""
         return Launch.for_sandbox(name, self)
@@ -363,12 +90,12 @@ class SubprocessSandbox:
     def _find_worker(self, launch: Launch) -> None:
         """The worker's host pid: bubblewrap's init (pid 1) -> the supervisor -> the worker."""
         if launch.info_read is None:
-            # No bubblewrap: the launched process is the supervisor itself (or a Wasm host).
+            # No bubblewrap: the launched process is the supervisor itself.
             assert self.process is not None
-            self.worker_pid = _only_child(self.process.pid) if self.supervised else self.process.pid
+            self.worker_pid = _only_child(self.process.pid)
             return
         info = b""
-        while chunk := _read_available(launch.info_read):
+        while chunk := read_available(launch.info_read):
             info += chunk
         os.close(launch.info_read)
         launch.info_read = None
@@ -380,41 +107,6 @@ class SubprocessSandbox:
             self.death_reason = f"could not be located after it started ({err})"
             self.kill()
             raise SandboxDied(self.death_reason) from None
-
-    def _on_violation(self, reason: str) -> None:
-        """The sandbox sent something outside the vocabulary: stop it; nothing after it is believed."""
-        if self.death_reason is None or not self.violated:
-            self.death_reason = reason
-        self.violated = True
-        self.kill()
-
-    async def shutdown(self, grace: float = 2.0) -> None:
-        """Ask the worker to stop, then make sure it has."""
-        if self.process is None:
-            return
-        if self.alive:
-            with contextlib.suppress(OSError):
-                self.send({"type": "shutdown"})
-            deadline = self.clock() + grace
-            while self.process.poll() is None and self.clock() < deadline:
-                await asyncio.sleep(0.02)
-        self.kill()
-        await self._reaped()
-
-    def kill(self) -> None:
-        """SIGKILL the worker and everything it started (its whole PID namespace and cgroup)."""
-        if self.process is None:
-            return
-        for pid in (self._init_pid, self.worker_pid):
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-        if self._cgroup is not None:
-            self._cgroup.kill_all()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
 
     def interrupt(self) -> None:
         """KeyboardInterrupt in the running cell, as Ctrl-C would in a terminal.
@@ -429,7 +121,7 @@ class SubprocessSandbox:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(os.getpgid(self.worker_pid), signal.SIGINT)
         done, loop = self._done, self._loop
-        if done is not None and loop is not None and self._escalation is None:
+        if done is not None and loop is not None and self._escalation is not done:
             self._escalation = done
             loop.call_soon_threadsafe(loop.call_later, self.interrupt_grace, self._stop_ignored_interrupt, done)
 
@@ -444,48 +136,7 @@ class SubprocessSandbox:
         )
         self.kill()
 
-    # -- talking to the worker ----------------------------------------------------
-
-    def send(self, message: dict[str, Any]) -> None:
-        if self._to_worker is None:
-            raise SandboxDied(self.death_reason or "the sandbox is not running")
-        try:
-            frames.write_frame(self._to_worker, message)
-        except (BrokenPipeError, OSError) as err:
-            raise SandboxDied(self.death_reason or f"the sandbox pipe closed ({err})") from None
-
-    async def execute(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Run one cell; return the worker's reply content.
-
-        The cell's budget (its wall clock and CPU) starts when the worker takes
-        the cell (its ``started`` frame), not when the kernel sends it: until
-        then the sandbox still belongs to the cell before, and if that cell
-        keeps it past its own limit (a forged ``done``, then more work), the
-        sandbox is stopped and PreviousCellOverran names that cell. Raises
-        SandboxDied when the worker ends before replying (a crash, a kill, the
-        timeout kill after the grace period, or a broken protocol).
-        """
-        assert self._loop is not None
-        self._done = self._loop.create_future()
-        self._started = self._loop.create_future()
-        self._cell_count = int(request["execution_count"])
-        self._timed_out = False
-        self._escalation = None
-        previous, busy_until = self._holder, self._busy_until
-        self.send({"type": "execute", **request, "limits": self.limits.to_json()})
-        self.cells_run += 1
-        try:
-            await self._wait_started(previous, busy_until)
-            self._holder = self._cell_count
-            started_at = self.clock()
-            self._busy_until = started_at + self.limits.timeout if self.limits.timeout else None
-            self._arm_cpu_limit()
-            return await self._await_or_death(self._done, self.cell_wait(), on_timeout=self.cell_overdue)
-        finally:
-            self._done = self._started = None
-
     def cell_wait(self) -> float | None:
-        """How long the kernel waits for a started cell's reply before it acts."""
         return self.limits.timeout
 
     async def cell_overdue(self) -> None:
@@ -496,48 +147,14 @@ class SubprocessSandbox:
         """How long past the previous cell's deadline the sandbox may take to pick the next cell up."""
         return TIMEOUT_GRACE_SECONDS
 
-    async def _wait_started(self, previous: int | None, busy_until: float | None) -> None:
-        """Wait for the worker to take the cell, for as long as the cell before may still hold it."""
-        assert self._started is not None
-        if busy_until is None:
-            await self._await_or_death(self._started, None)
-            return
-        patience = max(0.0, busy_until - self.clock()) + self.start_patience()
-        try:
-            await self._await_or_death(self._started, patience)
-        except PreviousCellOverran:
-            raise
-        except SandboxDied as death:
-            # It died holding the cell before (the Wasm host stops such a cell itself).
-            raise PreviousCellOverran(death.reason, previous) from None
-        except TimeoutError:
-            limit = format_duration(self.limits.timeout)
-            self.death_reason = (
-                f"was still busy with cell [{previous}] after that cell's reply, past its wall-clock limit of "
-                f"{limit} (timeout), so the sandbox was stopped"
-            )
-            self.kill()
-            await self._reaped()
-            raise PreviousCellOverran(self.death_reason, previous) from None
+    def _cell_running(self) -> None:
+        self._arm_cpu_limit()
 
-    async def request(self, kind: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-        """Ask the idle worker something (completion, inspection, history)."""
-        assert self._loop is not None
-        self._next_request += 1
-        request_id = self._next_request
-        future = self._loop.create_future()
-        self._replies[request_id] = future
-        try:
-            self.send({"type": "request", "id": request_id, "kind": kind, "args": args})
-            return await self._await_or_death(future, timeout)
-        finally:
-            self._replies.pop(request_id, None)
-
-    async def restore(self, entries: dict[str, Any], *, replace: bool, timeout: float = 600) -> dict[str, Any]:
-        """Load checkpoint entries into the namespace; the worker may open their chunks (and only those) meanwhile."""
-        serving = self._chunks.serving(entry_chunks(entries)) if self._chunks else contextlib.nullcontext()
-        with serving:
-            return await self.request("restore", {"entries": entries, "replace": replace}, timeout=timeout)
+    def _cell_taken(self) -> None:
+        """The cell before gives the sandbox up now: its CPU watch ends."""
+        if self._cpu_watch is not None:
+            self._cpu_watch.cancel()
+            self._cpu_watch = None
 
     def update_limits(self, limits: Limits) -> dict[str, str]:
         """Apply new limits to the running worker; say what took effect."""
@@ -593,22 +210,6 @@ class SubprocessSandbox:
         with contextlib.suppress(SandboxDied):
             self.send({"type": "limits", "limits": limits.to_json()})
         return notes
-
-    def memory_in_use(self) -> int | None:
-        """Memory of the whole sandbox (its cgroup), else the worker's resident memory."""
-        if self._cgroup is not None and self.alive:
-            in_use = self._cgroup.memory_bytes()
-            if in_use is not None:
-                return in_use
-        if self.pid is None:
-            return None
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            return None
-        return None
 
     # -- limits enforced from outside ------------------------------------------
 
@@ -699,263 +300,3 @@ class SubprocessSandbox:
                 "so it was killed"
             )
             self.kill()
-
-    # -- waiting --------------------------------------------------------------------
-
-    async def _await_or_death(
-        self,
-        future: asyncio.Future,
-        timeout: float | None,
-        on_timeout: Callable[[], Any] | None = None,
-    ) -> Any:
-        assert self._exited is not None
-        exited = asyncio.ensure_future(self._exited.wait())
-        try:
-            finished, _ = await asyncio.wait([future, exited], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if not finished and on_timeout is not None:
-                await on_timeout()
-                finished, _ = await asyncio.wait([future, exited], return_when=asyncio.FIRST_COMPLETED)
-            elif not finished:
-                raise TimeoutError(f"the sandbox did not answer within {timeout:g} s")
-            if future.done():
-                return future.result()
-            raise SandboxDied(
-                self.death_reason or "the sandbox ended", timed_out=self._timed_out, violation=self.violated
-            )
-        finally:
-            exited.cancel()
-
-    # -- reading --------------------------------------------------------------------
-
-    def _on_frames_readable(self) -> None:
-        assert self._from_worker is not None
-        data = _read_available(self._from_worker)
-        if data is None:
-            return
-        if not data:
-            self._on_eof()
-            return
-        try:
-            messages = self._decoder.feed(data)
-        except frames.ProtocolError as err:
-            self._on_violation(VIOLATION.format(what=err))
-            self._on_eof()
-            return
-        for message in messages:
-            if self.death_reason is not None and self.process_ended:
-                break  # stopped for an earlier frame of this read: believe nothing after it
-            self._dispatch(message)
-
-    def _on_reports_readable(self) -> None:
-        reports = self._reports
-        assert reports is not None and self._loop is not None
-        data = _read_available(reports.fd)
-        if data is None:
-            return
-        if not data:
-            self._loop.remove_reader(reports.fd)
-            os.close(reports.fd)
-            self._reports = None
-            return
-        try:
-            messages = reports.decoder.feed(data)
-        except frames.ProtocolError as err:
-            # Written by the sandbox's snapshot children: a broken report is the sandbox breaking the protocol.
-            self._loop.remove_reader(reports.fd)
-            os.close(reports.fd)
-            self._reports = None
-            self.snapshots_in_flight.clear()
-            self._on_violation(VIOLATION.format(what=f"{err} on its snapshot report pipe"))
-            return
-        for message in messages:
-            count = message["execution_count"]
-            if self.snapshots_in_flight.pop(count, None) is None:
-                self._reported_early.add(count)  # read before the "done" that announces it
-            # Where the report's new chunks are: set here, on the trusted side,
-            # over anything the report itself says.
-            message["spool"] = self.spool
-            self.on_event(message)
-
-    async def snapshots_settled(self, timeout: float) -> None:
-        """Wait until every snapshot this worker started has reported or died."""
-        deadline = self.clock() + timeout
-        while self.snapshots_in_flight and self.clock() < deadline:
-            if self._reports is None:
-                # Every writer has gone: whatever was written has been read.
-                self.snapshots_in_flight.clear()
-                break
-            for count, pid in list(self.snapshots_in_flight.items()):
-                if pid == 0 and not self.process_ended:
-                    continue  # the worker has not forked it yet
-                if not process_exists(pid):
-                    # Gone: its report, if it wrote one, is in the pipe now.
-                    self._on_reports_readable()
-                    self.snapshots_in_flight.pop(count, None)
-            await asyncio.sleep(0.01)
-
-    def _frame_handlers(self) -> dict[str, Callable[[dict[str, Any]], None]]:
-        """What the kernel does with each frame a sandbox may send it (frames.FRAMES says which)."""
-        forward = self.on_event
-        return {
-            "ready": self._on_ready,
-            "started": self._on_started,
-            "done": self._on_done,
-            "reply": self._on_reply,
-            "snapshot_started": self._on_snapshot_started,
-            "stream": forward,
-            "display": forward,
-            "clear_output": forward,
-            "execute_result": forward,
-            "error": forward,
-            "comm": forward,
-            "input_request": forward,
-            "magic": forward,
-        }
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        handler = self._handlers.get(message["type"])
-        if handler is None:
-            self._on_violation(VIOLATION.format(what=f"a {message['type']!r} frame on its frame pipe"))
-            return
-        handler(message)
-
-    def _out_of_sequence(self, what: str) -> None:
-        self._on_violation(VIOLATION.format(what=f"{what}, out of sequence"))
-
-    def _on_ready(self, message: dict[str, Any]) -> None:
-        if self._ready is None or self._ready.done():
-            self._out_of_sequence("a second 'ready'")
-            return
-        self._ready.set_result(message)
-
-    def _on_started(self, message: dict[str, Any]) -> None:
-        if self._started is None or self._started.done() or message["execution_count"] != self._cell_count:
-            self._out_of_sequence("a 'started' for no cell it was given")
-            return
-        if self._cpu_watch is not None:
-            self._cpu_watch.cancel()  # the cell before gives the sandbox up now
-            self._cpu_watch = None
-        self._started.set_result(True)
-
-    def _on_done(self, message: dict[str, Any]) -> None:
-        if self._done is None or self._done.done() or self._started is None or not self._started.done():
-            self._out_of_sequence("a 'done' while no cell of its ran")
-            return
-        snapshot = message.get("snapshot")
-        if snapshot is not None and snapshot != self._cell_count:
-            self._out_of_sequence(f"a 'done' announcing a snapshot of cell [{snapshot}]")
-            return
-        # Everything the cell wrote to its raw descriptors is already in the
-        # pipes: forward it now, so that it precedes the execute_reply.
-        self.drain_raw_output()
-        self.last_done_snapshot = snapshot
-        if snapshot is not None and snapshot not in self._reported_early:
-            self.snapshots_in_flight[snapshot] = 0  # its pid follows
-        self._reported_early.discard(snapshot)
-        self._done.set_result(message["reply"])
-
-    def _on_reply(self, message: dict[str, Any]) -> None:
-        request_id = message.get("id")
-        if not isinstance(request_id, int) or not 0 < request_id <= self._next_request:
-            self._out_of_sequence("a 'reply' to a request the kernel never made")
-            return
-        future = self._replies.get(request_id)
-        if future is not None and not future.done():
-            future.set_result(message["content"])
-
-    def _on_snapshot_started(self, message: dict[str, Any]) -> None:
-        count = message["execution_count"]
-        if count != self.last_done_snapshot:
-            self._out_of_sequence(f"a 'snapshot_started' for cell [{count}], which announced none")
-            return
-        if count in self.snapshots_in_flight:  # else its report was read already
-            self.snapshots_in_flight[count] = message["pid"]
-
-    def _on_raw_output(self, pipe: _Pipe) -> None:
-        data = _read_available(pipe.fd)
-        if data is None:
-            return
-        if not data:
-            assert self._loop is not None
-            self._loop.remove_reader(pipe.fd)
-            return
-        text = pipe.decoder.decode(data)
-        if text:
-            self.on_event({"type": "stream", "name": pipe.name, "text": text})
-
-    def drain_raw_output(self) -> None:
-        for pipe in self._pipes:
-            chunks = []
-            while data := _read_available(pipe.fd):
-                chunks.append(data)
-            text = pipe.decoder.decode(b"".join(chunks))
-            if text:
-                self.on_event({"type": "stream", "name": pipe.name, "text": text})
-
-    def _on_eof(self) -> None:
-        assert self._loop is not None
-        if self._from_worker is not None:
-            self._loop.remove_reader(self._from_worker)
-        self._reaped()
-
-    def _reaped(self) -> asyncio.Future:
-        """The one task that buries this worker; every caller shares it."""
-        if self._reap_task is None:
-            assert self._loop is not None
-            self._reap_task = self._loop.create_task(self._reap())
-        return self._reap_task
-
-    async def _reap(self) -> None:
-        """Collect the exit status, forward last words, release everything."""
-        if self.process is None or self._exited is None:
-            return
-        # The sandbox's supervisor lets snapshot children finish before the
-        # sandbox ends (they report on their own pipe): wait for them too.
-        patience = SNAPSHOT_PATIENCE_SECONDS if self.snapshots_in_flight else 5.0
-        deadline = self.clock() + patience
-        while self.process.poll() is None and self.clock() < deadline:
-            await asyncio.sleep(0.01)
-        if self.process.poll() is None:
-            self.kill()
-            self.process.wait()
-        self.drain_raw_output()
-        if self.death_reason is None:
-            self.death_reason = self._cause_of_death()
-        assert self._loop is not None
-        for pipe in self._pipes:
-            self._loop.remove_reader(pipe.fd)
-            os.close(pipe.fd)
-        self._pipes = []
-        for fd in (self._to_worker, self._from_worker):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._to_worker = self._from_worker = None
-        if self._chunks is not None:
-            self._chunks.close()
-            self._chunks = None
-        self._exited.set()
-        if self._launched is not None:
-            launch = self._launched
-            # The cgroup can go once its last process has fully exited (a moment after the kill).
-            deadline = self.clock() + 2.0
-            launch.discard(keep_spool=True)
-            while launch.cgroup is not None and self.clock() < deadline:
-                await asyncio.sleep(0.02)
-                launch.discard(keep_spool=True)
-            # The last reports may still be being adopted from the spool.
-            self._loop.call_later(SNAPSHOT_PATIENCE_SECONDS, launch.remove_spool)
-
-    def _cause_of_death(self) -> str:
-        assert self.process is not None
-        code = self.process.returncode
-        if self._launched is not None and self._launched.confined and code is not None and 128 < code <= 128 + 64:
-            code = -(code - 128)  # bubblewrap's init reports a signal as 128 + its number
-        cgroup = self._cgroup
-        if cgroup is not None and cgroup.oom_kills() > 0 and self.limits.memory:  # its own cgroup: counts from 0
-            return (
-                f"was killed for exceeding the sandbox memory limit of {format_size(self.limits.memory)} "
-                "(memory: every process of the sandbox and its /tmp files together); "
-                "raise it with %capsule limits --memory SIZE"
-            )
-        return describe_exit(code, self.limits)

@@ -1,8 +1,9 @@
 """The Wasm sandbox, seen from the kernel: a host process running wasmtime.
 
-It speaks the subprocess worker's frames on the same pipes, so start-up,
-death, restore and output forwarding are the subprocess sandbox's code. What
-differs: the host enforces fuel, memory and the wall clock itself (the kernel
+Runs in the KERNEL. A sibling of the subprocess sandbox over
+``SandboxProcess`` (``process.py``): the same frames on the same pipes, so
+start-up, death, restore, snapshot reports and output forwarding are shared
+code. What differs: the host enforces fuel, memory and the wall clock itself (the kernel
 only keeps a backstop), interrupts are relayed by the host into the guest, a
 trap ends the host with a reason the kernel shows, and each reply carries
 the fuel the cell used.
@@ -18,19 +19,20 @@ from typing import Any
 from capsule_kernel.sandbox import frames
 from capsule_kernel.sandbox.launch import Launch
 from capsule_kernel.sandbox.limits import STOP_GRACE_SECONDS, Limits, format_duration
-from capsule_kernel.sandbox.subprocess import SandboxDied, SubprocessSandbox
+from capsule_kernel.sandbox.process import SandboxDied, SandboxProcess
 
 # Beyond the host's own timeout handling, when the kernel gives up on the host.
 _BACKSTOP_SECONDS = 10.0
 
 
-class WasmSandbox(SubprocessSandbox):
+class WasmSandbox(SandboxProcess):
+    """One wasmtime host process, with one guest CPython inside."""
+
     kind = "wasm"
     worker_module = "capsule_kernel.sandbox.wasm_host"
     # The trusted host writes both pipes (snapshot reports too): it has checked the guest's frames.
     sender = frames.HOST
     report_sender = frames.HOST
-    supervised = False
 
     def __init__(self, limits: Limits, on_event: Any, *, mounts: list[dict[str, Any]] | None = None, **kwargs: Any):
         super().__init__(limits, on_event, **kwargs)
@@ -58,6 +60,11 @@ class WasmSandbox(SubprocessSandbox):
         environ["CAPSULE_SANDBOX"] = "wasm"
         environ.pop("PYTHONSTARTUP", None)
         return Launch.plain(environ, str(self.cwd))
+
+    def _find_worker(self, launch: Launch) -> None:  # noqa: ARG002 - the base class's signature
+        """The host runs the guest on its own main thread: the host is the worker."""
+        assert self.process is not None
+        self.worker_pid = self.process.pid
 
     def trusted_enforcement(self, ready: dict[str, Any]) -> dict[str, str]:
         """The host is trusted: what it reports of the limits it set is believed."""
@@ -95,9 +102,6 @@ class WasmSandbox(SubprocessSandbox):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.process.pid, signal.SIGINT)
 
-    def _arm_cpu_limit(self) -> None:
-        """Fuel, not CPU seconds, meters Wasm cells."""
-
     def update_limits(self, limits: Limits) -> dict[str, str]:
         old, self.limits = self.limits, limits
         notes: dict[str, str] = {}
@@ -115,7 +119,7 @@ class WasmSandbox(SubprocessSandbox):
         return notes
 
     def _frame_handlers(self) -> dict[str, Any]:
-        """The subprocess sandbox's table, plus the host's own frames."""
+        """The shared table, plus the host's own frames."""
         return {**super()._frame_handlers(), "trap": self._on_trap}
 
     def _on_trap(self, message: dict[str, Any]) -> None:

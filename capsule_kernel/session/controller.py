@@ -37,7 +37,8 @@ from capsule_kernel.magics.authority import Authority
 from capsule_kernel.policy import Policy
 from capsule_kernel.policy_files import PolicyFileWatch
 from capsule_kernel.router import REFUSED, route
-from capsule_kernel.sandbox.subprocess import PreviousCellOverran, SandboxDied, SubprocessSandbox
+from capsule_kernel.sandbox.process import PreviousCellOverran, SandboxDied, SandboxProcess
+from capsule_kernel.sandbox.subprocess import SubprocessSandbox
 from capsule_kernel.sandbox.wasm import WasmSandbox
 from capsule_kernel.session.durability import CellDurability
 from capsule_kernel.session.identity import frontend_notebook_path
@@ -45,7 +46,7 @@ from capsule_kernel.session.ledger import NameLedger
 from capsule_kernel.session.relay import Relay
 
 _REINTERRUPT_SECONDS = 1.0
-_SANDBOX_KINDS = {"subprocess": SubprocessSandbox, "wasm": WasmSandbox}
+_SANDBOX_KINDS: dict[str, type[SandboxProcess]] = {"subprocess": SubprocessSandbox, "wasm": WasmSandbox}
 # What a reply may say of itself; everything else in it is rebuilt by the kernel.
 _REPLY_STATUSES = ("ok", "error", "aborted")
 
@@ -97,7 +98,7 @@ class SessionController:
         self.ledger = NameLedger()
         self.kernel_id = uuid.uuid4().hex[:12]
         self.durability = CellDurability(self.checkpoints, self.kernel_id, self.log)
-        self.sandboxes: dict[str, SubprocessSandbox] = {}
+        self.sandboxes: dict[str, SandboxProcess] = {}
         self.active_kind = "subprocess"
         self.routing_mode = policy.mode
         self.mounts: list[dict[str, Any]] = [dict(m) for m in policy.settings.fs_access]
@@ -133,7 +134,7 @@ class SessionController:
         return self.next_count
 
     @property
-    def sandbox(self) -> SubprocessSandbox | None:
+    def sandbox(self) -> SandboxProcess | None:
         """The sandbox of the active kind (the one the current or last cell ran in)."""
         return self.sandboxes.get(self.active_kind)
 
@@ -148,7 +149,7 @@ class SessionController:
         self._starting = asyncio.ensure_future(self._start_first_sandbox())
         self._starting.add_done_callback(self._log_start_failure)
 
-    async def _start_first_sandbox(self) -> SubprocessSandbox:
+    async def _start_first_sandbox(self) -> SandboxProcess:
         sandbox = await self._start_sandbox()
         try:
             latest = self.checkpoints.latest(self.session_name)
@@ -167,7 +168,7 @@ class SessionController:
             self._offer_resume()
         return sandbox
 
-    async def _start_sandbox(self, *, restore: bool = False) -> SubprocessSandbox:
+    async def _start_sandbox(self, *, restore: bool = False) -> SandboxProcess:
         """A new sandbox of the active kind; with restore, holding the session's last checkpoint."""
         previous = self.sandbox
         held_before = set(self.ledger.held.get(self.active_kind, {}))
@@ -192,7 +193,7 @@ class SessionController:
             )
         return sandbox
 
-    async def _spawn_sandbox(self) -> SubprocessSandbox:
+    async def _spawn_sandbox(self) -> SandboxProcess:
         kind = self.active_kind
         sandbox = _SANDBOX_KINDS[kind](
             self.policy.limits.limits,
@@ -216,7 +217,7 @@ class SessionController:
             return None
         return root.parent / "sandbox-state" / hashlib.sha256(self.session_name.encode()).hexdigest()[:24]
 
-    async def _watch_sandbox(self, sandbox: SubprocessSandbox) -> None:
+    async def _watch_sandbox(self, sandbox: SandboxProcess) -> None:
         """Notice a sandbox that dies between cells, and replace it at once."""
         await sandbox.wait_exit()
         if sandbox is not self.sandboxes.get(sandbox.kind) or self.cell_running or sandbox.stopping:
@@ -228,7 +229,7 @@ class SessionController:
             self._starting = asyncio.ensure_future(self._start_sandbox(restore=True))
             self._starting.add_done_callback(self._log_start_failure)
 
-    def _note_death_between_cells(self, sandbox: SubprocessSandbox) -> None:
+    def _note_death_between_cells(self, sandbox: SandboxProcess) -> None:
         if not sandbox.death_noted:
             sandbox.death_noted = True
             text = f"The sandbox (pid {sandbox.pid}) {sandbox.death_reason} while no cell was running."
@@ -239,7 +240,7 @@ class SessionController:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("the sandbox could not start: %s", task.exception())
 
-    async def ready_sandbox(self) -> SubprocessSandbox:
+    async def ready_sandbox(self) -> SandboxProcess:
         """The running sandbox, starting (or replacing) one when needed."""
         sandbox = self.sandbox
         if sandbox is not None and sandbox.process_ended and not sandbox.stopping:
@@ -263,7 +264,7 @@ class SessionController:
 
     # -- restore, resume, restart ------------------------------------------------------
 
-    async def resume(self, checkpoint: Any, sandbox: SubprocessSandbox | None = None) -> str:
+    async def resume(self, checkpoint: Any, sandbox: SandboxProcess | None = None) -> str:
         """Bring back a checkpoint from an earlier kernel; numbering goes on from it."""
         if sandbox is None:
             sandbox = await self.ready_sandbox()
@@ -308,7 +309,7 @@ class SessionController:
                 "Run %capsule resume to restore them, or set auto_resume = true in capsule.toml.\n"
             )
 
-    async def restart_sandbox(self, why: str) -> SubprocessSandbox:
+    async def restart_sandbox(self, why: str) -> SandboxProcess:
         """Replace the sandbox with a fresh one (the namespace is lost)."""
         old = await self.ready_sandbox()
         old.stopping = True
@@ -364,7 +365,7 @@ class SessionController:
         if loop is not None:
             loop.call_soon_threadsafe(loop.call_later, _REINTERRUPT_SECONDS, self._interrupt_again, sandbox, serial)
 
-    def _interrupt_again(self, sandbox: SubprocessSandbox, serial: int) -> None:
+    def _interrupt_again(self, sandbox: SandboxProcess, serial: int) -> None:
         if sandbox is self.sandbox and self.cell_running and serial == self._cell_serial:
             sandbox.interrupt()
 
@@ -465,7 +466,7 @@ class SessionController:
                 if getattr(task, "cell_scoped", False):
                     task.cancel()
 
-    async def _run_with_retry(self, sandbox: SubprocessSandbox, cell: Cell) -> dict[str, Any] | None:
+    async def _run_with_retry(self, sandbox: SandboxProcess, cell: Cell) -> dict[str, Any] | None:
         """The reply, or None after a death (in self._last_death).
 
         A sandbox that never took the cell because the cell before it kept
@@ -496,7 +497,7 @@ class SessionController:
                 return None
         return None
 
-    async def _report_death(self, sandbox: SubprocessSandbox, death: SandboxDied, count: int) -> dict[str, Any]:
+    async def _report_death(self, sandbox: SandboxProcess, death: SandboxDied, count: int) -> dict[str, Any]:
         pid = sandbox.pid
         try:
             fresh = await self._start_sandbox(restore=True)
@@ -510,7 +511,7 @@ class SessionController:
         what = f"the Wasm sandbox (host pid {pid})" if sandbox.kind == "wasm" else f"the sandbox process (pid {pid})"
         return self.relay.fail(count, ename, f"{what} {death.reason}. {after}")
 
-    async def _bring_names(self, sandbox: SubprocessSandbox, reads: frozenset[str]) -> None:
+    async def _bring_names(self, sandbox: SandboxProcess, reads: frozenset[str]) -> None:
         """Merge into this sandbox the names the cell reads that the other sandbox wrote later."""
         wanted = sorted(name for name in reads if self.ledger.stale(sandbox.kind, name))
         if not wanted:
@@ -559,7 +560,7 @@ class SessionController:
             death, self._idle_death = self._idle_death, None
             self.relay.note(f"{death} A fresh sandbox was started; {self._restore_outcome}.\n")
 
-    def _note_confinement(self, sandbox: SubprocessSandbox) -> None:
+    def _note_confinement(self, sandbox: SandboxProcess) -> None:
         """Once per kernel: a subprocess sandbox that is not a security boundary says so."""
         state = sandbox.enforcement.get("confinement", "")
         if self._confinement_noted or sandbox.kind != "subprocess" or not state.startswith("not"):

@@ -21,7 +21,7 @@ import zmq
 
 from capsule_kernel import magics
 from capsule_kernel.sandbox import frames
-from capsule_kernel.sandbox.subprocess import SandboxDied
+from capsule_kernel.sandbox.process import SandboxDied
 
 if TYPE_CHECKING:
     from capsule_kernel.session.controller import SessionController
