@@ -25,6 +25,11 @@ INSIDE = {
     "capsule_kernel.sandbox.worker_supervisor",
     "capsule_kernel.sandbox.wasm_guest",
     "capsule_kernel.sandbox.wasm_host",  # a process of its own: it handles the guest's pickles as bytes
+    "capsule_kernel.sandbox.inside",
+    "capsule_kernel.sandbox.inside.stops",
+    "capsule_kernel.sandbox.inside.streams",
+    "capsule_kernel.sandbox.inside.requests",
+    "capsule_kernel.sandbox.inside.ledger",
 }
 # The kernel process's modules: the protocol face and everything it imports.
 KERNEL_SIDE = {"capsule_kernel.kernel", "capsule_kernel.__main__", "capsule_kernel.cli"}
@@ -89,14 +94,36 @@ def test_no_import_cycles():
                     stack.append((dep, [*path, dep]))
 
 
-def test_the_frame_vocabulary_is_stdlib_only():
-    """The Wasm guest imports frames.py as it is: it may import nothing but the standard library."""
+# What the Wasm guest imports as it is (wasm_host.guest_library ships these files): the
+# standard library only, or other files that are shipped too.
+SHIPPED = {
+    "capsule_kernel.sandbox.frames",
+    "capsule_kernel.sandbox.limits",
+    *(name for name in MODULES if name.startswith("capsule_kernel.sandbox.inside")),
+}
+
+
+def test_what_the_guest_shares_is_stdlib_only():
+    """frames.py, limits.py and sandbox/inside/ run in the Wasm guest too: stdlib (and each other) only."""
     import sys
 
-    tree = ast.parse((PACKAGE / "sandbox" / "frames.py").read_text())
-    for node in ast.walk(tree):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module]
-        for name in names:
-            assert name.split(".")[0] in sys.stdlib_module_names or name == "__future__", name
+    assert "capsule_kernel.sandbox.inside.streams" in SHIPPED
+    for module in sorted(SHIPPED):
+        tree = ast.parse(MODULES[module].read_text())
+        for node in tree.body:  # top level: a function-level import runs only on the kernel side (limits.py)
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                ok = name.split(".")[0] in sys.stdlib_module_names or name == "__future__" or name in SHIPPED
+                assert ok, f"{module} imports {name}"
+
+
+def test_the_guest_library_ships_what_the_guest_imports(tmp_path):
+    """Every shared module is in the guest's library, so the guest never carries a copy of its own."""
+    from capsule_kernel.sandbox.wasm_host import guest_library
+
+    library = guest_library(tmp_path)
+    for module in SHIPPED:
+        shipped = library / MODULES[module].relative_to(PACKAGE.parent)
+        assert shipped.read_bytes() == MODULES[module].read_bytes(), module

@@ -20,7 +20,6 @@ import ast
 import base64
 import builtins
 import errno
-import io
 import linecache
 import os
 import re
@@ -32,6 +31,10 @@ from typing import Any
 
 from capsule_kernel.checkpoint import snapshot
 from capsule_kernel.sandbox import frames
+from capsule_kernel.sandbox.inside.ledger import SnapshotLedger, clear_for_replace
+from capsule_kernel.sandbox.inside.requests import RequestTable
+from capsule_kernel.sandbox.inside.stops import CellTimeout, timeout_stop
+from capsule_kernel.sandbox.inside.streams import FrameStream
 
 _CHANNEL_IN, _CHANNEL_OUT = 0, 1
 # How the host delivers an interrupt or a deadline at its next call.
@@ -39,10 +42,6 @@ _CANCEL_ERRNOS = {errno.ECANCELED: "interrupt", errno.ETIMEDOUT: "timeout"}
 _STREAM_FLUSH_SECONDS = 0.005
 _HIDDEN_NAMES = {"__name__", "__builtins__", "__doc__", "__loader__", "__spec__", "__package__", "In", "Out"}
 _RED, _RESET = "\x1b[0;31m", "\x1b[0m"
-
-
-class CellTimeout(KeyboardInterrupt):
-    """The cell ran past the wall-clock limit; the namespace is kept."""
 
 
 class StdinNotImplementedError(RuntimeError):
@@ -59,9 +58,7 @@ class Cancelled(Exception):
 
 def _raise_cancel(why: str, limits: dict[str, Any]) -> None:
     if why == "timeout":
-        seconds = limits.get("timeout")
-        limit = f"{seconds:g} s" if seconds else "the deadline"
-        raise CellTimeout(f"the cell exceeded the sandbox wall-clock limit of {limit} (timeout); the namespace is kept")
+        raise timeout_stop(limits)
     raise KeyboardInterrupt
 
 
@@ -123,49 +120,20 @@ class Channel:
 # -- output ----------------------------------------------------------------------------
 
 
-class GuestStream(io.TextIOBase):
-    """sys.stdout / sys.stderr: text goes out as stream frames, line by line."""
-
-    MAX_BUFFERED_CHARS = 64 * 1024
+class GuestStream(FrameStream):
+    """sys.stdout / sys.stderr of the guest: flushed at newlines (no threads here), then any cancel is raised."""
 
     def __init__(self, name: str, guest: Guest) -> None:
-        super().__init__()
-        self.name = name
+        super().__init__(name, guest.channel.send)
         self._guest = guest
-        self._buffer: list[str] = []
-        self._size = 0
         self._last_flush = 0.0
 
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    def writable(self) -> bool:
-        return True
-
-    def isatty(self) -> bool:
-        return False
-
-    def write(self, text: str) -> int:
-        if not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        if not text:
-            return 0
-        self._buffer.append(text)
-        self._size += len(text)
-        now = time.monotonic()
-        if self._size >= self.MAX_BUFFERED_CHARS or ("\n" in text and now - self._last_flush >= _STREAM_FLUSH_SECONDS):
+    def written(self, text: str) -> None:
+        if "\n" in text and time.monotonic() - self._last_flush >= _STREAM_FLUSH_SECONDS:
             self.flush()
-        return len(text)
 
-    def flush(self) -> None:
-        if not self._buffer:
-            return
-        text = "".join(self._buffer)
-        self._buffer.clear()
-        self._size = 0
+    def flushed(self) -> None:
         self._last_flush = time.monotonic()
-        self._guest.channel.send({"type": "stream", "name": self.name, "text": text})
         self._guest.deliver_cancel()
 
 
@@ -268,9 +236,20 @@ class Guest:
         self.history: list[tuple[int, str]] = []
         self.out: dict[int, Any] = {}
         self.execution_count = 1
-        self.digests: dict[str, str] = {}
-        self.sizes: dict[str, int] = {}
-        self.ids: dict[str, int] = {}
+        self.ledger = SnapshotLedger()
+        self.requests = RequestTable(
+            {
+                "complete": lambda args: self.complete(args["code"], int(args["cursor_pos"])),
+                "inspect": lambda args: self.inspect(
+                    args["code"], int(args["cursor_pos"]), int(args.get("detail_level", 0))
+                ),
+                "history": self.history_reply,
+                "store_history": self.store_history,
+                "names": lambda args: {"names": snapshot.saveable_names(self.namespace, self._hidden)},  # noqa: ARG005
+                "restore": lambda args: self.restore(args["entries"], bool(args.get("replace"))),
+                "forget_digests": self.forget_digests,
+            }
+        )
         self.snapshots = bool(os.environ.get("CAPSULE_SNAPSHOTS"))
         self._next_id = 0
         self.in_cell = False
@@ -473,11 +452,14 @@ class Guest:
 
     def snapshot(self, count: int, candidates: list[str]) -> int | None:
         """Pickle what may have changed; the host stores the bytes. Returns count if one was sent."""
-        plan = snapshot.changed_names(self.namespace, self._hidden, self.ids, self.sizes, self.digests, candidates)
+        ledger = self.ledger
+        plan = snapshot.changed_names(
+            self.namespace, self._hidden, ledger.ids, ledger.sizes, ledger.digests, candidates
+        )
         if plan is None:
             return None
         todo, removed, current, aliases = plan
-        previous = {name: self.digests[name] for name in todo if name in self.digests}
+        previous = {name: ledger.digests[name] for name in todo if name in ledger.digests}
         entries = {}
         try:
             for name, entry, data, buffers in snapshot.pickled(self.namespace, todo, previous, aliases=aliases):
@@ -487,28 +469,16 @@ class Guest:
                 entries[name] = entry
         except BaseException as err:  # noqa: BLE001 - a failed snapshot is reported, never fatal
             self.channel.send({"type": "snapshot_failed", "execution_count": count, "reason": f"{err!r}"})
-            self.ids = {}
+            ledger.ids = {}
             return None
         self.channel.send({"type": "snapshot_data", "execution_count": count, "entries": entries, "removed": removed})
-        for name, entry in entries.items():
-            if "digest" in entry:
-                self.digests[name] = entry["digest"]
-                self.sizes[name] = entry.get("size", 0)
-            else:
-                self.digests.pop(name, None)
-        for name in removed:
-            self.digests.pop(name, None)
-            self.sizes.pop(name, None)
-        self.ids = current
+        ledger.learn({name: (entry.get("digest"), entry.get("size", 0)) for name, entry in entries.items()}, removed)
+        ledger.ids = current
         return count
 
     def restore(self, entries: dict[str, Any], replace: bool) -> dict[str, Any]:
         if replace:
-            for name in snapshot.saveable_names(self.namespace, self._hidden):
-                if name not in entries:
-                    del self.namespace[name]
-            self.digests.clear()
-            self.sizes.clear()
+            clear_for_replace(self.namespace, snapshot.saveable_names(self.namespace, self._hidden), entries)
 
         def load_one(entry: dict[str, Any]) -> Any:
             data = base64.b64decode(entry["data"]) if "data" in entry else None
@@ -521,52 +491,29 @@ class Guest:
             return snapshot.explain_failure(err)
 
         restored, failed = snapshot.load_all(entries, self.namespace, load_one, merge=not replace, explain=explain)
-        for name in restored:
-            entry = entries[name]
-            if "digest" in entry:
-                self.digests[name] = entry["digest"]
-                self.sizes[name] = entry.get("size", 0)
-        ids = {name: id(self.namespace[name]) for name in restored if name in self.digests}
-        if replace:
-            self.ids = ids
-        else:
-            self.ids.update(ids)
+        self.ledger.restored(entries, restored, self.namespace, replace=replace)
         return {"restored": sorted(restored), "failed": failed}
 
     # -- requests ---------------------------------------------------------------------
 
     def request(self, message: dict[str, Any]) -> None:
-        kind, args = message.get("kind"), message.get("args", {})
-        try:
-            content = self.answer(kind, args)
-        except Exception as err:  # noqa: BLE001 - a failed completion must not end the guest
-            content = {"status": "error", "ename": type(err).__name__, "evalue": str(err), "traceback": []}
+        reply = self.requests.answer(message)
         self.flush()
-        self.channel.send({"type": "reply", "id": message.get("id"), "content": content})
+        self.channel.send(reply)
 
-    def answer(self, kind: str | None, args: dict[str, Any]) -> dict[str, Any]:
-        if kind == "complete":
-            return self.complete(args["code"], int(args["cursor_pos"]))
-        if kind == "inspect":
-            return self.inspect(args["code"], int(args["cursor_pos"]), int(args.get("detail_level", 0)))
-        if kind == "history":
-            n = args.get("n") or len(self.history)
-            rows = [[0, count, source] for count, source in self.history[-n:]]
-            return {"status": "ok", "history": rows if args.get("hist_access_type") == "tail" else []}
-        if kind == "store_history":
-            self.history.append((int(args["execution_count"]), args["code"]))
-            self.execution_count = int(args["execution_count"]) + 1
-            return {"status": "ok"}
-        if kind == "names":
-            return {"names": snapshot.saveable_names(self.namespace, self._hidden)}
-        if kind == "restore":
-            return self.restore(args["entries"], bool(args.get("replace")))
-        if kind == "forget_digests":
-            self.digests.clear()
-            self.sizes.clear()
-            self.ids.clear()
-            return {"status": "ok"}
-        return {"status": "error", "ename": "ValueError", "evalue": f"unknown request {kind!r}", "traceback": []}
+    def history_reply(self, args: dict[str, Any]) -> dict[str, Any]:
+        n = args.get("n") or len(self.history)
+        rows = [[0, count, source] for count, source in self.history[-n:]]
+        return {"status": "ok", "history": rows if args.get("hist_access_type") == "tail" else []}
+
+    def store_history(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.history.append((int(args["execution_count"]), args["code"]))
+        self.execution_count = int(args["execution_count"]) + 1
+        return {"status": "ok"}
+
+    def forget_digests(self, args: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG002 - a request handler
+        self.ledger.forget()
+        return {"status": "ok"}
 
     def complete(self, code: str, cursor: int) -> dict[str, Any]:
         """Names and attributes, as rlcompleter would (the WASI build lacks it: no readline)."""

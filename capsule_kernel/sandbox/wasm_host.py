@@ -74,8 +74,11 @@ def guest_library(cache: Path) -> Path:
         "capsule_kernel/checkpoint/chunks.py": package / "checkpoint" / "chunks.py",
         "capsule_kernel/sandbox/__init__.py": None,
         "capsule_kernel/sandbox/frames.py": package / "sandbox" / "frames.py",
+        "capsule_kernel/sandbox/limits.py": package / "sandbox" / "limits.py",
         "capsule_kernel/sandbox/wasm_guest.py": package / "sandbox" / "wasm_guest.py",
     }
+    for path in sorted((package / "sandbox" / "inside").glob("*.py")):
+        files[f"capsule_kernel/sandbox/inside/{path.name}"] = path
     shims = package / "sandbox" / "wasm_shims"
     for path in sorted(shims.rglob("*.py")):
         files[str(path.relative_to(shims))] = path

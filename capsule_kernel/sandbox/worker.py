@@ -21,15 +21,8 @@ import sys
 import traceback
 from typing import Any
 
-from capsule_kernel.sandbox.limits import format_duration
-
-
-class CellTimeout(KeyboardInterrupt):
-    """The cell ran past the wall-clock limit (the kernel sent SIGUSR2)."""
-
-
-class CPULimitExceeded(KeyboardInterrupt):
-    """The cell used more CPU time than the cpu limit allows (SIGXCPU)."""
+from capsule_kernel.sandbox.inside.requests import RequestTable
+from capsule_kernel.sandbox.inside.stops import cpu_stop, timeout_stop
 
 
 class Worker:
@@ -56,6 +49,16 @@ class Worker:
 
             source = KernelChunks(chunk_fd)
         self.snapshots = Snapshotter(self.shell, self.channel, config.get("spool"), config.get("report_fd"), source)
+        from capsule_kernel.sandbox import worker_requests
+
+        self.requests = RequestTable(
+            {
+                **worker_requests.table(self.shell, self.comms),
+                "names": lambda args: {"names": self.snapshots.names()},  # noqa: ARG005
+                "restore": lambda args: self.snapshots.restore(args["entries"], replace=bool(args.get("replace"))),
+                "forget_digests": self._forget_digests,
+            }
+        )
         self.channel.start()
         self.flusher.start()
 
@@ -72,12 +75,10 @@ class Worker:
             signal.signal(signum, lambda *_: None)
 
     def _on_timeout(self, signum: int, frame: Any) -> None:  # noqa: ARG002
-        limit = format_duration(self.shell.limits.get("timeout"))
-        raise CellTimeout(f"the cell exceeded the sandbox wall-clock limit of {limit} (timeout); the namespace is kept")
+        raise timeout_stop(self.shell.limits)
 
     def _on_cpu_limit(self, signum: int, frame: Any) -> None:  # noqa: ARG002
-        limit = format_duration(self.shell.limits.get("cpu"))
-        raise CPULimitExceeded(f"the cell exceeded the sandbox CPU limit of {limit} (cpu); the namespace is kept")
+        raise cpu_stop(self.shell.limits)
 
     # -- loop ------------------------------------------------------------------
 
@@ -175,27 +176,16 @@ class Worker:
         if plan:
             self.snapshots.take(count, plan, candidates)
 
+    def _forget_digests(self, args: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG002 - a request handler
+        """A new session starts: its first checkpoint saves every name."""
+        self.snapshots.forget()
+        return {"status": "ok"}
+
     def request(self, message: dict[str, Any]) -> None:
-        from capsule_kernel.sandbox import worker_requests
-
-        try:
-            if message["kind"] == "forget_digests":
-                self.snapshots.forget()
-                content = {"status": "ok"}
-            elif message["kind"] == "names":
-                from capsule_kernel.checkpoint.snapshot import saveable_names
-
-                content = {"names": saveable_names(self.shell.user_ns, set(self.shell.user_ns_hidden))}
-            elif message["kind"] == "restore":
-                args = message.get("args", {})
-                content = self.snapshots.restore(args["entries"], replace=bool(args.get("replace")))
-            else:
-                content = worker_requests.handle(self.shell, self.comms, message["kind"], message.get("args", {}))
-        except Exception as err:  # noqa: BLE001 - a failed completion must not end the worker
-            content = {"status": "error", "ename": type(err).__name__, "evalue": str(err), "traceback": []}
         from ipykernel.jsonutil import json_clean
 
-        self.channel.send({"type": "reply", "id": message["id"], "content": json_clean(content)})
+        reply = self.requests.answer(message)
+        self.channel.send({**reply, "content": json_clean(reply["content"])})
 
     def comm(self, message: dict[str, Any]) -> None:
         from capsule_kernel.sandbox import frames

@@ -7,7 +7,6 @@ half and desynchronize the kernel's reader.
 
 from __future__ import annotations
 
-import io
 import os
 import queue
 import signal
@@ -16,6 +15,7 @@ import time
 from typing import Any
 
 from capsule_kernel.sandbox import frames
+from capsule_kernel.sandbox.inside.streams import FrameStream
 
 # Signals the kernel uses to interrupt a cell: user interrupt, wall-clock
 # timeout, CPU limit. Blocked while a frame is being written.
@@ -118,63 +118,19 @@ class StreamFlusher:
                 return
 
 
-class ProtocolStream(io.TextIOBase):
-    """sys.stdout / sys.stderr replacement that forwards text as stream frames."""
-
-    MAX_BUFFERED_CHARS = 64 * 1024
+class ProtocolStream(FrameStream):
+    """sys.stdout / sys.stderr of the worker: a FrameStream with a real descriptor and a flusher thread."""
 
     def __init__(self, name: str, channel: FrameChannel, flusher: StreamFlusher, fd: int) -> None:
-        super().__init__()
-        self.name = name
-        self._channel = channel
+        super().__init__(name, channel.send, threading.RLock())
         self._flusher = flusher
         self._fd = fd
-        self._buffer: list[str] = []
-        self._buffered = 0
-        self._lock = threading.RLock()
         flusher.streams.append(self)
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    @property
-    def errors(self) -> str:  # type: ignore[override]
-        return "replace"
-
-    def writable(self) -> bool:
-        return True
-
-    def isatty(self) -> bool:
-        return False
 
     def fileno(self) -> int:
         # The real descriptor is a pipe the kernel forwards too, so code that
         # hands sys.stdout to a subprocess still reaches the notebook.
         return self._fd
 
-    def write(self, text: str) -> int:
-        if not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        if not text:
-            return 0
-        with self._lock:
-            self._buffer.append(text)
-            self._buffered += len(text)
-            large = self._buffered >= self.MAX_BUFFERED_CHARS
-        if large:
-            self.flush()
-        else:
-            self._flusher.wake()
-        return len(text)
-
-    def flush(self) -> None:
-        # Taking the text and sending it under one lock keeps the order of
-        # output when the flusher thread and the main thread race.
-        with self._lock:
-            if not self._buffer:
-                return
-            text = "".join(self._buffer)
-            self._buffer.clear()
-            self._buffered = 0
-            self._channel.send({"type": "stream", "name": self.name, "text": text})
+    def written(self, text: str) -> None:  # noqa: ARG002 - the hook's signature
+        self._flusher.wake()

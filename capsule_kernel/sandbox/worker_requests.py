@@ -7,6 +7,7 @@ IPythonKernel does, and the kernel only forwards the reply.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from IPython.core.completer import provisionalcompleter, rectify_completions
@@ -82,28 +83,32 @@ def history(
     return {"status": "ok", "history": [list(row) for row in rows]}
 
 
-def handle(shell: Any, comms: Any, kind: str, args: dict[str, Any]) -> dict[str, Any]:
-    if kind == "complete":
-        return complete(shell, args["code"], args.get("cursor_pos"))
-    if kind == "inspect":
-        return inspect(
+def store_history(shell: Any, execution_count: int, code: str) -> dict[str, Any]:
+    """A cell the kernel answered itself (%capsule lines) still belongs in IPython's history,
+    under the number the frontend showed."""
+    count = int(execution_count)
+    shell.history_manager.store_inputs(count, code, code)
+    shell.execution_count = count + 1
+    return {"status": "ok"}
+
+
+def comm_info(comms: Any, target_name: str | None = None) -> dict[str, Any]:
+    comms_info = {
+        comm_id: {"target_name": comm.target_name}
+        for comm_id, comm in comms.comms.items()
+        if target_name is None or comm.target_name == target_name
+    }
+    return {"status": "ok", "comms": comms_info}
+
+
+def table(shell: Any, comms: Any) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+    """The kinds the worker's shell answers (inside.requests.RequestTable adds the snapshot's)."""
+    return {
+        "complete": lambda args: complete(shell, args["code"], args.get("cursor_pos")),
+        "inspect": lambda args: inspect(
             shell, args["code"], args["cursor_pos"], args.get("detail_level", 0), args.get("omit_sections", ())
-        )
-    if kind == "history":
-        return history(shell, **args)
-    if kind == "store_history":
-        # A cell the kernel answered itself (%capsule lines) still belongs in
-        # IPython's history, under the number the frontend showed.
-        count = int(args["execution_count"])
-        shell.history_manager.store_inputs(count, args["code"], args["code"])
-        shell.execution_count = count + 1
-        return {"status": "ok"}
-    if kind == "comm_info":
-        target = args.get("target_name")
-        comms_info = {
-            comm_id: {"target_name": comm.target_name}
-            for comm_id, comm in comms.comms.items()
-            if target is None or comm.target_name == target
-        }
-        return {"status": "ok", "comms": comms_info}
-    raise ValueError(f"unknown request {kind!r}")
+        ),
+        "history": lambda args: history(shell, **args),
+        "store_history": lambda args: store_history(shell, args["execution_count"], args["code"]),
+        "comm_info": lambda args: comm_info(comms, args.get("target_name")),
+    }

@@ -33,6 +33,7 @@ from capsule_kernel.checkpoint import chunks, snapshot
 from capsule_kernel.checkpoint.chunks import HashingThreads
 from capsule_kernel.sandbox import frames
 from capsule_kernel.sandbox.deaths import process_exists
+from capsule_kernel.sandbox.inside.ledger import SnapshotLedger, clear_for_replace
 from capsule_kernel.sandbox.worker_io import FrameChannel
 
 Plan = tuple[list[str], list[str], dict[str, int], dict[str, str]]
@@ -59,11 +60,8 @@ class Snapshotter:
         # snapshot in flight still lands if this worker dies meanwhile.
         self.report_fd = report_fd
         self.root = Path(chunk_root) if chunk_root else None
-        # As of the last snapshot whose digests came back:
-        self.digests: dict[str, str] = {}
-        self.sizes: dict[str, int] = {}
-        # Object ids at the latest fork: what the next snapshot compares to.
-        self.ids: dict[str, int] = {}
+        # Digests as of the last snapshot whose digests came back; ids at the latest fork.
+        self.ledger = SnapshotLedger()
         # Fingerprints of recent large chunks -> their names (chunks.fingerprint).
         self.fingerprints: dict[str, str] = {}
         self._changed = threading.Condition()
@@ -83,10 +81,12 @@ class Snapshotter:
     def forget(self) -> None:
         """The next snapshot saves every name (a new session starts full)."""
         self.wait()
-        self.digests.clear()
-        self.sizes.clear()
-        self.ids.clear()
+        self.ledger.forget()
         self.fingerprints.clear()
+
+    def names(self) -> list[str]:
+        """The names a checkpoint of this namespace would hold."""
+        return snapshot.saveable_names(self.shell.user_ns, set(self.shell.user_ns_hidden))
 
     def plan(self, candidates: list[str]) -> Plan | None:
         """What the next snapshot must look at; None when nothing can have changed.
@@ -100,7 +100,12 @@ class Snapshotter:
         with self._changed:  # the collector thread merges digests under it
             self._changed.wait_for(lambda: self._unlearned < 2)
             return snapshot.changed_names(
-                self.shell.user_ns, set(self.shell.user_ns_hidden), self.ids, self.sizes, self.digests, candidates
+                self.shell.user_ns,
+                set(self.shell.user_ns_hidden),
+                self.ledger.ids,
+                self.ledger.sizes,
+                self.ledger.digests,
+                candidates,
             )
 
     def take(self, execution_count: int, plan: Plan, candidates: list[str]) -> None:
@@ -129,12 +134,12 @@ class Snapshotter:
                     os.close(state_read)
                     state_read = -1
                 # The child's copies of digests/sizes are frozen by the fork.
-                known = (self.ids, self.digests, self.sizes)
+                known = (self.ledger.ids, self.ledger.digests, self.ledger.sizes)
                 chain = (state_read, worker_pid, self._latest_pid)
                 self._child(namespace, execution_count, candidates, known, chain, write_fd)
             self._unlearned += 1
             self._latest_pid = pid
-            self.ids = plan[2]
+            self.ledger.ids = plan[2]
         os.close(write_fd)
         os.close(state_read)
         if not chained:
@@ -229,7 +234,9 @@ class Snapshotter:
                 self._unlearned -= 1
                 forward, self._chained_fd = self._chained_fd, None
                 if forward is not None:
-                    state = frames.encode({"type": "digests", "ok": ok, "digests": self.digests, "sizes": self.sizes})
+                    state = frames.encode(
+                        {"type": "digests", "ok": ok, "digests": self.ledger.digests, "sizes": self.ledger.sizes}
+                    )
                 self._changed.notify_all()
         if forward is not None:
             try:
@@ -253,17 +260,9 @@ class Snapshotter:
         """Merge one child's digests (called under the lock); False if it failed."""
         if not result.get("ok"):
             if pid == self._latest_pid:
-                self.ids = {}  # compare everything next time
+                self.ledger.ids = {}  # compare everything next time
             return False
-        for name, (digest, size) in result["digests"].items():
-            if digest:
-                self.digests[name] = digest
-                self.sizes[name] = size
-            else:
-                self.digests.pop(name, None)
-        for name in result["removed"]:
-            self.digests.pop(name, None)
-            self.sizes.pop(name, None)
+        self.ledger.learn(result["digests"], result["removed"])
         self._remember_fingerprints(result.get("fingerprints") or {})
         return True
 
@@ -282,22 +281,12 @@ class Snapshotter:
         namespace = self.shell.user_ns
         source = self.source
         if replace:
-            for name in snapshot.saveable_names(namespace, set(self.shell.user_ns_hidden)):
-                if name not in entries:
-                    del namespace[name]
+            clear_for_replace(namespace, self.names(), entries)
         with HashingThreads() as pool:
             restored, failed = snapshot.load_all(
                 entries, namespace, lambda entry: snapshot.load(entry, source, pool.map), merge=not replace
             )
-        digests = {name: entry["digest"] for name, entry in entries.items() if "digest" in entry and name in restored}
-        sizes = {name: entry.get("size", 0) for name, entry in entries.items() if name in restored}
-        ids = {name: id(namespace[name]) for name in restored}
-        if replace:
-            self.digests, self.sizes, self.ids = digests, sizes, ids
-        else:  # names merged in from elsewhere: what was known of the others still holds
-            self.digests.update(digests)
-            self.sizes.update(sizes)
-            self.ids.update(ids)
+        self.ledger.restored(entries, restored, namespace, replace=replace)
         return {"restored": sorted(restored), "failed": failed}
 
 
