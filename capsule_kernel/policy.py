@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,26 @@ class Policy:
 
     def notebook_limits(self, changes: Mapping[str, Any]) -> Limits:
         """Parse and check a notebook's limit changes, all or nothing; apply them if allowed."""
+        self._check_ceilings(self.limits.parse_changes(changes))
+        return self.limits.override(changes, "%capsule limits")
+
+    def task_limits(self, changes: Mapping[str, Any]) -> Limits:
+        """The limits of one task: the notebook's, changed by the task's options, under the same ceilings.
+
+        The notebook's own limits stay as they are.
+        """
         parsed = self.limits.parse_changes(changes)
+        self._check_ceilings(parsed)
+        return replace(self.limits.limits, **parsed)
+
+    def check_task_sandbox(self, kind: str) -> None:
+        """A task may run in Wasm always; in the subprocess sandbox only where a notebook cell could."""
+        if kind == "subprocess" and self.mode == "wasm" and "mode" not in self.widen:
+            raise PolicyRefused(
+                f"a task may not run in the subprocess sandbox: the operator's mode is wasm ({self.mode_source})"
+            )
+
+    def _check_ceilings(self, parsed: Mapping[str, Any]) -> None:
         if "limits" not in self.widen:
             for name, value in parsed.items():
                 if name == "network":
@@ -128,7 +147,6 @@ class Policy:
                 f"network on: the operator's network is off ({self.ceiling_sources.get('network', 'default')}); "
                 "a notebook may not switch it on (the operator can allow it with notebook_may_widen)"
             )
-        return self.limits.override(changes, "%capsule limits")
 
     def check_mode(self, current: str, wanted: str) -> None:
         """A notebook may narrow the routing mode; widening it beyond the operator's needs their leave."""

@@ -91,6 +91,86 @@ class SandboxSettings:
         return cls(**values), warnings
 
 
+# Fuel of the --compute presets, as the Wasm task runners Capsule learns from name them.
+COMPUTE_PRESETS = {"low": 10**8, "medium": 2 * 10**9, "high": 5 * 10**10}
+# What a task failed of: the envelope's error types (see session/task_envelope.py).
+TASK_ERROR_TYPES = ("exception", "timeout", "cpu", "memory", "fuel", "crash", "cancelled", "refused", "input")
+RETRYABLE_ERRORS = ("exception", "timeout", "cpu", "memory", "fuel", "crash")
+# The task-level limits (the rest of [limits] applies to task sandboxes as it does to the notebook's).
+TASK_LIMITS = ("timeout", "memory", "cpu", "fuel")
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """The operator's ``[tasks]`` table: defaults of every ``%%capsule task`` option, and the scheduler's.
+
+    ``sandbox``: wasm, subprocess, or None (Wasm when the analyzer says the
+    body can run there); ``max_parallel``: background tasks running at once;
+    ``warm``: sandboxes kept started per kind once tasks are used;
+    ``limits``: default task limits (timeout, memory, cpu, fuel), raw values
+    in the ``[limits]`` vocabulary; ``compute``: fuel of the presets.
+    """
+
+    sandbox: str | None = None
+    max_parallel: int = field(default_factory=lambda: os.cpu_count() or 2)
+    warm: int = 1
+    retries: int = 0
+    backoff: float = 1.0
+    backoff_max: float = 30.0
+    retry_on: tuple[str, ...] = ("crash", "timeout")
+    limits: tuple[tuple[str, str], ...] = ()
+    compute: tuple[tuple[str, int], ...] = tuple(COMPUTE_PRESETS.items())
+
+    @classmethod
+    def parse(cls, table: object, where: str) -> tuple[TaskSettings, list[str]]:
+        warnings: list[str] = []
+        if not isinstance(table, dict):
+            if table is not None:
+                warnings.append(f"{where}: [tasks] must be a table")
+            return cls(), warnings
+        values: dict[str, Any] = {}
+        sandbox = table.get("sandbox")
+        if sandbox in ("wasm", "subprocess"):
+            values["sandbox"] = sandbox
+        elif sandbox is not None:
+            warnings.append(f"{where}: tasks.sandbox: {sandbox!r} is not wasm or subprocess")
+        for key, parser in (
+            ("max_parallel", parse_count),
+            ("warm", parse_count),
+            ("retries", parse_count),
+            ("backoff", parse_duration),
+            ("backoff_max", parse_duration),
+        ):
+            if key not in table:
+                continue
+            try:
+                value = parser(table[key])
+            except LimitError as err:
+                warnings.append(f"{where}: tasks.{key}: {err}")
+                continue
+            if value is not None and (key != "max_parallel" or value >= 1):
+                values[key] = value
+        retry_on = table.get("retry_on")
+        if retry_on is not None:
+            kinds = retry_on if isinstance(retry_on, list) else str(retry_on).split(",")
+            unknown = [k for k in kinds if str(k).strip() not in RETRYABLE_ERRORS]
+            if unknown:
+                warnings.append(f"{where}: tasks.retry_on: {unknown} (known: {', '.join(RETRYABLE_ERRORS)})")
+            else:
+                values["retry_on"] = tuple(str(k).strip() for k in kinds)
+        values["limits"] = tuple((name, str(table[name])) for name in TASK_LIMITS if name in table)
+        compute = table.get("compute", {})
+        if isinstance(compute, dict):
+            presets = dict(COMPUTE_PRESETS)
+            for name, raw in compute.items():
+                if name in presets and isinstance(raw, int | float) and raw > 0:
+                    presets[name] = int(raw)
+                else:
+                    warnings.append(f"{where}: tasks.compute.{name}: not a preset (low, medium, high) with fuel > 0")
+            values["compute"] = tuple(presets.items())
+        return cls(**values), warnings
+
+
 @dataclass(frozen=True)
 class KernelSettings:
     auto_resume: bool = False
@@ -101,6 +181,7 @@ class KernelSettings:
     # Host directories Wasm cells may use: [{"path": absolute path, "writable": bool}].
     fs_access: tuple[dict[str, object], ...] = ()
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    tasks: TaskSettings = field(default_factory=TaskSettings)
     source: Path | None = None
     warnings: tuple[str, ...] = field(default=())
     # Where the mode came from, and the whole capsule table (policy.py reads its other keys).
@@ -154,6 +235,8 @@ class KernelSettings:
             warnings.append(f"{path}: fs_access must be a table with read = [...] and write = [...]")
         values["sandbox"], sandbox_warnings = SandboxSettings.parse(table.get("sandbox"), str(path), environ)
         warnings += sandbox_warnings
+        values["tasks"], task_warnings = TaskSettings.parse(table.get("tasks"), str(path))
+        warnings += task_warnings
         for warning in warnings:
             log.warning(warning)
         return cls(**values, source=path, warnings=tuple(warnings), table=dict(table))

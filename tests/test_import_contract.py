@@ -25,6 +25,7 @@ INSIDE = {
     "capsule_kernel.sandbox.worker_supervisor",
     "capsule_kernel.sandbox.wasm_guest",
     "capsule_kernel.sandbox.wasm_host",  # a process of its own: it handles the guest's pickles as bytes
+    "capsule_kernel.tasks",  # the notebook's side of tasks: it loads task results
     "capsule_kernel.sandbox.inside",
     "capsule_kernel.sandbox.inside.stops",
     "capsule_kernel.sandbox.inside.streams",

@@ -10,9 +10,31 @@ or a line of the cell's own source).
 from __future__ import annotations
 
 from capsule_kernel.magics.commands import run, run_parsed
-from capsule_kernel.magics.parser import MagicHelp, MagicUsageError
+from capsule_kernel.magics.parser import MagicHelp, MagicUsageError, parse
 
-__all__ = ["MagicHelp", "MagicUsageError", "capsule_lines", "run", "run_parsed"]
+__all__ = ["MagicHelp", "MagicUsageError", "capsule_lines", "parse_task_line", "run", "run_parsed", "task_cell"]
+
+
+def task_cell(code: str) -> tuple[str, str] | None:
+    """(the line after %%capsule, the body) for a ``%%capsule task NAME ...`` cell with a body, else None."""
+    head, _, body = code.lstrip("\n").partition("\n")
+    head = head.strip()
+    if not head.startswith("%%capsule task ") or not body.strip():
+        return None
+    line = head[len("%%capsule") :].strip()
+    if line.split()[1:2] in (["wait"], ["cancel"]):
+        return None
+    return line, body
+
+
+def parse_task_line(line: str) -> object:
+    """The kernel's own parse of a task cell's first line (the same parser every %capsule line uses)."""
+    args = parse(line)
+    if getattr(args, "command", None) != "task":
+        raise MagicUsageError(f"%%capsule {line}: not a task")
+    if args.names:
+        raise MagicUsageError(f"%%capsule task {args.name}: one NAME, then options (got {' '.join(args.names)})")
+    return args
 
 
 def capsule_lines(code: str) -> list[str] | None:

@@ -22,8 +22,8 @@ from capsule_kernel.magics.parser import MagicUsageError, parse
 from capsule_kernel.sandbox.limits import LIMIT_NAMES
 
 # These replace the sandbox or its namespace: never from inside a running cell.
-WHOLE_CELL = {"restore", "restart", "resume", "session", "mount", "gc"}
-_READ_ONLY = {"status", "log", "diff", "help"}
+WHOLE_CELL = {"restore", "restart", "resume", "session", "mount", "gc", "task"}
+_READ_ONLY = {"status", "log", "diff", "help", "tasks"}
 
 
 def read_only(args: argparse.Namespace) -> bool:

@@ -223,7 +223,41 @@ async def cmd_resume(ctx: MagicContext, args: Any) -> list[Bundle]:  # noqa: ARG
     latest = store.latest(ctx.session_name)
     if latest is None:
         raise MagicUsageError(f"%capsule resume: session {ctx.session_name} has no checkpoint to resume from")
-    return [{"text/plain": await ctx.resume(latest)}]
+    shown = [{"text/plain": await ctx.resume(latest)}]
+    rerun = await ctx.tasks.rerun_interrupted()
+    if rerun:
+        shown.append({"text/plain": f"Interrupted task(s) run again in the background: {', '.join(rerun)}"})
+    return shown
+
+
+async def cmd_tasks(ctx: MagicContext, args: Any) -> list[Bundle]:  # noqa: ARG001
+    headers, rows = ctx.tasks.table()
+    if not rows:
+        return [{"text/plain": f"Session {ctx.session_name} has no tasks yet (%%capsule task NAME runs one)."}]
+    notes = []
+    if any(row[2] == "interrupted" for row in rows):
+        notes.append("interrupted: the kernel that ran it is gone; re-run its cell or %capsule resume")
+    return [_table(f"Tasks of session {ctx.session_name}", headers, rows, notes)]
+
+
+async def cmd_task(ctx: MagicContext, args: Any) -> list[Bundle]:
+    """`task wait [NAME...]` and `task cancel NAME` (a task itself needs a cell body: %%capsule task NAME)."""
+    from capsule_kernel.session import task_envelope
+    from capsule_kernel.session.task_spec import TaskRefused
+
+    try:
+        if args.name == "wait":
+            return [task_envelope.bundle(envelope) for envelope in await ctx.tasks.wait(list(args.names))]
+        if args.name == "cancel":
+            if len(args.names) != 1:
+                raise MagicUsageError("%capsule task cancel NAME: name one task")
+            stopped = await ctx.tasks.cancel(args.names[0])
+            word = "cancelled" if stopped else "had already ended"
+            return [{"text/plain": f"task {args.names[0]} {word}"}]
+    except TaskRefused as err:
+        raise MagicUsageError(f"%capsule task {args.name}: {err}") from None
+    raise MagicUsageError(f"%capsule task {args.name}: a task needs a body: write %%capsule task {args.name} "
+                          "as the first line of a cell, then its code")  # fmt: skip
 
 
 async def cmd_gc(ctx: MagicContext, args: Any) -> list[Bundle]:  # noqa: ARG001
@@ -374,6 +408,8 @@ COMMANDS = {
     "gc": cmd_gc,
     "session": cmd_session,
     "restart": cmd_restart,
+    "task": cmd_task,
+    "tasks": cmd_tasks,
     "help": cmd_help,
 }
 

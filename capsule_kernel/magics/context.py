@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from capsule_kernel.policy import Policy
     from capsule_kernel.sandbox.limits import LimitSettings
     from capsule_kernel.sandbox.process import SandboxProcess
+    from capsule_kernel.session.task_scheduler import TaskScheduler
     from capsule_kernel.settings import KernelSettings
 
 
@@ -26,6 +27,7 @@ class MagicContext(Protocol):
     session_name: str
     session_source: str
     cell_running: bool
+    tasks: TaskScheduler
 
     @property
     def limit_settings(self) -> LimitSettings: ...

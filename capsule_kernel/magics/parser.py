@@ -39,6 +39,9 @@ SUBCOMMANDS = {
     "restart": "start a fresh sandbox with an empty namespace",
     "mode": "show or set where cells run: subprocess, wasm, or auto (the analyzer decides per cell)",
     "mount": "show the host paths Wasm cells may use, or add one (read-only unless --rw)",
+    "task": "%%capsule task NAME [options] + a body: run it as an isolated, limited, retried task; "
+    "task wait [NAME...], task cancel NAME",
+    "tasks": "this session's tasks: name, id, state, attempts, duration, sandbox, fuel, peak memory",
     "help": "this list",
 }
 
@@ -82,10 +85,34 @@ def build_parser() -> _Parser:
             sub.add_argument("path", nargs="?", metavar="PATH", help="a host directory")
             sub.add_argument("--rw", action="store_true", help="let Wasm cells write there too")
             sub.add_argument("--remove", action="store_true", help="take PATH away again")
+        if name == "task":
+            _task_arguments(sub)
         if name == "limits":
             for limit in LIMIT_NAMES:
                 sub.add_argument(f"--{limit}", metavar="VALUE", help=_LIMIT_HELP[limit].replace("%", "%%"))
     return parser
+
+
+def _task_arguments(sub: argparse.ArgumentParser) -> None:
+    """The options of %%capsule task (the vocabulary of [tasks] and of @task)."""
+    sub.add_argument("name", metavar="NAME", help="the task's name: its result is bound to it (or: wait, cancel)")
+    sub.add_argument("names", nargs="*", metavar="NAME", help="for wait and cancel: which tasks")
+    sub.add_argument("--sandbox", choices=("wasm", "subprocess"), help="where it runs (default: Wasm if it can)")
+    sub.add_argument("--timeout", metavar="DURATION", help="wall-clock limit of each attempt, e.g. 30s")
+    sub.add_argument("--memory", metavar="SIZE", help="memory of its sandbox, e.g. 512MB")
+    sub.add_argument("--cpu", metavar="DURATION", help="CPU time of each attempt (subprocess sandbox), e.g. 10s")
+    sub.add_argument("--fuel", metavar="N", help="Wasm instructions of each attempt, e.g. 2e9")
+    sub.add_argument("--compute", choices=("low", "medium", "high"), help="a fuel preset: 1e8, 2e9, 5e10")
+    sub.add_argument("--retries", metavar="N", help="attempts after the first (default 0)")
+    sub.add_argument("--backoff", metavar="DURATION", help="first wait before a retry, doubled each time (1s)")
+    sub.add_argument(
+        "--retry-on", dest="retry_on", metavar="KINDS", help="failures that are retried (crash,timeout by default)"
+    )
+    sub.add_argument("--id", metavar="KEY", help="the task's identity (default: a hash of name, body and inputs)")
+    sub.add_argument("--in", dest="inputs", metavar="A,B", help="the notebook names copied in (default: what it reads)")
+    sub.add_argument("--background", action="store_true", help="return at once; a live status line shows progress")
+    sub.add_argument("--mount", action="append", metavar="PATH[:rw]", help="a host directory for this task")
+    sub.add_argument("--rerun", action="store_true", help="run it even if it succeeded before with the same key")
 
 
 def parse(line: str) -> argparse.Namespace:

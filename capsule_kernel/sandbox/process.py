@@ -493,6 +493,20 @@ class SandboxProcess(ABC):
             return None
         return None
 
+    def peak_memory(self) -> int | None:
+        """The most memory the sandbox has held: its cgroup's peak, else the process's high-water mark."""
+        if self._cgroup is not None:
+            peak = self._cgroup.peak_memory_bytes()
+            if peak is not None:
+                return peak
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
     # -- waiting --------------------------------------------------------------------
 
     async def _await_or_death(

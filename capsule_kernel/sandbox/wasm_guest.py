@@ -29,6 +29,7 @@ import traceback
 import types
 from typing import Any
 
+from capsule_kernel import tasks
 from capsule_kernel.checkpoint import snapshot
 from capsule_kernel.sandbox import frames
 from capsule_kernel.sandbox.inside.ledger import SnapshotLedger, clear_for_replace
@@ -248,6 +249,7 @@ class Guest:
                 "names": lambda args: {"names": snapshot.saveable_names(self.namespace, self._hidden)},  # noqa: ARG005
                 "restore": lambda args: self.restore(args["entries"], bool(args.get("replace"))),
                 "forget_digests": self.forget_digests,
+                "bind": lambda args: tasks.bind(self.namespace, args),
             }
         )
         self.snapshots = bool(os.environ.get("CAPSULE_SNAPSHOTS"))

@@ -69,6 +69,7 @@ def guest_library(cache: Path) -> Path:
     package = Path(__file__).resolve().parents[1]
     files = {
         "capsule_kernel/__init__.py": package / "__init__.py",
+        "capsule_kernel/tasks.py": package / "tasks.py",
         "capsule_kernel/checkpoint/__init__.py": package / "checkpoint" / "__init__.py",
         "capsule_kernel/checkpoint/snapshot.py": package / "checkpoint" / "snapshot.py",
         "capsule_kernel/checkpoint/chunks.py": package / "checkpoint" / "chunks.py",

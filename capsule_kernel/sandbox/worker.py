@@ -49,6 +49,7 @@ class Worker:
 
             source = KernelChunks(chunk_fd)
         self.snapshots = Snapshotter(self.shell, self.channel, config.get("spool"), config.get("report_fd"), source)
+        from capsule_kernel import tasks
         from capsule_kernel.sandbox import worker_requests
 
         self.requests = RequestTable(
@@ -57,6 +58,7 @@ class Worker:
                 "names": lambda args: {"names": self.snapshots.names()},  # noqa: ARG005
                 "restore": lambda args: self.snapshots.restore(args["entries"], replace=bool(args.get("replace"))),
                 "forget_digests": self._forget_digests,
+                "bind": lambda args: tasks.bind(self.shell.user_ns, args),
             }
         )
         self.channel.start()

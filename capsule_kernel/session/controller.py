@@ -44,9 +44,10 @@ from capsule_kernel.session.durability import CellDurability
 from capsule_kernel.session.identity import frontend_notebook_path
 from capsule_kernel.session.ledger import NameLedger
 from capsule_kernel.session.relay import Relay
+from capsule_kernel.session.task_scheduler import TaskScheduler
 
 _REINTERRUPT_SECONDS = 1.0
-_SANDBOX_KINDS: dict[str, type[SandboxProcess]] = {"subprocess": SubprocessSandbox, "wasm": WasmSandbox}
+SANDBOX_KINDS: dict[str, type[SandboxProcess]] = {"subprocess": SubprocessSandbox, "wasm": WasmSandbox}
 # What a reply may say of itself; everything else in it is rebuilt by the kernel.
 _REPLY_STATUSES = ("ok", "error", "aborted")
 
@@ -114,6 +115,7 @@ class SessionController:
         self._restore_outcome = "the namespace starts empty"
         self._confinement_noted = False
         self._policy_files = PolicyFileWatch(Path.cwd(), default_home())
+        self.tasks = TaskScheduler(self)
 
     # -- what magics see (magics/context.py) ------------------------------------------
 
@@ -195,7 +197,7 @@ class SessionController:
 
     async def _spawn_sandbox(self) -> SandboxProcess:
         kind = self.active_kind
-        sandbox = _SANDBOX_KINDS[kind](
+        sandbox = SANDBOX_KINDS[kind](
             self.policy.limits.limits,
             self._event_handler(kind),
             chunk_root=self.checkpoints.chunk_root,
@@ -355,6 +357,8 @@ class SessionController:
     # -- interrupts ---------------------------------------------------------------------
 
     def interrupt(self) -> None:
+        if self.tasks.interrupt():
+            return  # the stop button during a foreground task cancels the task
         sandbox = self.sandbox
         if sandbox is None or not self.cell_running:
             return
@@ -374,6 +378,14 @@ class SessionController:
     async def execute(self, cell: Cell) -> tuple[dict[str, Any], dict[str, Any]]:
         """Run one cell where it belongs; return the reply and its metadata."""
         code, count = cell.code, cell.execution_count
+        task = magics.task_cell(code)
+        if task is not None:
+            await self._adopt_frontend_session(code)
+            return await self._execute_task_cell(*task, count), {
+                "sandbox": "task",
+                "mode": "magic",
+                "reason": "%%capsule task: runs in a sandbox of its own",
+            }
         try:
             magic_lines = magics.capsule_lines(code)
         except magics.MagicUsageError as err:
@@ -419,6 +431,28 @@ class SessionController:
             self.log.exception("the analyzer failed; running the cell as a plain cell")
             return ExecutionPlan(source_hash="", syntax_error=None)
 
+    async def _execute_task_cell(self, line: str, body: str, count: int) -> dict[str, Any]:
+        """A %%capsule task cell: the kernel checks the line's authority (its own source) and runs the task."""
+        self._publish_notices()
+        try:
+            args = magics.parse_task_line(line)
+        except magics.MagicHelp as help_text:
+            self.relay.show([{"text/plain": str(help_text)}])
+            return {"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}
+        except magics.MagicUsageError as err:
+            return self.relay.fail(count, "UsageError", str(err))
+        await self.tasks.bind_pending()
+        self.cell_running = True
+        try:
+            reply = await self.tasks.run_cell(args, body, count)
+        finally:
+            self.cell_running = False
+        if self.sandbox is not None and self.sandbox.alive:
+            with contextlib.suppress(SandboxDied, TimeoutError):
+                history = {"code": f"%%capsule {line}\n{body}", "execution_count": count}
+                await self.sandbox.request("store_history", history)
+        return reply
+
     async def _execute_magic_cell(self, code: str, lines: list[str], count: int) -> dict[str, Any]:
         for line in lines:
             try:
@@ -441,6 +475,7 @@ class SessionController:
             sandbox = await self.ready_sandbox()
         except (SandboxDied, TimeoutError) as err:
             return self.relay.fail(count, "SandboxUnavailable", f"the {kind} sandbox could not start: {err}")
+        await self.tasks.bind_pending()
         await self._bring_names(sandbox, reads)
         self._note_confinement(sandbox)
         self._publish_notices()
@@ -637,6 +672,8 @@ class SessionController:
     # -- shutdown ---------------------------------------------------------------------------
 
     async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.tasks.close()
         if self._starting is not None:
             with contextlib.suppress(Exception):
                 await self._starting

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from capsule_kernel.session.controller import SessionController
 
 _INPUT_POLL_SECONDS = 0.01
+# What a task's sandbox may show in its cell (no comms, stdin or %capsule: a task has none).
+_TASK_OUTPUTS = frozenset({"stream", "display", "clear_output", "execute_result", "error"})
 _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
 
@@ -61,9 +63,14 @@ class Relay:
     # -- to the frontend -----------------------------------------------------------------
 
     def publish(self, msg_type: str, content: dict[str, Any], **extra: Any) -> None:
+        self.publish_for(msg_type, content, self.parent, **extra)
+
+    def publish_for(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any], **extra: Any) -> None:
+        """Publish under a given parent (a background task's output belongs to the cell that started it)."""
         kernel = self.kernel
-        self.outputs[msg_type] += 1
-        kernel.session.send(kernel.iopub_socket, msg_type, content, self.parent, ident=kernel._topic(msg_type), **extra)
+        if parent is self.parent:
+            self.outputs[msg_type] += 1
+        kernel.session.send(kernel.iopub_socket, msg_type, content, parent, ident=kernel._topic(msg_type), **extra)
 
     def note(self, text: str) -> None:
         self.publish("stream", {"name": "stderr", "text": text})
@@ -82,6 +89,15 @@ class Relay:
 
     def on_event(self, event: dict[str, Any]) -> None:
         self._handlers[event["type"]](event)
+
+    def on_event_for(self, event: dict[str, Any], parent: dict[str, Any]) -> None:
+        """An output event of a task's sandbox, shown in the cell that ran the task (outputs only)."""
+        if event["type"] in _TASK_OUTPUTS:
+            saved, self.parent = self.parent, parent
+            try:
+                self._handlers[event["type"]](event)
+            finally:
+                self.parent = saved
 
     def _display(self, event: dict[str, Any]) -> None:
         msg_type = "update_display_data" if event.get("update") else "display_data"
