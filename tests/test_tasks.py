@@ -177,3 +177,44 @@ def test_a_task_mount_within_the_operators_policy(fresh_kernel, tmp_path):
     body = f"int(open({str(data / 'n.txt')!r}).read())"
     result = kernel.execute(f"%%capsule task n --sandbox wasm --mount {data}\n{body}")
     assert valid(envelope_of(result))["result"] == 7
+
+
+def test_the_task_decorator_call_submit_map_and_failure(kernel):
+    kernel.execute(
+        "from capsule_kernel.tasks import task, TaskFailed\n"
+        "@task(timeout='30s', retries=1)\n"
+        "def double(x):\n    import os\n    return (x * 2, os.getpid())\n"
+        "@task(sandbox='wasm', compute='low')\n"
+        "def fails(x):\n    raise KeyError(x)"
+    )
+    pid = kernel.sandbox_pid()
+    value = kernel.execute("double(21)")
+    assert value.status == "ok", value.texts()
+    assert kernel.execute("double(21)[0]").result_text == "42"
+    assert kernel.execute(f"double(1)[1] != {pid}").result_text == "True"  # another process
+    assert kernel.execute("double.map([1, 2, 3])").result_text.startswith("[(2,")
+    assert kernel.execute("[v for v, _ in double.map([1, 2, 3])]").result_text == "[2, 4, 6]"
+    handle = kernel.execute("h = double.submit(5)\nh.result()[0]")
+    assert handle.result_text == "10"
+    assert kernel.execute("h.envelope['execution']['sandbox']").result_text == "'subprocess'"
+    failed = kernel.execute("try:\n    fails('k')\nexcept TaskFailed as e:\n    err = e.envelope['error']\nerr['type']")
+    assert failed.result_text == "'exception'", failed.texts()
+    assert "KeyError" in kernel.execute("err['message']").result_text
+
+
+def test_task_api_options_are_checked_by_the_kernel(fresh_kernel):
+    kernel = fresh_kernel(env={"CAPSULE_MEMORY": "1GB"})
+    kernel.execute("from capsule_kernel.tasks import task\n@task(memory='8GB')\ndef big():\n    return 1")
+    refused = kernel.execute("big()")
+    assert refused.status == "error" and "above the operator's" in refused.texts()
+    # A forged frame asking for a mount or an unknown option is refused too.
+    forged = kernel.execute(
+        "from capsule_kernel import tasks\n"
+        "tasks._kernel('submit', {'name': 'x', 'payload': 'AA==', 'options': {'mount': ['/']}})"
+    )
+    assert forged.status == "error" and "unknown @task option" in forged.texts()
+    injected = kernel.execute(
+        "from capsule_kernel import tasks\n"
+        "tasks._kernel('submit', {'name': 'x', 'payload': \"')\\nimport os\\n#\", 'options': {}})"
+    )
+    assert injected.status == "error" and "not base64" in injected.texts()

@@ -113,6 +113,11 @@ def promise_id(session: str, kernel_id: str, execution_count: int) -> str:
     return f"capsule.{session_key}.{kernel_id}.{execution_count}"
 
 
+def task_promise_id(session: str, key: str, kernel_id: str, run: int) -> str:
+    session_key = hashlib.sha256(session.encode()).hexdigest()[:16]
+    return f"capsule.{session_key}.task.{key}.{kernel_id}.{run}"
+
+
 class CellPromises:
     """Creates and settles one promise per cell, in order, off the critical path."""
 
@@ -144,6 +149,22 @@ class CellPromises:
 
     def rejected(self, session: str, count: int, value: dict[str, Any]) -> None:
         self._queue.put_nowait(("reject", promise_id(session, self.kernel_id, count), value, None))
+
+    def task_started(self, session: str, key: str, run: int, name: str, param: dict[str, Any]) -> str:
+        """One run of a task (its attempts inside it): pending until its envelope is in."""
+        pid = task_promise_id(session, key, self.kernel_id, run)
+        tags = {"capsule.session": session, "capsule.kernel": self.kernel_id, "capsule.task": name, "capsule.key": key}
+        self._queue.put_nowait(("create", pid, param, tags))
+        return pid
+
+    def task_settled(self, pid: str, envelope: dict[str, Any]) -> None:
+        self._queue.put_nowait(("resolve" if envelope.get("success") else "reject", pid, envelope, None))
+
+    def state_of_id(self, pid: str) -> tuple[str, Any] | None:
+        if self.local is None:
+            return None
+        promise = self.local.state.promises.get(pid)
+        return (promise.state, _decode(promise.value)) if promise else None
 
     async def settled(self, timeout: float = 30.0) -> None:
         """Wait until every queued operation has been applied."""
@@ -178,8 +199,8 @@ class CellPromises:
             page = await self.resonate.promises.search("pending", {"capsule.session": session}, 200, cursor)
             for promise in page.promises:
                 tags = promise.tags or {}
-                if tags.get("capsule.kernel") == self.kernel_id:
-                    continue  # this kernel's own cell, running now
+                if tags.get("capsule.kernel") == self.kernel_id or "capsule.task" in tags:
+                    continue  # this kernel's own cell, running now; or a task (%capsule tasks shows those)
                 found.append(
                     {
                         "id": promise.id,

@@ -95,6 +95,8 @@ FRAMES: dict[str, Frame] = {
     "limits": _frame((KERNEL,), limits=dict),
     "input_reply": _frame((KERNEL,), _STREAM_CAP, id=_INT_OR_NONE, value=str),
     "magic_reply": _frame((KERNEL,), optional=("error",), id=_INT_OR_NONE, ok=bool, error=str),
+    # The answer to a "task" frame (capsule_kernel.tasks): a task's key, or its envelope and value.
+    "task_reply": _frame((KERNEL,), _OUTPUT_CAP, id=int, content=dict),
     "shutdown": _frame((KERNEL,)),
     # -- a sandbox to the kernel ------------------------------------------------------
     "ready": _frame((WORKER, HOST, GUEST), optional=("enforcement",), pid=int, python=str, enforcement=dict),
@@ -117,6 +119,8 @@ FRAMES: dict[str, Frame] = {
     "input_request": _frame(_OUT, _STREAM_CAP, id=int, prompt=str, password=bool),
     "magic": _frame(_OUT, _STREAM_CAP, id=int, line=str, cell=_STR_OR_NONE),
     "reply": _frame(_OUT, _OUTPUT_CAP, id=_INT_OR_NONE, content=dict),
+    # A @task call from a cell: submit / wait / cancel (the kernel checks every option against policy).
+    "task": _frame(_OUT, _OUTPUT_CAP, id=int, action=str, args=dict),
     "snapshot_started": _frame((WORKER,), execution_count=int, pid=int),
     "trap": _frame((HOST,), reason=str),
     # -- snapshot reports (the subprocess sandbox's report pipe; the Wasm host's) ------

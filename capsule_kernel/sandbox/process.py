@@ -617,6 +617,7 @@ class SandboxProcess(ABC):
             "comm": forward,
             "input_request": forward,
             "magic": forward,
+            "task": forward,
         }
 
     def _dispatch(self, message: dict[str, Any]) -> None:

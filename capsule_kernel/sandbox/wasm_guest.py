@@ -192,6 +192,18 @@ class GuestShell:
             )
         self._guest.capsule_magic(line, None)
 
+    def capsule_task(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        """A @task request to the kernel, through the host (capsule_kernel.tasks)."""
+        guest = self._guest
+        guest.flush()
+        request_id = guest.request_id()
+        guest.channel.send({"type": "task", "id": request_id, "action": action, "args": args})
+        try:
+            return guest.channel.wait_for("task_reply", request_id)["content"]
+        except Cancelled as err:
+            _raise_cancel(err.why, guest.limits)
+            raise
+
     def run_cell_magic(self, name: str, line: str, cell: str) -> None:
         if name != "capsule":
             raise NotImplementedError(f"%%{name}: IPython cell magics are not available in the Wasm sandbox")
@@ -259,6 +271,7 @@ class Guest:
         self.stderr = GuestStream("stderr", self)
         sys.stdout, sys.stderr = self.stdout, self.stderr
         self.shell = GuestShell(self)
+        tasks.SHELL = self.shell
         self.namespace["get_ipython"] = lambda: self.shell
         self.namespace["display"] = self.display
         self.namespace["Out"] = self.out

@@ -233,6 +233,7 @@ class WasmHost:
             "error": self._forward,
             "input_request": self._forward,
             "magic": self._forward,
+            "task": self._forward,
         }
         self.kernel_handlers = {
             "execute": self._deliver_execute,
@@ -240,6 +241,7 @@ class WasmHost:
             "limits": self._deliver_limits,
             "input_reply": self._deliver_as_is,
             "magic_reply": self._deliver_as_is,
+            "task_reply": self._deliver_as_is,
             "shutdown": self._deliver_as_is,
             "eof": self._deliver_as_is,
             "comm": lambda caller, message: None,  # noqa: ARG005 - no widgets in Wasm cells

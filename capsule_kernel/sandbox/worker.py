@@ -52,6 +52,8 @@ class Worker:
         from capsule_kernel import tasks
         from capsule_kernel.sandbox import worker_requests
 
+        tasks.SHELL = self.shell
+
         self.requests = RequestTable(
             {
                 **worker_requests.table(self.shell, self.comms),

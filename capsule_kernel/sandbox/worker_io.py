@@ -23,7 +23,7 @@ INTERRUPT_SIGNALS = {signal.SIGINT, signal.SIGUSR2, signal.SIGXCPU}
 
 # Messages the main thread waits for while a cell runs (input() and %capsule
 # replies) go to their own queue; everything else waits for the idle loop.
-_REPLY_TYPES = {"input_reply", "magic_reply"}
+_REPLY_TYPES = {"input_reply", "magic_reply", "task_reply"}
 
 
 class FrameChannel:

@@ -188,6 +188,13 @@ class SandboxShell(ZMQInteractiveShell):
             if reply["type"] == kind and reply.get("id") == request_id:
                 return reply
 
+    def capsule_task(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        """A @task request to the kernel (capsule_kernel.tasks); blocks the cell until it answers."""
+        self.flusher.flush_all()
+        request_id = next(self._reply_ids)
+        self.channel.send({"type": "task", "id": request_id, "action": action, "args": args})
+        return self.wait_reply("task_reply", request_id)["content"]
+
     def request_input(self, prompt: str = "", password: bool = False) -> str:
         if not self.allow_stdin:
             what = "getpass" if password else "input"

@@ -58,6 +58,7 @@ class Relay:
             "comm": self._comm,
             "input_request": lambda e: self._side(self._answer_input(e)),
             "magic": lambda e: self._side(self._answer_magic(e)),
+            "task": lambda e: self._side(self._answer_task(e)),
         }
 
     # -- to the frontend -----------------------------------------------------------------
@@ -164,6 +165,17 @@ class Relay:
         if sandbox is not None:
             with contextlib.suppress(SandboxDied):
                 sandbox.send(answer)
+
+    async def _answer_task(self, event: dict[str, Any]) -> None:
+        """A @task call from inside a cell: a request from untrusted code, checked by the scheduler."""
+        controller = self.controller
+        assert controller is not None
+        sandbox = controller.sandbox
+        if sandbox is None:
+            return
+        content = await controller.tasks.answer(event["action"], event["args"], sandbox.kind)
+        with contextlib.suppress(SandboxDied):
+            sandbox.send({"type": "task_reply", "id": event["id"], "content": content})
 
     # -- from the frontend ---------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -37,6 +39,11 @@ if TYPE_CHECKING:
 STATUS_MIME_THROTTLE_SECONDS = 0.2
 # Output kept per background task for its live display (the tail is shown).
 _OUTPUT_TAIL_CHARS = 4000
+# Tasks a session may have queued or running at once (a cell submitting in a loop meets this).
+MAX_LIVE_TASKS = 1000
+# The options a @task call may give (no mounts: those are the notebook's own lines' to add).
+API_OPTIONS = ("sandbox", "timeout", "memory", "cpu", "fuel", "compute", "retries", "backoff", "retry_on", "id")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 # The limits a sandbox is launched with (the others are set per cell).
 _LAUNCH_LIMITS = ("memory", "disk", "network", "files", "procs")
 
@@ -66,6 +73,7 @@ class TaskRun:
     output: str = ""
     bound: bool = False
     last_shown: float = 0.0
+    promise: str | None = None  # its durable promise (resonate-sdk), settled with the envelope
 
     @property
     def name(self) -> str:
@@ -194,6 +202,7 @@ class TaskScheduler:
         self._to_bind: list[TaskRun] = []
         self._bind_lock: asyncio.Lock | None = None
         self.foreground: TaskRun | None = None
+        self._promise_runs = 0
 
     # -- from a cell --------------------------------------------------------------------
 
@@ -271,6 +280,92 @@ class TaskScheduler:
         if spec.kind == "wasm" and decision.sandbox != "wasm" and args.sandbox == "wasm":
             raise TaskRefused(f"the Wasm sandbox cannot run this body: {decision.reason.removeprefix('auto: ')}")
         return spec
+
+    # -- from inside a cell: the @task API (capsule_kernel.tasks) -------------------------
+
+    async def answer(self, action: str, args: dict[str, Any], caller_kind: str) -> dict[str, Any]:
+        """A ``task`` frame from the notebook's sandbox: untrusted, so every field is checked here."""
+        handler = {"submit": self._api_submit, "wait": self._api_wait, "cancel": self._api_cancel}.get(action)
+        if handler is None:
+            return {"status": "error", "error": f"unknown task action {action[:40]!r}"}
+        try:
+            return await handler(args, caller_kind)
+        except TaskRefused as err:
+            return {"status": "error", "error": str(err)}
+
+    async def _api_submit(self, args: dict[str, Any], caller_kind: str) -> dict[str, Any]:
+        from capsule_kernel.session import task_spec
+
+        live = sum(1 for run in self._by_key.values() if run.future is not None and not run.future.done())
+        if live >= MAX_LIVE_TASKS:
+            raise TaskRefused(f"{live} tasks are queued or running: at most {MAX_LIVE_TASKS} at once")
+        payload = args.get("payload")
+        if not isinstance(payload, str) or not _BASE64.fullmatch(payload):
+            raise TaskRefused("the call's payload is not base64")
+        options = args.get("options")
+        options = options if isinstance(options, dict) else {}
+        unknown = sorted(set(options) - set(API_OPTIONS))
+        if unknown:
+            raise TaskRefused(f"unknown @task option(s): {', '.join(map(str, unknown))[:200]}")
+        name = str(args.get("name", ""))
+        code = task_spec.call_code(payload)
+        if caller_kind == "wasm":
+            # The call was pickled in Wasm: it may be unpickled in Wasm only.
+            if options.get("sandbox") == "subprocess":
+                raise TaskRefused("a @task called from a Wasm cell runs in the Wasm sandbox only")
+            default = ("wasm", "called from a Wasm cell")
+            options = {**options, "sandbox": "wasm"}
+        else:
+            default = ("subprocess", "@task: the subprocess sandbox unless sandbox= says otherwise")
+        spec = task_spec.build(
+            self.controller.policy,
+            name=name,
+            body=f"@task {name}: call {hashlib.sha256(payload.encode()).hexdigest()}",
+            code=code,
+            default_kind=default,
+            options={**{k: (str(v) if v is not None else None) for k, v in options.items()}, "background": True},
+        )
+        spec = replace(spec, bind=False)
+        run, _ = await self.submit(spec)
+        return {"status": "ok", "key": run.key, "name": run.name}
+
+    def _api_run(self, args: dict[str, Any]) -> TaskRun:
+        key = args.get("key")
+        run = self._by_key.get(key) if isinstance(key, str) else None
+        if run is None:
+            run = next((r for r in self.runs.values() if r.key == key), None)
+        if run is None:
+            raise TaskRefused(f"no task with key {str(key)[:40]!r} in this kernel")
+        return run
+
+    async def _api_wait(self, args: dict[str, Any], caller_kind: str) -> dict[str, Any]:  # noqa: ARG002
+        run = self._api_run(args)
+        timeout = args.get("timeout")
+        if run.future is not None and not run.future.done():
+            done, _ = await asyncio.wait(
+                [run.future], timeout=float(timeout) if isinstance(timeout, int | float) else None
+            )
+            if not done:
+                return {"status": "timeout"}
+        outcome = run.outcome
+        assert outcome is not None
+        answer: dict[str, Any] = {"status": "ok", "envelope": outcome.envelope}
+        if outcome.pickled is not None:
+            answer["pickle"] = base64.b64encode(outcome.pickled).decode("ascii")
+            answer["made_in"] = outcome.made_in
+        elif outcome.unbindable:
+            answer["unbindable"] = outcome.unbindable
+        return answer
+
+    async def _api_cancel(self, args: dict[str, Any], caller_kind: str) -> dict[str, Any]:  # noqa: ARG002
+        run = self._api_run(args)
+        cancelled = False
+        if run.future is not None and not run.future.done():
+            run.future.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run.future
+            cancelled = True
+        return {"status": "ok", "cancelled": cancelled}
 
     # -- submitting -----------------------------------------------------------------------
 
@@ -350,6 +445,13 @@ class TaskScheduler:
 
     async def _run_now(self, run: TaskRun, first_attempt: int) -> None:
         run.started = time.monotonic()
+        promises = self.controller.durability.promises
+        if promises is not None:
+            self._promise_runs += 1
+            param = {"name": run.name, "sandbox": run.spec.kind, "first_attempt": first_attempt}
+            run.promise = promises.task_started(
+                self.controller.session_name, run.key, self._promise_runs, run.name, param
+            )
 
         def on_state(state: str, attempt: int, retry_in: float | None) -> None:
             run.state, run.attempt, run.retry_in = state, attempt, retry_in
@@ -383,7 +485,10 @@ class TaskScheduler:
             with contextlib.suppress(OSError):
                 digest = self.records.save_result(run.outcome.pickled)
         self._save(run, state, envelope=envelope, result=digest)
-        if run.spec.background:
+        promises = self.controller.durability.promises
+        if promises is not None and run.promise is not None:
+            promises.task_settled(run.promise, envelope)
+        if run.spec.background and run.spec.bind:
             self._show_status(run, final=True)
             self._to_bind.append(run)
             if not self.controller.cell_running:

@@ -55,6 +55,7 @@ class TaskSpec:
     given_key: str | None = None
     rerun: bool = False
     background: bool = False
+    bind: bool = True  # bind the result to NAME (a @task call returns it to its caller instead)
     kind_reason: str = ""
     options: dict[str, Any] = field(default_factory=dict)  # as given, for the record
 
@@ -308,6 +309,20 @@ def {EMIT_NAME}(name, limit):
         out["unpicklable"] = f"{{type(err).__name__}}: {{err}}"
     display({{{RESULT_MIME!r}: out}}, raw=True)
 '''
+
+
+def call_code(payload: str) -> str:
+    """A @task call's code: unpickle (function, args, kwargs) in the task's sandbox and call it.
+
+    ``payload`` must be base64 (the caller checks): it is pasted into the code
+    as a string literal, and nothing else from the sandbox is.
+    """
+    assert all(c.isalnum() or c in "+/=" for c in payload)
+    return (
+        "import base64 as __capsule_b64__, cloudpickle as __capsule_pickle__\n"
+        f"__capsule_call__ = __capsule_pickle__.loads(__capsule_b64__.b64decode('{payload}'))\n"
+        f"{RESULT_NAME} = __capsule_call__[0](*__capsule_call__[1], **__capsule_call__[2])\n"
+    )
 
 
 def emit_code(name: str, json_limit: int) -> str:
