@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,6 +21,7 @@ from typing import Any
 
 from capsule_kernel.sandbox.process import SandboxDied
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # The JSON form of a result, kept in the envelope; a larger one is carried as a value only.
 JSON_RESULT_LIMIT = 1024 * 1024
 _ENAME_KINDS = {
@@ -159,6 +161,8 @@ def text(envelope: dict[str, Any]) -> str:
         shown = json.dumps(envelope["result"]) if execution.get("result_json") else execution.get("result_repr", "")
         lines.append(f"result: {shown[:500]}")
     else:
+        traceback = envelope["error"]["traceback"]
+        lines += [_ANSI.sub("", line) for line in traceback[-12:]] if traceback else []
         lines.append(f"error: {envelope['error']['message']}")
     return "\n".join(lines)
 
@@ -174,7 +178,11 @@ def card(envelope: dict[str, Any]) -> str:
         )
         body = f"<code>{html.escape(detail)}</code>"
     else:
-        body = f"<b>{html.escape(envelope['error']['type'])}</b>: {html.escape(envelope['error']['message'][:500])}"
+        error = envelope["error"]
+        body = f"<b>{html.escape(error['type'])}</b>: {html.escape(error['message'][:500])}"
+        if error["traceback"]:
+            shown = "\n".join(_ANSI.sub("", line) for line in error["traceback"][-12:])
+            body += f"<pre style='margin:2px 0'>{html.escape(shown)}</pre>"
     return (
         f'<div class="capsule-task" style="border-left:3px solid {colour};padding:2px 8px">'
         f"<div>{html.escape(summary(envelope))}</div><div>{body}</div></div>"

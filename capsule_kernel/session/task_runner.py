@@ -52,15 +52,18 @@ class _Collector:
     sink: Sink
     result: dict[str, Any] | None = None
     expecting_result: bool = False
+    closed: bool = False  # the attempt is over: what its sandbox says while it is torn down is not shown
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
+        if self.closed:
+            return
         if kind == "display" and RESULT_MIME in event.get("data", {}):
             if self.expecting_result and self.result is None and isinstance(event["data"][RESULT_MIME], dict):
                 self.result = event["data"][RESULT_MIME]
             return  # never shown; and outside the emit step, a forgery, dropped
-        if kind == "error" and event.get("ename") == RETURN_CLASS:
-            return  # a top-level `return`: the task's success, not an error
+        if kind == "error":
+            return  # a top-level `return` is a success; a real error is in the envelope, with its traceback
         if kind in ("snapshot", "snapshot_failed", "comm", "input_request", "magic"):
             return  # a task has no checkpoints, widgets, stdin or %capsule
         self.sink(event)
@@ -102,6 +105,7 @@ async def run(
         else:
             cancelled = False
         finally:
+            collector.closed = True
             if sandbox is not None:
                 fuel = getattr(sandbox, "last_fuel", None)
                 if isinstance(fuel, int):
