@@ -49,6 +49,10 @@ def check_tour(nb) -> None:
     assert "('wasi', {'every': 2" in text_of(out["wasm-cell"])
     assert "linux mean word length 6.0" in text_of(out["numpy-cell"])
     assert "FileNotFoundError" in text_of(out["wasm-isolation"])
+    assert "task longest, succeeded" in text_of(out["task-cell"]), text_of(out["task-cell"])
+    assert "'sandboxed'" in text_of(out["task-result"])
+    assert "['EVERY', 'STATE']" in text_of(out["task-api"])
+    assert "longest" in text_of(out["task-list"]) and "succeeded" in text_of(out["task-list"])
 
 
 @pytest.mark.slow

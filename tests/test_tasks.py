@@ -127,8 +127,52 @@ def test_inputs_are_copied_and_a_missing_one_is_named(kernel):
 
 def test_a_wasm_task_refuses_a_native_import(kernel):
     result = kernel.execute("%%capsule task native --sandbox wasm\nimport numpy\nnumpy.zeros(3)")
-    assert result.status == "error"
-    assert "numpy" in result.texts()
+    assert result.status == "error" and result.content["ename"] == "TaskFailed"
+    envelope = valid(envelope_of(result))
+    assert envelope["error"]["type"] == "refused" and "numpy" in envelope["error"]["message"]
+    assert envelope["execution"]["attempts"] == []  # nothing ran
+
+
+def test_fuel_memory_and_cpu_failures_are_named(kernel):
+    fuel = kernel.execute("%%capsule task burn --sandbox wasm --compute low\nwhile True:\n    pass")
+    assert valid(envelope_of(fuel))["error"]["type"] == "fuel", fuel.texts()
+    memory = kernel.execute("%%capsule task hog --sandbox subprocess --memory 300MB\nb = bytearray(2 * 1024**3)")
+    assert valid(envelope_of(memory))["error"]["type"] == "memory", memory.texts()
+    cpu = kernel.execute("%%capsule task spin2 --sandbox subprocess --cpu 1s\nwhile True:\n    pass")
+    assert valid(envelope_of(cpu))["error"]["type"] == "cpu", cpu.texts()
+
+
+def test_an_id_keys_the_task_and_a_handle_is_awaitable(kernel):
+    first = kernel.execute("%%capsule task keyed --id job-1\n'first'")
+    assert valid(envelope_of(first))["result"] == "first"
+    other_body = kernel.execute("%%capsule task keyed --id job-1\n'second'")
+    assert valid(envelope_of(other_body))["execution"]["cached"]  # the same id: the same task
+    assert kernel.execute("keyed").result_text == "'first'"
+    awaited = kernel.execute(
+        "from capsule_kernel.tasks import task\n@task\ndef inc(x):\n    return x + 1\nawait inc.submit(1)"
+    )
+    assert awaited.result_text == "2", awaited.texts()
+
+
+def test_a_progress_bar_in_a_background_task_streams_into_its_display(kernel):
+    body = "from tqdm.auto import tqdm\nimport time\nfor i in tqdm(range(5)):\n    time.sleep(0.2)\n5"
+    started = kernel.execute(f"%%capsule task bar --sandbox subprocess --background\n{body}")
+    (display,) = started.of_type("display_data")
+    display_id = display.content["transient"]["display_id"]
+    updates: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any("succeeded" in text for text in updates):
+        try:
+            msg = kernel.kc.get_iopub_msg(timeout=0.5)
+        except Exception:  # noqa: BLE001 - queue.Empty: keep waiting until the deadline
+            continue
+        if msg["msg_type"] == "update_display_data" and msg["content"]["transient"]["display_id"] == display_id:
+            updates.append(msg["content"]["data"]["text/plain"])
+    final = updates[-1]
+    assert "task bar, succeeded" in final
+    assert "100%" in final and "5/5" in final  # tqdm drew as text, its last state kept
+    assert any("running" in text for text in updates[:-1])  # the live status line before the end
+    assert kernel.execute("bar").result_text == "5"
 
 
 def test_background_tasks_bind_between_cells_and_respect_max_parallel(fresh_kernel, tmp_path):

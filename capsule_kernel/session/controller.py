@@ -258,6 +258,13 @@ class SessionController:
         assert self.sandbox is not None
         return self.sandbox
 
+    async def sandbox_of(self, kind: str) -> SandboxProcess:
+        """The ready sandbox of this kind, which becomes the active one (where the next cell of that kind runs)."""
+        if kind != self.active_kind and self.sandbox is not None:
+            await self.checkpoints_settled()
+        self.active_kind = kind
+        return await self.ready_sandbox()
+
     async def sandbox_started(self) -> None:
         """Wait for a sandbox that is starting (the first starts right after kernel_info)."""
         if self.sandbox is not None and not self.sandbox.ready and not self.cell_running:

@@ -277,8 +277,9 @@ class TaskScheduler:
         )
         if not spec.inputs_explicit:
             spec = replace(spec, inputs=tuple(sorted(reads)))
-        if spec.kind == "wasm" and decision.sandbox != "wasm" and args.sandbox == "wasm":
-            raise TaskRefused(f"the Wasm sandbox cannot run this body: {decision.reason.removeprefix('auto: ')}")
+        if spec.kind == "wasm" and decision.sandbox != "wasm":
+            why = decision.reason.removeprefix("auto: ")
+            spec = replace(spec, refusal=f"the Wasm sandbox cannot run this body: {why}")
         return spec
 
     # -- from inside a cell: the @task API (capsule_kernel.tasks) -------------------------
@@ -395,7 +396,9 @@ class TaskScheduler:
         self.runs[spec.name] = run
         self._by_key[key] = run
         previous_attempts = len(record.envelope["execution"]["attempts"]) if record and record.envelope else 0
-        if missing:
+        if spec.refusal:
+            run.future = asyncio.ensure_future(self._refused(run, Failure("refused", spec.refusal)))
+        elif missing:
             failure = Failure("input", f"not in the notebook's last checkpoint: {', '.join(missing)}")
             run.future = asyncio.ensure_future(self._refused(run, failure))
         else:
@@ -545,14 +548,29 @@ class TaskScheduler:
                 args["made_in"] = outcome.made_in
             elif envelope["execution"].get("result_json"):
                 args["json"] = True
-        try:
-            sandbox = await self.controller.ready_sandbox()
-            answer = await sandbox.request("bind", args, timeout=120)
-        except (SandboxDied, TimeoutError) as err:
-            answer = {"status": "error", "evalue": f"the notebook's sandbox did not take it ({err})"}
-        if envelope["success"] and answer.get("status") != "ok":
-            why = answer.get("evalue") or outcome.unbindable or "it could not be loaded"
-            self.controller.relay.note(f"Capsule: the result of task {run.name} was not bound to {run.name}: {why}\n")
+        for sandbox in await self._notebook_sandboxes():
+            try:
+                answer = await sandbox.request("bind", args, timeout=120)
+            except (SandboxDied, TimeoutError) as err:
+                answer = {"status": "error", "evalue": f"the notebook's sandbox did not take it ({err})"}
+            if envelope["success"] and answer.get("status") != "ok":
+                why = answer.get("evalue") or outcome.unbindable or "it could not be loaded"
+                where = f" in the {sandbox.kind} sandbox" if self.controller.routing_mode == "auto" else ""
+                self.controller.relay.note(
+                    f"Capsule: the result of task {run.name} was not bound to {run.name}{where}: {why}\n"
+                )
+
+    async def _notebook_sandboxes(self) -> list[SandboxProcess]:
+        """Where the notebook's next cells run: the routing mode's sandbox, or in auto mode every one running."""
+        controller = self.controller
+        mode = controller.routing_mode
+        if mode in ("subprocess", "wasm"):
+            try:
+                return [await controller.sandbox_of(mode)]
+            except (SandboxDied, TimeoutError):
+                return []
+        running = [s for s in controller.sandboxes.values() if s.ready]
+        return running or [await controller.ready_sandbox()]
 
     # -- showing ------------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ class TaskSpec:
     rerun: bool = False
     background: bool = False
     bind: bool = True  # bind the result to NAME (a @task call returns it to its caller instead)
+    refusal: str | None = None  # why the chosen sandbox cannot run it: the task fails as `refused`
     kind_reason: str = ""
     options: dict[str, Any] = field(default_factory=dict)  # as given, for the record
 
@@ -289,6 +290,18 @@ class {RETURN_CLASS}(BaseException):
         {RETURN_CLASS}.returned = True
 {RETURN_CLASS}.returned = False
 {RESULT_NAME} = None
+def __capsule_text_progress__():
+    """A task's output is text (its cell, its status line), never a widget: tqdm.auto picks its text bar."""
+    import sys
+    shell = sys.modules.pop("ipykernel.zmqshell", None)  # what tqdm.autonotebook looks for
+    try:
+        import tqdm.autonotebook
+    except Exception:
+        pass
+    finally:
+        if shell is not None:
+            sys.modules["ipykernel.zmqshell"] = shell
+__capsule_text_progress__()
 
 def {EMIT_NAME}(name, limit):
     import base64, json
