@@ -97,10 +97,21 @@ def parser() -> argparse.ArgumentParser:
         help="an operator setting for every kernel of this spec, e.g. CAPSULE_MODE=wasm (repeatable)",
     )
     inst.set_defaults(run=install)
+    batch = commands.add_parser(
+        "run", help="run a notebook through the capsule kernel (nbclient); --resume continues a run that died"
+    )
+    _batch_arguments(batch)
     rm = commands.add_parser("uninstall", help="remove the kernelspec")
     rm.add_argument("--name", default=KERNEL_NAME)
     rm.set_defaults(run=uninstall)
     return root
+
+
+def _batch_arguments(sub: argparse.ArgumentParser) -> None:
+    from capsule_kernel import batch
+
+    batch.add_arguments(sub)
+    sub.set_defaults(run=batch.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,9 +75,12 @@ class Checkpoints:
         entries = event.get("entries", {})
         count = int(event.get("execution_count", 0))
         removed = list(event.get("removed", []))
-        if not entries and not removed:
-            return None  # nothing changed: the previous checkpoint still holds
         store = self.store
+        if not entries and not removed:
+            # Nothing changed: the previous checkpoint still holds; say so (a batch run's resume reads it).
+            async with self._lock:
+                await asyncio.to_thread(store.note_unchanged, session, count)
+            return None
 
         spool = event.get("spool")
 

@@ -46,6 +46,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     mac TEXT
 );
 CREATE INDEX IF NOT EXISTS checkpoints_by_session ON checkpoints (session, seq);
+-- Snapshots that found nothing changed: the state after that cell is the checkpoint before it.
+CREATE TABLE IF NOT EXISTS unchanged (
+    session TEXT NOT NULL,
+    execution_count INTEGER NOT NULL,
+    mac TEXT NOT NULL,
+    PRIMARY KEY (session, execution_count)
+);
 """
 
 
@@ -163,6 +170,20 @@ class CheckpointStore:
             "SELECT * FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT ?", (session, limit or -1)
         )
         return [self._row(row) for row in reversed(rows)]
+
+    def note_unchanged(self, session: str, execution_count: int) -> None:
+        """A snapshot after this cell found no name changed (no checkpoint row is written for it)."""
+        mac = self._mac(("unchanged", session, execution_count))
+        with self._guard:
+            self._db.execute("INSERT OR REPLACE INTO unchanged VALUES (?, ?, ?)", (session, execution_count, mac))
+
+    def unchanged_counts(self, session: str) -> set[int]:
+        """The cells of this session whose snapshot found nothing to save (rows that fail their MAC are left out)."""
+        rows = self._query("SELECT execution_count, mac FROM unchanged WHERE session = ?", (session,))
+        return {
+            count for count, mac in rows
+            if isinstance(mac, str) and hmac.compare_digest(mac, self._mac(("unchanged", session, count)))
+        }  # fmt: skip
 
     def find(self, session: str, ref: str) -> Checkpoint | None:
         """By execution count ('12') or checkpoint id prefix ('3fa9')."""

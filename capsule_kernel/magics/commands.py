@@ -215,12 +215,12 @@ async def cmd_restore(ctx: MagicContext, args: Any) -> list[Bundle]:
     return [{"text/plain": "\n".join(lines)}]
 
 
-async def cmd_resume(ctx: MagicContext, args: Any) -> list[Bundle]:  # noqa: ARG001
+async def cmd_resume(ctx: MagicContext, args: Any) -> list[Bundle]:
     store = ctx.checkpoints.store
     if store is None:
         raise MagicUsageError(f"%capsule resume: checkpoints are off ({ctx.checkpoints.problem})")
     await ctx.checkpoints_settled()
-    latest = store.latest(ctx.session_name)
+    latest = _checkpoint(ctx, args.ref, "resume") if args.ref else store.latest(ctx.session_name)
     if latest is None:
         raise MagicUsageError(f"%capsule resume: session {ctx.session_name} has no checkpoint to resume from")
     shown = [{"text/plain": await ctx.resume(latest)}]

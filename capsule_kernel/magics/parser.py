@@ -33,7 +33,7 @@ SUBCOMMANDS = {
     "log": "checkpoints of this session: cell, id, names changed, size, time, unsaved names",
     "restore": "make the namespace exactly what it was after a cell (N, or a checkpoint id prefix)",
     "diff": "names added, removed and changed between two checkpoints",
-    "resume": "restore this session's latest checkpoint (after the kernel itself died)",
+    "resume": "restore this session's latest checkpoint, or REF (after the kernel itself died); counts go on from it",
     "session": "show or set the session this notebook's checkpoints belong to",
     "gc": "drop checkpoints beyond the retention limit and chunks nothing refers to; report what was freed",
     "restart": "start a fresh sandbox with an empty namespace",
@@ -76,6 +76,8 @@ def build_parser() -> _Parser:
             )
         if name == "session":
             sub.add_argument("name", nargs="?", metavar="NAME", help="the new session name")
+        if name == "resume":
+            sub.add_argument("ref", nargs="?", metavar="REF", help="an execution count or checkpoint id prefix")
         if name == "diff":
             sub.add_argument("a", metavar="A", help="earlier checkpoint (execution count or id prefix)")
             sub.add_argument("b", metavar="B", help="later checkpoint (execution count or id prefix)")

@@ -116,6 +116,7 @@ class SessionController:
         self._confinement_noted = False
         self._policy_files = PolicyFileWatch(Path.cwd(), default_home())
         self.tasks = TaskScheduler(self)
+        self.last_checkpoint_at: int | None = None
 
     # -- what magics see (magics/context.py) ------------------------------------------
 
@@ -392,6 +393,7 @@ class SessionController:
                 "sandbox": "task",
                 "mode": "magic",
                 "reason": "%%capsule task: runs in a sandbox of its own",
+                "checkpoint_at": count,  # its result is bound now and checkpointed with a later cell
             }
         try:
             magic_lines = magics.capsule_lines(code)
@@ -400,7 +402,7 @@ class SessionController:
             return reply, {"sandbox": "kernel", "mode": "magic", "reason": "%%capsule cell"}
         await self._adopt_frontend_session(code)
         if magic_lines is not None:
-            reply = await self._execute_magic_cell(code, magic_lines, count)
+            reply = await self._execute_magic_cell(code, magic_lines, count, cell.store_history and not cell.silent)
             return reply, {"sandbox": "kernel", "mode": "magic", "reason": "%capsule lines run in the kernel"}
         plan = self._plan(code)
         reads = plan.reads | plan.mutates
@@ -421,7 +423,9 @@ class SessionController:
         if decision.sandbox == "wasm" and plan.transformed is not None:
             # No IPython inside: it gets %magics as the calls IPython would make (the analyzer's transform).
             cell = replace(cell, code=plan.transformed, raw_code=code)
+        self.last_checkpoint_at = count
         reply = await self._execute_in_sandbox(cell, decision.sandbox, reads)
+        meta["checkpoint_at"] = self.last_checkpoint_at
         sandbox = self.sandboxes.get(decision.sandbox)
         if isinstance(sandbox, WasmSandbox) and sandbox.last_fuel is not None:
             meta["fuel_consumed"] = sandbox.last_fuel
@@ -460,13 +464,13 @@ class SessionController:
                 await self.sandbox.request("store_history", history)
         return reply
 
-    async def _execute_magic_cell(self, code: str, lines: list[str], count: int) -> dict[str, Any]:
+    async def _execute_magic_cell(self, code: str, lines: list[str], count: int, stored: bool) -> dict[str, Any]:
         for line in lines:
             try:
                 self.relay.show(await magics.run(self, line))
             except magics.MagicUsageError as err:
                 return self.relay.fail(count, "UsageError", str(err))
-        if self.sandbox is not None and self.sandbox.alive:
+        if stored and self.sandbox is not None and self.sandbox.alive:
             with contextlib.suppress(SandboxDied, TimeoutError):
                 await self.sandbox.request("store_history", {"code": code, "execution_count": count})
         return {"status": "ok", "execution_count": count, "user_expressions": {}, "payload": []}
@@ -499,6 +503,9 @@ class SessionController:
             if reply is None:
                 reply = await self._report_death(self.sandbox or sandbox, self._last_death, count)
             self.durability.after_reply(self.session_name, count, cell.silent, reply, self.relay.outputs, snapshot)
+            # Which checkpoint will hold this cell's state (a batch run's resume reads it from the reply).
+            changed = snapshot is not None or reply.get("status") != "ok"
+            self.last_checkpoint_at = count if changed else None
             return reply
         finally:
             self.cell_running = False

@@ -390,6 +390,7 @@ class TaskScheduler:
             made_in = "wasm" if envelope["execution"]["sandbox"] == "wasm" else None
             run.outcome = task_runner.Outcome(envelope, pickled, made_in)
             self.runs[spec.name] = run
+            self._by_key[key] = run  # a @task handle finds it by its key
             return run, True
         run = TaskRun(spec, key, entries, parent)
         missing = [name for name in spec.inputs if name not in entries] if spec.inputs_explicit else []
@@ -624,6 +625,10 @@ class TaskScheduler:
         for run in self._by_key.values():
             if run.future is not None and not run.future.done():
                 rows[run.key] = _row(run.name, run.key, run.state, None, run.spec.kind, run.attempt)
+            elif run.key not in rows and run.envelope is not None:  # answered from another session's record
+                execution = run.envelope["execution"]
+                state = "succeeded (cached)" if execution.get("cached") else run.state
+                rows[run.key] = _row(run.name, run.key, state, execution, run.spec.kind)
         return headers, list(rows.values())
 
     def interrupted(self) -> list[TaskRecord]:

@@ -1,0 +1,108 @@
+"""capsule-kernel run: parameters, exit codes, the output notebook after each cell, resume after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from capsule_kernel.checkpoint.store import CheckpointStore, default_home
+from tests.harness import wait_until
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "capsule_kernel.cli", "run"]
+
+
+def notebook(path: Path, sources: list[str], parameters: str | None = None) -> Path:
+    nb = nbformat.v4.new_notebook()
+    if parameters is not None:
+        cell = nbformat.v4.new_code_cell(parameters)
+        cell.metadata["tags"] = ["parameters"]
+        nb.cells.append(cell)
+    nb.cells += [nbformat.v4.new_code_cell(source) for source in sources]
+    nbformat.write(nb, path)
+    return path
+
+
+def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd,
+                          timeout=300)  # fmt: skip
+
+
+def texts(nb) -> list[str]:
+    out = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            out.append("".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") or o.get("evalue", "")
+                               for o in cell.outputs))  # fmt: skip
+    return out
+
+
+def test_parameters_outputs_and_exit_codes(tmp_path):
+    source = notebook(tmp_path / "n.ipynb", ["print(greeting * times)", "1 / 0", "print('after')"],
+                      parameters="greeting = 'hi'\ntimes = 1")  # fmt: skip
+    done = run(str(source), "-o", str(tmp_path / "o.ipynb"), "-p", "greeting=ho", "-p", "times=2")
+    assert done.returncode == 1, done.stderr
+    out = nbformat.read(tmp_path / "o.ipynb", as_version=4)
+    assert "injected-parameters" in out.cells[1].metadata["tags"]
+    shown = texts(out)
+    assert shown[2] == "hoho\n" and "division by zero" in shown[3] and shown[4] == ""
+    assert "cell 3: error" in done.stderr  # one line per cell off a terminal
+    allowed = run(str(source), "-o", str(tmp_path / "o2.ipynb"), "--allow-errors")
+    assert allowed.returncode == 1
+    assert texts(nbformat.read(tmp_path / "o2.ipynb", as_version=4))[-1] == "after\n"
+    clean = notebook(tmp_path / "ok.ipynb", ["x = 1", "x + 1"])
+    assert run(str(clean)).returncode == 0
+    assert texts(nbformat.read(tmp_path / "ok.out.ipynb", as_version=4))[-1] == "2"
+
+
+def test_a_killed_run_resumes_without_rerunning_completed_cells(tmp_path):
+    log = tmp_path / "ran.log"
+    cells = [
+        f"open({str(log)!r}, 'a').write('a')\ndata = list(range(5))",
+        f"open({str(log)!r}, 'a').write('b')\ntotal = sum(data)",
+        f"open({str(log)!r}, 'a').write('c')\nimport time, pathlib\n"
+        f"while not pathlib.Path({str(tmp_path / 'go')!r}).exists():\n    time.sleep(0.05)\ntotal * 2",
+        f"open({str(log)!r}, 'a').write('d')\ntotal + 1",
+    ]
+    source = notebook(tmp_path / "job.ipynb", cells)
+    output = tmp_path / "job.out.ipynb"
+    first = subprocess.Popen([*CLI, str(source), "-o", str(output)], stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    wait_until(lambda: log.exists() and log.read_text() == "abc", timeout=120, what="the third cell to start")
+    # Cell b's checkpoint is recorded (a kill in the window between a reply and its checkpoint is issue 15's).
+    session = nbformat.read(output, as_version=4).metadata["capsule"]["session"]
+    store = CheckpointStore(default_home())
+    wait_until(lambda: any(c.execution_count >= 2 for c in store.history(session)), timeout=60, what="b's checkpoint")
+    store.close()
+    os.killpg(first.pid, signal.SIGKILL)  # the runner and its kernel, as a reboot would
+    first.wait()
+    (tmp_path / "go").touch()
+    resumed = run(str(source), "-o", str(output), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    out = nbformat.read(output, as_version=4)
+    assert log.read_text() == "abccd", (resumed.stderr, [c.outputs for c in out.cells])
+    out = nbformat.read(output, as_version=4)
+    assert texts(out)[2:] == ["20", "11"]
+    assert [c.metadata.get("capsule", {}).get("restored", False) for c in out.cells] == [True, True, False, False]
+    assert out.metadata["capsule"]["restored_cells"] == 2
+
+
+def test_a_changed_cell_runs_again_from_there(tmp_path):
+    log = tmp_path / "ran.log"
+    cells = [f"open({str(log)!r}, 'a').write('a')\nn = 2", f"open({str(log)!r}, 'a').write('b')\nn * 10"]
+    source = notebook(tmp_path / "j.ipynb", cells)
+    output = tmp_path / "j.out.ipynb"
+    assert run(str(source), "-o", str(output)).returncode == 0
+    assert run(str(source), "-o", str(output), "--resume").returncode == 0
+    assert log.read_text() == "ab"  # all restored: nothing ran
+    cells[1] = cells[1].replace("n * 10", "n * 100")
+    notebook(source, cells)
+    assert run(str(source), "-o", str(output), "--resume").returncode == 0
+    assert log.read_text() == "abb"
+    assert texts(nbformat.read(output, as_version=4)) == ["", "200"]
