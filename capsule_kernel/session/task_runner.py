@@ -114,9 +114,7 @@ async def run(
                     reading = sandbox.peak_memory()
                     if reading is not None:
                         peak = max(peak or 0, reading)
-                sandbox.stopping = True
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(sandbox.shutdown(grace=0.5))
+                _dispose(sandbox)
         attempt.duration_ms = int((time.monotonic() - attempt.started) * 1000)
         attempt.error_type = failure.type if failure else None
         if cancelled:  # the envelope says so; the cancellation ends here
@@ -177,6 +175,23 @@ async def _attempt(
     if collector.result is None:
         return Failure("crash", "the task's sandbox did not report the task's value"), None
     return None, collector.result
+
+
+# Sandboxes being torn down after their task: off the task's critical path, never garbage-collected early.
+_DISPOSING: set[asyncio.Task] = set()
+
+
+def _dispose(sandbox: SandboxProcess) -> None:
+    """A task's sandbox is used once: stop it in the background (its envelope does not wait for that)."""
+    sandbox.stopping = True
+
+    async def stop() -> None:
+        with contextlib.suppress(Exception):
+            await sandbox.shutdown(grace=0.5)
+
+    task = asyncio.ensure_future(stop())
+    _DISPOSING.add(task)
+    task.add_done_callback(_DISPOSING.discard)
 
 
 def _cell(code: str, count: int) -> dict[str, Any]:
