@@ -26,6 +26,7 @@ from traitlets import Bool, CaselessStrEnum, Dict, List, Unicode
 from capsule_kernel import __version__
 from capsule_kernel.policy import MODE_ORDER, WIDENABLE, KernelOptions, Policy
 from capsule_kernel.session.controller import Cell, SessionController
+from capsule_kernel.settings import sandbox_ipython_config
 
 _REQUEST_WAIT_SECONDS = 30.0
 _SANDBOX_START_DELAY_SECONDS = 0.5
@@ -71,6 +72,7 @@ class CapsuleKernel(Kernel):
             notebook_may_widen=tuple(self.notebook_may_widen) if self.notebook_may_widen is not None else None,
         )
         self.controller = SessionController(self, Policy.load(options=options))
+        self.controller.ipython_config = sandbox_ipython_config(self.config)
         self._last_meta: dict[str, Any] = {}
         self._completeness = TransformerManager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):

@@ -240,3 +240,33 @@ class KernelSettings:
         for warning in warnings:
             log.warning(warning)
         return cls(**values, source=path, warnings=tuple(warnings), table=dict(table))
+
+
+# The IPython configuration a client gives the kernel's command line (nbclient passes
+# --HistoryManager.hist_file=:memory:) that the sandbox's IPython takes, as ipykernel's shell would.
+SANDBOX_IPYTHON_SECTIONS = (
+    "HistoryManager", "InteractiveShell", "ZMQInteractiveShell", "IPCompleter", "PlainTextFormatter", "InlineBackend",
+)  # fmt: skip
+
+
+def sandbox_ipython_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON part of those sections, plus InteractiveShellApp.exec_lines (run in the sandbox at its start)."""
+    import json
+
+    chosen: dict[str, Any] = {}
+    for section in (*SANDBOX_IPYTHON_SECTIONS, "InteractiveShellApp"):
+        values = config.get(section)
+        if not isinstance(values, Mapping):
+            continue
+        kept = {}
+        for key, value in values.items():
+            if section == "InteractiveShellApp" and key != "exec_lines":
+                continue
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                continue
+            kept[str(key)] = value
+        if kept:
+            chosen[section] = kept
+    return chosen

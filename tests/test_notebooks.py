@@ -108,3 +108,21 @@ def test_a_failing_cell_stops_a_headless_run_with_a_clear_error(tmp_path):
         NotebookClient(nb, kernel_name="capsule", timeout=60).execute()
     assert "SandboxDied" in str(failure.value)
     assert "exited with code 9" in str(failure.value)
+
+
+@pytest.mark.slow
+def test_the_clients_ipython_configuration_reaches_the_sandbox(tmp_path):
+    """--HistoryManager.hist_file=:memory: (what nbclient passes to kernels it knows as ipykernel) and exec_lines."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("str(get_ipython().history_manager.hist_file)"),
+        nbformat.v4.new_code_cell("import os\nfrom_exec_lines == os.getpid()"),
+    ]
+    client = NotebookClient(nb, kernel_name="capsule", timeout=120, resources={"metadata": {"path": str(tmp_path)}})
+    client.extra_arguments = [
+        "--HistoryManager.hist_file=:memory:",
+        "--InteractiveShellApp.exec_lines=['import os', 'from_exec_lines = os.getpid()']",
+    ]
+    client.execute()
+    assert nb.cells[0].outputs[0]["data"]["text/plain"] == "':memory:'"
+    assert nb.cells[1].outputs[0]["data"]["text/plain"] == "True"  # run in the sandbox, not the kernel

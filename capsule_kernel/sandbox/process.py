@@ -131,6 +131,7 @@ class SandboxProcess(ABC):
         mounts: list[dict[str, Any]] | None = None,
         sandbox_settings: SandboxSettings | None = None,
         state_dir: Path | None = None,
+        ipython_config: Mapping[str, Any] | None = None,
         spawn: Callable[..., subprocess.Popen] = subprocess.Popen,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -145,6 +146,8 @@ class SandboxProcess(ABC):
         self.sandbox_settings = sandbox_settings or SandboxSettings()
         # The notebook's own persistent IPython directory (history), writable by its sandboxes only.
         self.state_dir = state_dir
+        # The client's IPython configuration (settings.sandbox_ipython_config): the worker's shell takes it.
+        self.ipython_config = dict(ipython_config or {})
         self.spawn = spawn
         self.clock = clock
         self.process: subprocess.Popen | None = None

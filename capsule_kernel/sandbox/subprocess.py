@@ -83,6 +83,9 @@ class SubprocessSandbox(SandboxProcess):
         store = [self.chunk_root.parent] if self.chunk_root else []
         return [*store, Path(jupyter_runtime_dir())]
 
+    def extra_config(self) -> dict[str, Any]:
+        return {"ipython": self.ipython_config}
+
     def _launch(self, name: str) -> Launch:
         """Everything outside the worker that confines it: cgroup, spool, bubblewrap."""
         return Launch.for_sandbox(name, self)

@@ -37,7 +37,9 @@ class Worker:
         self.flusher = StreamFlusher()
         sys.stdout = ProtocolStream("stdout", self.channel, self.flusher, 1)
         sys.stderr = ProtocolStream("stderr", self.channel, self.flusher, 2)
-        self.shell = worker_shell.install(self.channel, self.flusher)
+        ipython = dict(config.get("ipython") or {})
+        exec_lines = list(ipython.pop("InteractiveShellApp", {}).get("exec_lines", []))
+        self.shell = worker_shell.install(self.channel, self.flusher, ipython)
         self.shell.limits = dict(config.get("limits", {}))
         self.comms = worker_shell.comm_manager()
         from capsule_kernel.sandbox.worker_snapshots import Snapshotter
@@ -65,6 +67,8 @@ class Worker:
         )
         self.channel.start()
         self.flusher.start()
+        for line in exec_lines:  # as IPython's InteractiveShellApp runs them, once per sandbox
+            self.shell.run_cell(str(line), store_history=False, silent=True)
 
     # -- signals ---------------------------------------------------------------
 

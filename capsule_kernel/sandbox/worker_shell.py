@@ -256,8 +256,8 @@ def _explain_limit_error(shell: SandboxShell, etype, value, tb, tb_offset=None):
     shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
 
 
-def install(channel: FrameChannel, flusher: StreamFlusher) -> SandboxShell:
-    """Create the shell and route input(), getpass and comms through frames."""
+def install(channel: FrameChannel, flusher: StreamFlusher, ipython: dict[str, Any] | None = None) -> SandboxShell:
+    """Create the shell (with the client's IPython configuration); input(), getpass and comms use frames."""
     global _CHANNEL
     _CHANNEL = channel
     import comm
@@ -265,7 +265,10 @@ def install(channel: FrameChannel, flusher: StreamFlusher) -> SandboxShell:
     comm.create_comm = _create_comm
     comm.get_comm_manager = _get_comm_manager
 
-    shell = SandboxShell.instance(channel=channel, flusher=flusher, colors="linux")
+    from traitlets.config import Config
+
+    config = Config(ipython or {})
+    shell = SandboxShell.instance(channel=channel, flusher=flusher, colors="linux", config=config)
     shell.history_manager.db_cache_size = 0
 
     def _input(prompt: object = "") -> str:

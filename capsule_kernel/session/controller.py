@@ -117,6 +117,8 @@ class SessionController:
         self._policy_files = PolicyFileWatch(Path.cwd(), default_home())
         self.tasks = TaskScheduler(self)
         self.last_checkpoint_at: int | None = None
+        # The client's IPython configuration for the subprocess sandbox's shell (kernel.py sets it).
+        self.ipython_config: dict[str, Any] = {}
 
     # -- what magics see (magics/context.py) ------------------------------------------
 
@@ -205,6 +207,7 @@ class SessionController:
             mounts=self.mounts,
             sandbox_settings=self.policy.settings.sandbox,
             state_dir=self._sandbox_state_dir(),
+            ipython_config=self.ipython_config,
         )
         self.sandboxes[kind] = sandbox
         self.ledger.fresh_sandbox(kind)
