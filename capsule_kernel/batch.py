@@ -162,10 +162,69 @@ class Progress:
             self.bar.close()
 
 
+@dataclass
+class BatchRun:
+    """One run attempt of a notebook: its session, each cell's hash, where it resumes; shared by both runners."""
+
+    nb: Any
+    hashes: list[str]
+    session: str
+    resume: Resume
+
+    @classmethod
+    def prepare(cls, nb: Any, output: Path, parameters: dict[str, Any], previous: Any | None) -> BatchRun:
+        """Chain the hashes, plan the resume from ``previous`` (the dead run's output), record the run's metadata."""
+        import uuid
+
+        hashes = chain(nb, parameters)
+        resume = plan_resume(previous, nb, hashes) if previous is not None else Resume()
+        # A session per run attempt: execution counts never collide with a dead run's checkpoints.
+        session = f"batch:{output}#{uuid.uuid4().hex[:8]}"
+        bases = dict(previous.get("metadata", {}).get(RECORD, {}).get("bases", {})) if previous is not None else {}
+        if resume.checkpoint is not None:
+            bases[session] = [resume.checkpoint, resume.checkpoint_session]
+        nb.metadata[RECORD] = {
+            "session": session,
+            "parameters": {name: repr(value) for name, value in parameters.items()},
+            "restored_cells": len(resume.restored),
+            "bases": bases,
+        }
+        return cls(nb, hashes, session, resume)
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "CAPSULE_SESSION": self.session}
+
+    def restore(self, client: Any) -> None:
+        """Bring back the dead run's state, in this run's own session (its sandbox's IPython history is new)."""
+        resume = self.resume
+        if resume.checkpoint is None:
+            return
+        for line in (
+            f"%capsule session {shlex.quote(resume.checkpoint_session or self.session)}",
+            f"%capsule resume {resume.checkpoint[:12]}",
+            f"%capsule session {shlex.quote(self.session)}",
+        ):
+            _kernel_line(client, line)
+
+    def skipped(self, index: int) -> bool:
+        return index < self.resume.start
+
+    def record(self, index: int, reply: dict[str, Any], allow_errors: bool) -> bool:
+        """Note what the cell's reply says (did it complete, which checkpoint holds it); True if it failed."""
+        cell = self.nb.cells[index]
+        failed = reply.get("content", {}).get("status") != "ok"
+        cell.metadata[RECORD] = {
+            "hash": self.hashes[index],
+            "completed": not failed or allow_errors,
+            "session": self.session,
+            "count": cell.get("execution_count"),
+            "checkpoint_at": reply.get("metadata", {}).get("capsule", {}).get("checkpoint_at"),
+        }
+        return failed
+
+
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) one notebook; the exit code says how it ended."""
-    import uuid
-
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, DeadKernelError
 
@@ -174,21 +233,9 @@ def run(args: argparse.Namespace) -> int:
     parameters = dict(args.parameters or [])
     nb = nbformat.read(source, as_version=4)
     inject_parameters(nb, parameters)
-    hashes = chain(nb, parameters)
     previous = nbformat.read(output, as_version=4) if args.resume and output.exists() else None
-    resume = plan_resume(previous, nb, hashes) if previous is not None else Resume()
-    # A session per run attempt: execution counts never collide with a dead run's checkpoints.
-    session = f"batch:{output}#{uuid.uuid4().hex[:8]}"
-    bases = dict(previous.get("metadata", {}).get(RECORD, {}).get("bases", {})) if previous is not None else {}
-    if resume.checkpoint is not None:
-        bases[session] = [resume.checkpoint, resume.checkpoint_session]
-    nb.metadata[RECORD] = {
-        "session": session,
-        "parameters": {name: repr(value) for name, value in parameters.items()},
-        "restored_cells": len(resume.restored),
-        "bases": bases,
-    }
-    env = {**os.environ, "CAPSULE_SESSION": session}
+    batch = BatchRun.prepare(nb, output, parameters, previous)
+    env = batch.environment()
     if args.mode:
         env["CAPSULE_MODE"] = args.mode
     replies: dict[int, dict[str, Any]] = {}
@@ -209,33 +256,17 @@ def run(args: argparse.Namespace) -> int:
     status = EXIT_OK
     try:
         with client.setup_kernel(env=env):
-            if resume.checkpoint is not None:
-                # In this run's own session (its sandbox's IPython history is new), with the dead run's state.
-                steps = (
-                    f"%capsule session {shlex.quote(resume.checkpoint_session or session)}",
-                    f"%capsule resume {resume.checkpoint[:12]}",
-                    f"%capsule session {shlex.quote(session)}",
-                )
-                for line in steps:
-                    _kernel_line(client, line)
+            batch.restore(client)
             for index in code_cells:
                 cell = nb.cells[index]
-                if index < resume.start:
-                    progress.cell(index, "restored", 0.0, cell.source.split("\n", 1)[0])
+                first_line = cell.source.split("\n", 1)[0]
+                if batch.skipped(index):
+                    progress.cell(index, "restored", 0.0, first_line)
                     continue
                 began = time.monotonic()
                 client.execute_cell(cell, index)
-                reply = replies.pop(index, {})
-                meta = reply.get("metadata", {}).get("capsule", {})
-                failed = reply.get("content", {}).get("status") != "ok"
-                cell.metadata[RECORD] = {
-                    "hash": hashes[index],
-                    "completed": not failed or args.allow_errors,
-                    "session": session,
-                    "count": cell.get("execution_count"),
-                    "checkpoint_at": meta.get("checkpoint_at"),
-                }
-                progress.cell(index, "error" if failed else "ok", time.monotonic() - began, cell.source.split("\n")[0])
+                failed = batch.record(index, replies.pop(index, {}), args.allow_errors)
+                progress.cell(index, "error" if failed else "ok", time.monotonic() - began, first_line)
                 nbformat.write(nb, output)
                 if failed:
                     status = EXIT_CELL_ERROR

@@ -106,3 +106,30 @@ def test_a_changed_cell_runs_again_from_there(tmp_path):
     assert run(str(source), "-o", str(output), "--resume").returncode == 0
     assert log.read_text() == "abb"
     assert texts(nbformat.read(output, as_version=4)) == ["", "200"]
+
+
+def test_papermills_capsule_engine_resumes_too(tmp_path):
+    log = tmp_path / "ran.log"
+    cells = [
+        f"open({str(log)!r}, 'a').write('a')\ndata = [1, 2, 3]",
+        f"open({str(log)!r}, 'a').write('b')\nimport time, pathlib\n"
+        f"while not pathlib.Path({str(tmp_path / 'go')!r}).exists():\n    time.sleep(0.05)\nsum(data)",
+    ]
+    source = notebook(tmp_path / "pm.ipynb", cells, parameters="factor = 1")
+    output = tmp_path / "pm.out.ipynb"
+    papermill = [sys.executable, "-m", "papermill", str(source), str(output), "-k", "capsule", "--engine", "capsule",
+                 "--language", "python", "--cwd", str(tmp_path)]  # fmt: skip
+    first = subprocess.Popen([*papermill, "-p", "factor", "2"], stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until(lambda: log.exists() and log.read_text() == "ab", timeout=120, what="the second cell to start")
+    session = nbformat.read(output, as_version=4).metadata["capsule"]["session"]
+    store = CheckpointStore(default_home())
+    wait_until(lambda: store.history(session), timeout=60, what="the first cell's checkpoint")
+    store.close()
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    (tmp_path / "go").touch()
+    again = subprocess.run([*papermill, "-p", "factor", "2"], capture_output=True, text=True,
+                           env={**os.environ, "CAPSULE_RESUME": "1"}, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert log.read_text() == "abb"  # the first cell did not run again
+    assert texts(nbformat.read(output, as_version=4))[-1] == "6"
