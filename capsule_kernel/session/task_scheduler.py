@@ -164,6 +164,7 @@ class TaskPool:
             mounts=mounts,
             sandbox_settings=controller.policy.settings.sandbox,
             state_dir=None,
+            ipython_config=controller.ipython_config,  # a task's IPython is configured as the notebook's
         )
         await sandbox.start()
         reply = await sandbox.execute(task_runner._cell(PRELUDE, 0))
