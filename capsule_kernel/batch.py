@@ -37,8 +37,7 @@ import nbformat
 from capsule_kernel.sandbox.limits import LimitError, parse_duration
 
 EXIT_OK = 0
-EXIT_CELL_ERROR = 1
-EXIT_USAGE = 2  # argparse's
+EXIT_CELL_ERROR = 1  # (2, a usage error, is argparse's)
 EXIT_KERNEL_DIED = 3
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"

@@ -45,7 +45,6 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE INDEX IF NOT EXISTS tasks_by_session ON tasks (session, created);
 """
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
-ENDED = ("succeeded", "failed", "cancelled")
 
 
 @dataclass(frozen=True)

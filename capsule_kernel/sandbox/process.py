@@ -486,15 +486,7 @@ class SandboxProcess(ABC):
             in_use = self._cgroup.memory_bytes()
             if in_use is not None:
                 return in_use
-        if self.pid is None:
-            return None
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            return None
-        return None
+        return self._status_bytes("VmRSS")
 
     def peak_memory(self) -> int | None:
         """The most memory the sandbox has held: its cgroup's peak, else the process's high-water mark."""
@@ -502,9 +494,15 @@ class SandboxProcess(ABC):
             peak = self._cgroup.peak_memory_bytes()
             if peak is not None:
                 return peak
+        return self._status_bytes("VmHWM")
+
+    def _status_bytes(self, field: str) -> int | None:
+        """One memory figure of the worker's /proc/PID/status (given there in KiB)."""
+        if self.pid is None:
+            return None
         try:
             for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
         except (OSError, ValueError, IndexError):
             return None

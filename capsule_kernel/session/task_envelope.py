@@ -39,7 +39,6 @@ class Failure:
     type: str
     message: str
     traceback: list[str] = field(default_factory=list)
-    ename: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"type": self.type, "message": self.message, "traceback": list(self.traceback)}
@@ -50,7 +49,7 @@ def failure_from_reply(reply: dict[str, Any]) -> Failure:
     ename = str(reply.get("ename", "Error"))
     evalue = str(reply.get("evalue", ""))
     kind = _ENAME_KINDS.get(ename, "exception")
-    return Failure(kind, f"{ename}: {evalue}" if evalue else ename, [str(t) for t in reply.get("traceback", [])], ename)
+    return Failure(kind, f"{ename}: {evalue}" if evalue else ename, [str(t) for t in reply.get("traceback", [])])
 
 
 def failure_from_death(death: SandboxDied, kind: str) -> Failure:
@@ -76,7 +75,6 @@ class Attempt:
     started: float
     duration_ms: int = 0
     error_type: str | None = None
-    message: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"n": self.n, "error_type": self.error_type, "duration_ms": self.duration_ms}

@@ -162,14 +162,14 @@ async def _attempt(
             named = "; ".join(f"{name}: {why}" for name, why in sorted(failed.items()))
             return Failure("input", f"input(s) could not be copied into the task's sandbox: {named}"), None
     try:
-        reply = await sandbox.execute(_cell(spec.code, 1))
+        reply = await sandbox.execute(cell_request(spec.code, 1))
     except SandboxDied as death:
         return task_envelope.failure_from_death(death, spec.kind), None
     if reply.get("status") != "ok" and reply.get("ename") != RETURN_CLASS:
         return task_envelope.failure_from_reply(reply), None
     collector.expecting_result = True
     try:
-        await sandbox.execute(_cell(emit_code(spec.name, task_envelope.JSON_RESULT_LIMIT), 2))
+        await sandbox.execute(cell_request(emit_code(spec.name, task_envelope.JSON_RESULT_LIMIT), 2))
     except SandboxDied as death:
         return task_envelope.failure_from_death(death, spec.kind), None
     if collector.result is None:
@@ -194,7 +194,8 @@ def _dispose(sandbox: SandboxProcess) -> None:
     task.add_done_callback(_DISPOSING.discard)
 
 
-def _cell(code: str, count: int) -> dict[str, Any]:
+def cell_request(code: str, count: int) -> dict[str, Any]:
+    """An execute request for a task's sandbox: silent (no checkpoint, no history), no stdin."""
     return {
         "code": code,
         "silent": True,

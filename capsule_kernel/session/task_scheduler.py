@@ -29,7 +29,7 @@ from capsule_kernel.checkpoint.task_records import TaskRecord, TaskRecords
 from capsule_kernel.router import route
 from capsule_kernel.sandbox.limits import format_size
 from capsule_kernel.sandbox.process import SandboxDied, SandboxProcess
-from capsule_kernel.session import task_envelope, task_runner
+from capsule_kernel.session import task_envelope, task_runner, task_spec
 from capsule_kernel.session.task_envelope import Failure
 from capsule_kernel.session.task_spec import PRELUDE, TaskRefused, TaskSpec, task_code
 
@@ -167,7 +167,7 @@ class TaskPool:
             ipython_config=controller.ipython_config,  # a task's IPython is configured as the notebook's
         )
         await sandbox.start()
-        reply = await sandbox.execute(task_runner._cell(PRELUDE, 0))
+        reply = await sandbox.execute(task_runner.cell_request(PRELUDE, 0))
         if reply.get("status") != "ok":
             sandbox.stopping = True
             await sandbox.shutdown(grace=0.1)
@@ -245,8 +245,6 @@ class TaskScheduler:
         return self.controller.relay.fail(count, "TaskFailed", failure_text(envelope))
 
     def spec_from_cell(self, args: Any, body: str) -> TaskSpec:
-        from capsule_kernel.session import task_spec
-
         if not body.strip():
             raise TaskRefused("the cell has no body to run")
         try:
@@ -256,7 +254,7 @@ class TaskScheduler:
         plan = self.controller.analyzer.plan(body)
         reads = plan.reads | plan.mutates
         decision = route(plan, "auto", self.controller.ledger.value_types(reads))
-        default = (decision.sandbox, decision.reason)
+        default = decision.sandbox
         options = {
             "sandbox": args.sandbox,
             "timeout": args.timeout,
@@ -296,8 +294,6 @@ class TaskScheduler:
             return {"status": "error", "error": str(err)}
 
     async def _api_submit(self, args: dict[str, Any], caller_kind: str) -> dict[str, Any]:
-        from capsule_kernel.session import task_spec
-
         live = sum(1 for run in self._by_key.values() if run.future is not None and not run.future.done())
         if live >= MAX_LIVE_TASKS:
             raise TaskRefused(f"{live} tasks are queued or running: at most {MAX_LIVE_TASKS} at once")
@@ -315,10 +311,10 @@ class TaskScheduler:
             # The call was pickled in Wasm: it may be unpickled in Wasm only.
             if options.get("sandbox") == "subprocess":
                 raise TaskRefused("a @task called from a Wasm cell runs in the Wasm sandbox only")
-            default = ("wasm", "called from a Wasm cell")
+            default = "wasm"  # called from a Wasm cell
             options = {**options, "sandbox": "wasm"}
         else:
-            default = ("subprocess", "@task: the subprocess sandbox unless sandbox= says otherwise")
+            default = "subprocess"  # @task: the subprocess sandbox unless sandbox= says otherwise
         spec = task_spec.build(
             self.controller.policy,
             name=name,

@@ -57,7 +57,6 @@ class TaskSpec:
     background: bool = False
     bind: bool = True  # bind the result to NAME (a @task call returns it to its caller instead)
     refusal: str | None = None  # why the chosen sandbox cannot run it: the task fails as `refused`
-    kind_reason: str = ""
     options: dict[str, Any] = field(default_factory=dict)  # as given, for the record
 
     def key(self, input_digests: Mapping[str, str]) -> str:
@@ -124,21 +123,21 @@ def build(
     name: str,
     body: str,
     code: str,
-    default_kind: tuple[str, str],
+    default_kind: str,
     options: Mapping[str, Any],
 ) -> TaskSpec:
     """A TaskSpec from options in the ``%%capsule task`` vocabulary; TaskRefused says what is wrong.
 
-    ``default_kind`` is (kind, why) when no --sandbox option and no
+    ``default_kind`` is the kind when no --sandbox option and no
     ``[tasks] sandbox`` decide; the operator's policy has the last word.
     """
     settings: TaskSettings = policy.settings.tasks
     check_name(name)
-    kind, why = default_kind
+    kind = default_kind
     if options.get("sandbox"):
-        kind, why = str(options["sandbox"]), "--sandbox"
+        kind = str(options["sandbox"])
     elif settings.sandbox:
-        kind, why = settings.sandbox, "[tasks] sandbox"
+        kind = settings.sandbox
     if kind not in ("wasm", "subprocess"):
         raise TaskRefused(f"--sandbox {kind}: a task runs in wasm or subprocess")
     changes: dict[str, Any] = dict(settings.limits)
@@ -195,7 +194,6 @@ def build(
         given_key=str(given_key) if given_key else None,
         rerun=bool(options.get("rerun")),
         background=bool(options.get("background")),
-        kind_reason=why,
         options={k: v for k, v in options.items() if v not in (None, False, [], ())},
     )
 
