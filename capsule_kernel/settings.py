@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KEEP = 200
 DEFAULT_GC_GRACE_SECONDS = 600.0
+# Back to back, how long and how many short cells a coalesced snapshot may be deferred (worker_snapshots).
+DEFAULT_COALESCE_SECONDS = 1.0
+DEFAULT_COALESCE_CELLS = 64
 
 
 _WORKDIR_ACCESS = ("rw", "ro", "none")
@@ -176,6 +179,8 @@ class KernelSettings:
     auto_resume: bool = False
     keep: int | None = DEFAULT_KEEP
     gc_grace: float = DEFAULT_GC_GRACE_SECONDS
+    coalesce: float = DEFAULT_COALESCE_SECONDS
+    coalesce_cells: int = DEFAULT_COALESCE_CELLS
     # Where cells run unless %capsule mode says otherwise: subprocess, wasm or auto.
     mode: str = "subprocess"
     # Host directories Wasm cells may use: [{"path": absolute path, "writable": bool}].
@@ -204,6 +209,8 @@ class KernelSettings:
             ("auto_resume", table.get("auto_resume"), parse_switch),
             ("keep", checkpoints.get("keep"), parse_count),
             ("gc_grace", checkpoints.get("gc_grace"), parse_duration),
+            ("coalesce", checkpoints.get("coalesce"), parse_duration),
+            ("coalesce_cells", checkpoints.get("coalesce_cells"), parse_count),
         ):
             if raw is None:
                 continue
@@ -211,8 +218,9 @@ class KernelSettings:
                 values[key] = parser(raw)
             except LimitError as err:
                 warnings.append(f"{path}: {key}: {err}")
-        if values.get("gc_grace") is None:
-            values.pop("gc_grace", None)
+        for key in ("gc_grace", "coalesce", "coalesce_cells"):
+            if values.get(key) is None:
+                values.pop(key, None)
         mode = environ.get("CAPSULE_MODE") or table.get("mode")
         if mode in ("subprocess", "wasm", "auto"):
             values["mode"] = mode

@@ -98,6 +98,10 @@ class KernelHarness:
         self.kc.stop_channels()
         if self.km.is_alive():
             self.km.shutdown_kernel(now=False)
+        else:
+            # A kernel the test killed: close the manager's own sockets too, or zmq's context
+            # waits for them when the test process exits.
+            self.km.cleanup_resources()
 
     def drain_iopub(self) -> None:
         while True:

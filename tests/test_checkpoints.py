@@ -14,7 +14,18 @@ import pytest
 from tests.harness import wait_until
 
 
-def crash(kernel):
+def settle(kernel):
+    """Wait until every cell so far has its checkpoint (%capsule log waits for that).
+
+    Back to back, a short cell's snapshot is coalesced into a later one;
+    tests of what a checkpoint holds let it land first.
+    """
+    assert kernel.execute("%capsule log -n 1").status == "ok"
+
+
+def crash(kernel, *, settled=True):
+    if settled:
+        settle(kernel)
     result = kernel.execute("import os\nos._exit(1)")
     assert result.content["ename"] == "SandboxDied"
     return result.content["evalue"]
@@ -103,7 +114,9 @@ def test_a_deletion_holds_when_the_sandbox_dies_before_its_snapshot_learns_the_l
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
     worker = kernel.sandbox_pid()
     kernel.execute(HELD_SNAPSHOT.format(flag=str(flag)))
-    kernel.execute("del temporary")
+    kernel.execute("del temporary")  # short, with a snapshot running: deferred
+    # A request that is not a cell makes the worker take the deferred snapshot now: chained to the held one.
+    assert kernel.request("complete", "kep", 3)["content"]["status"] == "ok"
 
     def release_once_the_sandbox_is_gone() -> None:
         wait_until(lambda: not Path(f"/proc/{worker}").exists(), what="the sandbox to die")
@@ -112,7 +125,7 @@ def test_a_deletion_holds_when_the_sandbox_dies_before_its_snapshot_learns_the_l
     releaser = threading.Thread(target=release_once_the_sandbox_is_gone)
     releaser.start()
     try:
-        crash(kernel)
+        crash(kernel, settled=False)
     finally:
         flag.touch()
         releaser.join()
@@ -337,6 +350,7 @@ def test_retention_and_gc(fresh_kernel, home, tmp_path):
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "gc"}, cwd=project)
     for i in range(4):
         kernel.execute(f"import os\nblob = os.urandom(2 * 1024 * 1024)\nround_ = {i}")
+        settle(kernel)  # a checkpoint per round (back to back they would coalesce)
     log = kernel.execute("%capsule log").texts()
     assert len([line for line in log.splitlines() if line.startswith("[")]) == 2
     report = kernel.execute("%capsule gc").texts()
@@ -434,51 +448,90 @@ gate = Gate(GATE_PATH)
 
 
 def test_next_cells_reply_while_a_snapshot_is_still_running(fresh_kernel, home, tmp_path):
-    """A chained snapshot: the cell after a slow snapshot does not wait for it, and both land right."""
+    """Short cells that end while a slow snapshot runs reply at once; one coalesced snapshot holds them."""
     release = tmp_path / "release"
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "chain"})
     kernel.execute(f"GATE_PATH = {str(release)!r}")
+    settle(kernel)  # so the gated cell is snapshotted on its own, not deferred
     gated = kernel.execute(GATE)
     assert gated.status == "ok", gated.texts()
     # The snapshot of that cell is stuck in pickling `gate` until `release` exists.
     second = kernel.execute("after_gate = 1\ndel GATE_PATH", timeout=30)
-    assert second.status == "ok"
-    assert not release.exists()  # so the reply above came while the snapshot was in flight
+    third = kernel.execute("after_gate += 1", timeout=30)
+    assert second.status == third.status == "ok"
+    assert not release.exists()  # so the replies above came while the snapshot was in flight
     release.touch()
-    third = kernel.execute("after_gate += 1")
     log = kernel.execute("%capsule log").texts()
     rows = {line.split()[0]: line for line in log.splitlines() if line.startswith("[")}
     assert "gate" in rows[f"[{gated.content['execution_count']}]"]
-    # Planned against the gated snapshot's digests: only the new name is saved again.
-    second_row = rows[f"[{second.content['execution_count']}]"].split()
-    assert "after_gate" in second_row and "gate" not in second_row and "Gate," not in second_row
-    back = kernel.execute(f"%capsule restore {second.content['execution_count']}")
+    # One snapshot, named after the last of them, holds both; planned against the gated snapshot's digests.
+    assert f"[{second.content['execution_count']}]" not in rows, log
+    third_row = rows[f"[{third.content['execution_count']}]"].split()
+    assert "after_gate" in third_row and "gate" not in third_row and "Gate," not in third_row
+    back = kernel.execute(f"%capsule restore {third.content['execution_count']}")
     assert back.status == "ok", back.texts()
-    assert kernel.execute("after_gate, 'GATE_PATH' in dir(), type(gate).__name__").result_text == "(1, False, 'Gate')"
-    assert third.status == "ok"
+    assert kernel.execute("after_gate, 'GATE_PATH' in dir(), type(gate).__name__").result_text == "(2, False, 'Gate')"
+
+
+def test_a_crash_names_the_coalesced_cells_it_lost(fresh_kernel, home, tmp_path):
+    """Cells deferred into a coalesced snapshot that never came are named, and exactly those are lost."""
+    project = tmp_path / "project"
+    project.mkdir()
+    release = project / "release"  # inside the working directory: the sandbox sees it
+    # Deferred cells wait for the idle worker (or a minute): the crash comes first, whatever this machine's pace.
+    (project / "capsule.toml").write_text('[checkpoints]\ncoalesce = "60s"\n')
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "lost"}, cwd=project)
+    worker = kernel.sandbox_pid()
+    kernel.execute(f"GATE_PATH = {str(release)!r}\nkept = 1")
+    settle(kernel)  # so the gated cell is snapshotted on its own, not deferred
+    kernel.execute(GATE)
+    first = kernel.execute("kept = 2  # first deferred")
+    second = kernel.execute("extra = 3  # second deferred")
+    assert not release.exists()
+
+    def release_once_the_sandbox_is_gone() -> None:
+        wait_until(lambda: not Path(f"/proc/{worker}").exists(), what="the sandbox to die")
+        release.touch()
+
+    releaser = threading.Thread(target=release_once_the_sandbox_is_gone)
+    releaser.start()
+    try:
+        evalue = crash(kernel, settled=False)
+    finally:
+        release.touch()
+        releaser.join()
+    counts = (first.content["execution_count"], second.content["execution_count"])
+    assert f"[{counts[0]}] 'kept = 2  # first deferred'" in evalue, evalue
+    assert f"[{counts[1]}] 'extra = 3  # second deferred'" in evalue, evalue
+    assert "run them again" in evalue
+    # The gated cell's checkpoint landed (after the worker died); the deferred cells' state is what is missing.
+    assert kernel.execute("kept, 'extra' in dir(), type(gate).__name__").result_text == "(1, False, 'Gate')"
 
 
 def test_modules_and_notebook_classes_are_not_saved_again_when_unchanged(fresh_kernel, home):
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "stable"})
     kernel.execute("import os\nclass Point:\n    pass\norigin = Point()\nitems = [Point(), Point()]")
+    settle(kernel)
     later = kernel.execute("x = 1")
-    kernel.execute("y = 2")
+    settle(kernel)  # each its own checkpoint, as at a person's pace
+    last = kernel.execute("y = 2")
     log = kernel.execute("%capsule log").texts()
     row = next(line for line in log.splitlines() if line.startswith(f"[{later.content['execution_count']}]"))
     changed = row.split()[row.split().index("1") + 1]  # the column after the first line "x = 1"
     assert changed == "x", row
-    assert kernel.execute("%capsule diff 1 3").texts().count("changed") == 0
+    assert kernel.execute(f"%capsule diff 1 {last.content['execution_count']}").texts().count("changed") == 0
 
 
 def test_many_cells_back_to_back_all_get_their_checkpoint(fresh_kernel, home):
-    """Cells sent without waiting, each changing a few MB: snapshots chain and none is lost."""
+    """Cells sent without waiting, each changing a few MB: snapshots coalesce, and none is lost."""
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "burst"})
     kernel.execute("blob = bytearray(64 * 1024 * 1024)\nstep = 0")
     for _ in range(12):
         kernel.kc.execute("step += 1\nblob[step] = step")
     log = kernel.execute("%capsule log -n 20", timeout=120)
     assert log.status == "ok"
-    counts = [line.split()[0] for line in log.texts().splitlines() if line.startswith("[")]
-    assert counts == [f"[{n}]" for n in range(1, 14)], log.texts()
-    crash(kernel)
+    counts = [int(line.split()[0][1:-1]) for line in log.texts().splitlines() if line.startswith("[")]
+    assert counts[0] == 1 and counts[-1] == 13 and counts == sorted(set(counts)), log.texts()
+    assert len(counts) < 13, log.texts()  # some were coalesced
+    crash(kernel, settled=False)  # %capsule log above waited for every snapshot
     assert kernel.execute("step, blob[12], blob[13]").result_text == "(12, 12, 0)"

@@ -129,6 +129,8 @@ class CellPromises:
         self.kernel_id = kernel_id
         self.log = log
         self._queue: asyncio.Queue = asyncio.Queue()
+        # Cells whose promise is queued but not yet created (promise id -> set once it is).
+        self._creating: dict[str, asyncio.Event] = {}
         self._worker = asyncio.ensure_future(self._run())
 
     @classmethod
@@ -142,10 +144,31 @@ class CellPromises:
 
     def started(self, session: str, count: int, param: dict[str, Any]) -> None:
         tags = {"capsule.session": session, "capsule.kernel": self.kernel_id, "capsule.cell": str(count)}
-        self._queue.put_nowait(("create", promise_id(session, self.kernel_id, count), param, tags))
+        pid = promise_id(session, self.kernel_id, count)
+        self._creating[pid] = asyncio.Event()
+        self._queue.put_nowait(("create", pid, param, tags))
+
+    async def created(self, session: str, count: int, timeout: float = 10.0) -> None:
+        """Wait until this cell's promise exists (durably): queued before the cell ran, it almost always does.
+
+        A reply is sent only after it: a later kernel then knows of every cell
+        that replied, and can adopt its journaled snapshot or name it as lost.
+        """
+        event = self._creating.get(promise_id(session, self.kernel_id, count))
+        if event is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
 
     def resolved(self, session: str, count: int, value: dict[str, Any]) -> None:
         self._queue.put_nowait(("resolve", promise_id(session, self.kernel_id, count), value, None))
+
+    def resolved_for(self, session: str, kernel_id: str, count: int, value: dict[str, Any]) -> None:
+        """Settle a cell of a kernel that died (its snapshot was adopted from the journal by this one)."""
+        self._queue.put_nowait(("resolve", promise_id(session, kernel_id, count), value, None))
+
+    def rejected_for(self, session: str, kernel_id: str, count: int, value: dict[str, Any]) -> None:
+        """Settle a dead kernel's cell as lost (a resume has named it)."""
+        self._queue.put_nowait(("reject", promise_id(session, kernel_id, count), value, None))
 
     def rejected(self, session: str, count: int, value: dict[str, Any]) -> None:
         self._queue.put_nowait(("reject", promise_id(session, self.kernel_id, count), value, None))
@@ -185,6 +208,8 @@ class CellPromises:
             except Exception as err:  # noqa: BLE001 - bookkeeping must never disturb a cell
                 self.log.warning("durable promise %s %s failed: %s", op, pid, err)
             finally:
+                if op == "create" and pid in self._creating:
+                    self._creating.pop(pid).set()
                 self._queue.task_done()
 
     async def interrupted(self, session: str) -> list[dict[str, Any]]:
@@ -204,6 +229,7 @@ class CellPromises:
                 found.append(
                     {
                         "id": promise.id,
+                        "kernel": tags.get("capsule.kernel"),
                         "cell": int(tags.get("capsule.cell", 0)),
                         "created": promise.created_at,
                         "param": promise.param.data if isinstance(promise.param.data, dict) else None,
@@ -213,6 +239,14 @@ class CellPromises:
             if not cursor:
                 break
         return sorted(found, key=lambda p: p["created"])
+
+    async def pending_cells(self, session: str, kernel_id: str) -> dict[int, dict[str, Any]]:
+        """The cells a (dead) kernel started in this session and never settled: count -> param."""
+        return {
+            cell["cell"]: cell["param"] or {}
+            for cell in await self.interrupted(session)
+            if cell["kernel"] == kernel_id
+        }
 
     def state_of(self, session: str, count: int) -> tuple[str, Any] | None:
         """(state, decoded value) of one cell's promise in the local state, for tests and log."""

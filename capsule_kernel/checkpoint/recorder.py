@@ -10,15 +10,35 @@ which does the unpickling: the kernel never does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.checkpoint.store import Checkpoint, CheckpointStore, default_home
+from capsule_kernel.checkpoint.adoption import Adopted, adopt_orphans
+from capsule_kernel.checkpoint.store import Checkpoint, CheckpointStore, SandboxRecord, default_home
+from capsule_kernel.sandbox import frames
+from capsule_kernel.sandbox.deaths import process_start
 
 _KEEP_CELL_SOURCES = 256
+
+
+def prune_journal(spool: Path | None, recorded: int) -> None:
+    """Drop the journaled reports up to a recorded cell: the store holds them now (frames.journal)."""
+    if not isinstance(spool, Path):
+        return
+    directory = spool / frames.JOURNAL_DIR
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        stem = name.removesuffix(frames.JOURNAL_SUFFIX)
+        if stem != name and stem.isdigit() and int(stem) <= recorded:
+            with contextlib.suppress(OSError):
+                (directory / name).unlink()
 
 
 class Checkpoints:
@@ -62,6 +82,55 @@ class Checkpoints:
         while len(self._sources) > _KEEP_CELL_SOURCES:
             self._sources.popitem(last=False)
 
+    def describe_lost(self, cells: list[int]) -> str:
+        """Name cells whose state no checkpoint holds, so that they can be run again."""
+        named = ", ".join(f"[{count}] {self.first_line(count)!r}" for count in cells)
+        return (
+            f"not in it: the state of cell{'s' if len(cells) > 1 else ''} {named}, which ended while a "
+            "snapshot was running and whose coalesced snapshot had not been taken; run them again"
+        )
+
+    def first_line(self, count: int) -> str:
+        source = self._sources.get(count, "")
+        return next((line for line in source.splitlines() if line.strip()), "")[:80]
+
+    def register(self, sandbox: Any, session: str, kernel_id: str) -> None:
+        """Note a sandbox that just started in the store's ledger: a later kernel adopts its journal from it."""
+        if self.store is None or sandbox.spool is None or sandbox.name is None:
+            return
+        keeper = ""
+        if sandbox.keeper_pid is not None:
+            keeper = f"{sandbox.keeper_pid} {process_start(sandbox.keeper_pid) or ''}"
+        record = SandboxRecord(
+            sandbox.name, session, sandbox.kind, kernel_id, os.getpid(), keeper, str(sandbox.spool), -1
+        )
+        try:
+            self.store.register_sandbox(record)
+        except Exception:
+            self.log.exception("could not note sandbox %s in the store", sandbox.name)
+
+    def sandbox_session(self, sandbox: Any, session: str) -> None:
+        if self.store is not None and sandbox is not None and sandbox.name is not None:
+            self.store.sandbox_session(sandbox.name, session)
+
+    async def adopt_orphans(self, promises: Any, wait_for: str | None = None) -> Adopted:
+        """Record what dead kernels' sandboxes journaled after their kernel's last record (adoption.py)."""
+        if self.store is None:
+            return Adopted()
+
+        async def pending(session: str, kernel_id: str) -> dict[int, dict[str, Any]] | None:
+            return None if promises is None else await promises.pending_cells(session, kernel_id)
+
+        def settle(session: str, kernel_id: str, count: int, value: dict[str, Any]) -> None:
+            if promises is not None:
+                promises.resolved_for(session, kernel_id, count, value)
+
+        async with self._lock:
+            adopted = await adopt_orphans(self.store, pending, settle, self.log, wait_for=wait_for, keep=self.keep)
+        for session, cells in adopted.recorded.items():
+            self.log.info("adopted the journaled snapshots of cells %s of session %s", cells, session)
+        return adopted
+
     def record(self, session: str, event: dict[str, Any]) -> asyncio.Task:
         """Start recording a snapshot report; `settled` waits for it from this instant on."""
         task = asyncio.ensure_future(self._record(session, event))
@@ -76,13 +145,16 @@ class Checkpoints:
         count = int(event.get("execution_count", 0))
         removed = list(event.get("removed", []))
         store = self.store
+        spool, sandbox = event.get("spool"), event.get("sandbox")
         if not entries and not removed:
             # Nothing changed: the previous checkpoint still holds; say so (a batch run's resume reads it).
-            async with self._lock:
-                await asyncio.to_thread(store.note_unchanged, session, count)
-            return None
+            def note() -> None:
+                store.note_unchanged(session, count, sandbox)
+                prune_journal(spool, count)
 
-        spool = event.get("spool")
+            async with self._lock:
+                await asyncio.to_thread(note)
+            return None
 
         def verify_and_record() -> Checkpoint | str:
             # Off the event loop: copying and hashing new chunks and an fsynced commit take time.
@@ -98,7 +170,9 @@ class Checkpoints:
                 removed,
                 int(event.get("written", 0)),
                 complete=bool(event.get("complete")),
+                sandbox=sandbox,
             )
+            prune_journal(spool, count)
             store.prune(session, self.keep)
             return checkpoint
 

@@ -53,7 +53,42 @@ CREATE TABLE IF NOT EXISTS unchanged (
     mac TEXT NOT NULL,
     PRIMARY KEY (session, execution_count)
 );
+-- The kernel's own record of each sandbox it started (never anything a sandbox wrote): whose it
+-- is, where its spool and journal are, who keeps it after the kernel, and how far its reports
+-- were recorded. A later kernel adopts what a dead kernel's sandbox journaled beyond that
+-- (checkpoint/adoption.py).
+CREATE TABLE IF NOT EXISTS sandboxes (
+    name TEXT PRIMARY KEY,
+    session TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    kernel_id TEXT NOT NULL,
+    kernel_pid INTEGER NOT NULL,
+    keeper TEXT NOT NULL,
+    spool TEXT NOT NULL,
+    recorded_through INTEGER NOT NULL,
+    mac TEXT NOT NULL
+);
 """
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    """One row of the sandboxes table: a sandbox as the kernel that started it saw it."""
+
+    name: str
+    session: str
+    kind: str
+    kernel_id: str
+    kernel_pid: int
+    keeper: str  # "PID START" of its keeper process (keeper.py), or "" without one
+    spool: str
+    recorded_through: int
+
+    def row(self) -> tuple:
+        return (
+            self.name, self.session, self.kind, self.kernel_id, self.kernel_pid, self.keeper, self.spool,
+            self.recorded_through,
+        )  # fmt: skip
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> Path:
@@ -171,11 +206,64 @@ class CheckpointStore:
         )
         return [self._row(row) for row in reversed(rows)]
 
-    def note_unchanged(self, session: str, execution_count: int) -> None:
+    def note_unchanged(self, session: str, execution_count: int, sandbox: str | None = None) -> None:
         """A snapshot after this cell found no name changed (no checkpoint row is written for it)."""
         mac = self._mac(("unchanged", session, execution_count))
-        with self._guard:
+        with self._guard, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("INSERT OR REPLACE INTO unchanged VALUES (?, ?, ?)", (session, execution_count, mac))
+            self._advance(sandbox, execution_count)
+
+    # -- the sandbox ledger ----------------------------------------------------------------
+
+    def register_sandbox(self, record: SandboxRecord) -> None:
+        """Written by the kernel as a sandbox starts, before the sandbox runs a cell."""
+        with self._guard, self._db:
+            self._write_sandbox(record)
+
+    def sandbox_session(self, name: str, session: str) -> None:
+        """Its reports belong to another session from now on (%capsule session)."""
+        with self._guard, self._db:
+            record = self._sandbox(name)
+            if record is not None:
+                self._write_sandbox(SandboxRecord(**{**record.__dict__, "session": session}))
+
+    def forget_sandbox(self, name: str) -> None:
+        with self._guard, self._db:
+            self._db.execute("DELETE FROM sandboxes WHERE name = ?", (name,))
+
+    def sandboxes(self) -> list[SandboxRecord]:
+        """Every sandbox row that authenticates (a row without a valid MAC is dropped: never adopted)."""
+        with self._guard:
+            rows = self._db.execute("SELECT * FROM sandboxes").fetchall()
+        found = []
+        for *columns, mac in rows:
+            if isinstance(mac, str) and hmac.compare_digest(mac, self._sandbox_mac(tuple(columns))):
+                found.append(SandboxRecord(*columns))
+            else:
+                self.forget_sandbox(columns[0])
+        return found
+
+    def _sandbox(self, name: str) -> SandboxRecord | None:
+        rows = self._db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchall()
+        if not rows:
+            return None
+        *columns, mac = rows[0]
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, self._sandbox_mac(tuple(columns))):
+            return None
+        return SandboxRecord(*columns)
+
+    def _write_sandbox(self, record: SandboxRecord) -> None:
+        row = record.row()
+        self._db.execute("INSERT OR REPLACE INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?)", (*row, self._sandbox_mac(row)))
+
+    def _advance(self, sandbox: str | None, execution_count: int) -> None:
+        """Within the caller's transaction: the sandbox's reports up to this cell are recorded."""
+        if sandbox is None:
+            return
+        record = self._sandbox(sandbox)
+        if record is not None and execution_count > record.recorded_through:
+            self._write_sandbox(SandboxRecord(**{**record.__dict__, "recorded_through": execution_count}))
 
     def unchanged_counts(self, session: str) -> set[int]:
         """The cells of this session whose snapshot found nothing to save (rows that fail their MAC are left out)."""
@@ -293,12 +381,14 @@ class CheckpointStore:
         status: str = "ok",
         base: Checkpoint | None = None,
         complete: bool = False,
+        sandbox: str | None = None,
     ) -> Checkpoint:
         """Add a checkpoint on top of `base` (default: the session's latest).
 
         `complete`: the entries are the whole namespace, not changes, so any
         other name of the parent was removed (a snapshot that could not learn
-        what its predecessor saved saves everything).
+        what its predecessor saved saves everything). `sandbox`: the ledger
+        row of the sandbox that reported it advances in the same transaction.
         """
         with self._guard:
             parent = base if base is not None else self.latest(session)
@@ -350,6 +440,7 @@ class CheckpointStore:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute("INSERT INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (*row, self._mac(row)))
+                self._advance(sandbox, execution_count)
             return checkpoint
 
     def prune(self, session: str, keep: int | None) -> int:
@@ -403,6 +494,9 @@ class CheckpointStore:
 
     def _max_seq(self, session: str) -> int:
         return self._query("SELECT MAX(seq) FROM checkpoints WHERE session = ?", (session,))[0][0] or 0
+
+    def _sandbox_mac(self, row: tuple) -> str:
+        return self._mac(("sandbox", *row))
 
     def _mac(self, row: tuple) -> str:
         """HMAC-SHA256 over every column of a row, in order, as JSON."""

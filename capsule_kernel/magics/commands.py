@@ -220,10 +220,22 @@ async def cmd_resume(ctx: MagicContext, args: Any) -> list[Bundle]:
     if store is None:
         raise MagicUsageError(f"%capsule resume: checkpoints are off ({ctx.checkpoints.problem})")
     await ctx.checkpoints_settled()
+    # A kernel that died right after a reply: its sandbox's last snapshots are journaled; adopt them first.
+    await ctx.adopt_orphans(wait=True)
     latest = _checkpoint(ctx, args.ref, "resume") if args.ref else store.latest(ctx.session_name)
     if latest is None:
         raise MagicUsageError(f"%capsule resume: session {ctx.session_name} has no checkpoint to resume from")
     shown = [{"text/plain": await ctx.resume(latest)}]
+    lost = [] if args.ref else await ctx.lost_cells(latest)
+    if lost:
+        firsts = [str((cell["param"] or {}).get("first_line", ""))[:60] for cell in lost]
+        named = ", ".join(f"[{cell['cell']}] {first!r}" for cell, first in zip(lost, firsts, strict=True))
+        shown.append(
+            {
+                "text/plain": f"Not in it: cell{'s' if len(lost) > 1 else ''} {named}, which the earlier kernel ran "
+                "but whose state was not saved before it died; run them again."
+            }
+        )
     rerun = await ctx.tasks.rerun_interrupted()
     if rerun:
         shown.append({"text/plain": f"Interrupted task(s) run again in the background: {', '.join(rerun)}"})

@@ -56,3 +56,11 @@ def process_exists(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot): with its pid, it names one process, never a later one."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,9 +106,10 @@ FRAMES: dict[str, Frame] = {
     "done": _frame(
         (WORKER, HOST, GUEST),
         _OUTPUT_CAP,
-        optional=("snapshot", "snapshot_sent", "fuel_consumed"),
+        optional=("snapshot", "snapshot_sent", "fuel_consumed", "deferred"),
         reply=dict,
         snapshot=_INT_OR_NONE,
+        deferred=bool,
         snapshot_sent=_INT_OR_NONE,
         fuel_consumed=_INT_OR_NONE,
     ),
@@ -122,6 +124,8 @@ FRAMES: dict[str, Frame] = {
     # A @task call from a cell: submit / wait / cancel (the kernel checks every option against policy).
     "task": _frame(_OUT, _OUTPUT_CAP, id=int, action=str, args=dict),
     "snapshot_started": _frame((WORKER,), execution_count=int, pid=int),
+    # The deferred cells up to this one changed nothing: no coalesced snapshot follows (worker_snapshots).
+    "snapshot_unchanged": _frame((WORKER,), execution_count=int),
     "trap": _frame((HOST,), reason=str),
     # -- snapshot reports (the subprocess sandbox's report pipe; the Wasm host's) ------
     "snapshot": _frame(
@@ -291,6 +295,44 @@ def read_frame(fd: int, sender: str | None = None, limit: int = MAX_FRAME_BYTES)
         return None
     message = _decode_body(body)
     return check(message, sender, length) if sender is not None else message
+
+
+# -- the snapshot journal: reports as files ------------------------------------------
+# Every snapshot report is also written as one frame to JOURNAL_DIR/<count>.frame in the
+# sandbox's spool, before it goes on the report pipe. A report the kernel had not recorded
+# when it died is adopted from there by a later kernel (checkpoint/adoption.py), under the
+# same checks as the pipe: the file is as untrusted as the pipe is.
+JOURNAL_DIR = "journal"
+JOURNAL_SUFFIX = ".frame"
+
+
+def journal(spool: str | os.PathLike[str], report: dict[str, Any]) -> None:
+    """Write one report into the spool's journal: a temporary name, then a rename (never half a file)."""
+    directory = os.path.join(spool, JOURNAL_DIR)
+    os.makedirs(directory, exist_ok=True)
+    count = int(report["execution_count"])
+    temporary = os.path.join(directory, f".{count}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as out:
+        out.write(encode(report))
+    os.replace(temporary, os.path.join(directory, f"{count}{JOURNAL_SUFFIX}"))
+
+
+def read_journal_entry(path: str | os.PathLike[str], sender: str) -> dict[str, Any]:
+    """One journaled report, checked as a frame from `sender`; ProtocolError (or OSError) if it is not one."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ProtocolError("a journal entry that is not a regular file")
+        size, limit = info.st_size, channel_cap(sender)
+        if size > HEADER.size + limit:
+            raise ProtocolError(f"a journal file of {size} bytes, over the cap of {limit}")
+        messages = FrameDecoder(sender, limit).feed(_read_exactly(fd, size) or b"")
+    finally:
+        os.close(fd)
+    if len(messages) != 1:
+        raise ProtocolError(f"a journal file holding {len(messages)} whole frames, not one")
+    return messages[0]
 
 
 def pack_buffers(buffers: list[bytes] | None) -> list[str]:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from capsule_kernel.sandbox import confinement, seccomp, workdir_acl
-from capsule_kernel.sandbox.cgroups import SandboxCgroup, left_by_a_gone_kernel
+from capsule_kernel.sandbox import keeper as keeper_module
+from capsule_kernel.sandbox.cgroups import SandboxCgroup
 from capsule_kernel.sandbox.limits import format_size
 
 if TYPE_CHECKING:
@@ -29,6 +31,9 @@ if TYPE_CHECKING:
 # CAPSULE_CONFINEMENT=off runs the worker without bubblewrap (benchmarks, and the escape
 # suite's proof that its attacks succeed against an unconfined sandbox).
 SWITCH_VARIABLE = "CAPSULE_CONFINEMENT"
+# After the kernel dies, how long its sandbox may go on to finish its snapshots (keeper.py);
+# the sandbox's supervisor gives snapshot children as long.
+KEEPER_LINGER_SECONDS = 60.0
 
 
 class ConfinementRequired(Exception):
@@ -49,10 +54,17 @@ class Launch:
     info_read: int | None = None
     copy_chunks: bool = False
     confined: bool = False
+    # Started under keeper.py, which outlives the kernel for the sandbox's last snapshots.
+    kept: bool = False
     enforcement: dict[str, str] = field(default_factory=dict)
 
-    def argv(self, command: list[str]) -> list[str]:
-        return [*self.argv_prefix, *command]
+    def argv(self, command: list[str], lifeline: int | None = None) -> list[str]:
+        """The whole command line; with a lifeline, under the keeper (keeper.py), which holds its read end."""
+        if lifeline is None or not self.kept:
+            return [*self.argv_prefix, *command]
+        procs = [str(path) for path in self.cgroup.procs_files()] if self.cgroup is not None else []
+        keeper = [sys.executable, "-I", "-S", str(Path(keeper_module.__file__).resolve())]
+        return [*keeper, str(lifeline), str(KEEPER_LINGER_SECONDS), *procs, "--", *self.argv_prefix, *command]
 
     def discard(self, *, keep_spool: bool = False) -> None:
         """Undo what start-up made (the process never ran, or it has been reaped).
@@ -124,7 +136,9 @@ class Launch:
             procs = tuple(cgroup.procs_files()) if cgroup else ()
             env = dict(environment, HOME=str(Path.home()))
             env.update(confinement.rlimit_environment(limits.files, limits.memory, None if cgroup else limits.procs))
-            launch = cls(confinement.launch_prefix(procs), env, confinement.LaunchFds(), cgroup=cgroup, spool=spool)
+            launch = cls(
+                confinement.launch_prefix(procs), env, confinement.LaunchFds(), cgroup=cgroup, spool=spool, kept=True
+            )
             launch.spool_inside = str(spool) if spool else None
             launch.cwd = str(workdir)
             launch.enforcement = enforcement
@@ -184,6 +198,7 @@ class Launch:
             info_read=info_read,
             copy_chunks=identity.shares_kernel_uid,
             confined=True,
+            kept=True,
         )
         enforcement.update(confinement.describe(policy, available, program.denied))
         enforcement["network"] = (
@@ -221,21 +236,12 @@ def _make_spool(chunk_root: Path | None, name: str, identity: confinement.Identi
     """The sandbox's private directory for new chunks, beside the store (same filesystem)."""
     if chunk_root is None:
         return None
-    spools = chunk_root.parent / "spool"
-    _sweep(spools)
-    spool = spools / name
+    # Spools that dead kernels left are adopted and removed by checkpoint/adoption.py, which
+    # knows whether their keeper still lets a last snapshot finish (never swept from here).
+    spool = chunk_root.parent / "spool" / name
     spool.mkdir(parents=True, exist_ok=True)
     spool.chmod(0o700)
     if identity.switch:
         os.chown(spool, identity.uid, identity.gid)
     return spool
 
-
-def _sweep(spools: Path) -> None:
-    """Remove the spools of kernels that are gone."""
-    try:
-        entries = [entry for entry in spools.iterdir() if left_by_a_gone_kernel(entry)]
-    except OSError:
-        return
-    for entry in entries:
-        shutil.rmtree(entry, ignore_errors=True)

@@ -38,7 +38,7 @@ from capsule_kernel.sandbox import chunk_server, frames
 from capsule_kernel.sandbox.deaths import describe_exit, process_exists
 from capsule_kernel.sandbox.launch import ConfinementRequired, Launch, memory_enforcement
 from capsule_kernel.sandbox.limits import Limits, format_duration, format_size
-from capsule_kernel.settings import SandboxSettings
+from capsule_kernel.settings import DEFAULT_COALESCE_CELLS, DEFAULT_COALESCE_SECONDS, SandboxSettings
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -132,6 +132,7 @@ class SandboxProcess(ABC):
         sandbox_settings: SandboxSettings | None = None,
         state_dir: Path | None = None,
         ipython_config: Mapping[str, Any] | None = None,
+        coalesce: tuple[float, int] = (DEFAULT_COALESCE_SECONDS, DEFAULT_COALESCE_CELLS),
         spawn: Callable[..., subprocess.Popen] = subprocess.Popen,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -144,6 +145,8 @@ class SandboxProcess(ABC):
         self.chunk_root = chunk_root
         self.mounts = list(mounts or [])
         self.sandbox_settings = sandbox_settings or SandboxSettings()
+        # How long and how many short cells a coalesced snapshot may wait for (settings: [checkpoints] coalesce).
+        self.coalesce = coalesce
         # The notebook's own persistent IPython directory (history), writable by its sandboxes only.
         self.state_dir = state_dir
         # The client's IPython configuration (settings.sandbox_ipython_config): the worker's shell takes it.
@@ -159,6 +162,8 @@ class SandboxProcess(ABC):
         self.worker_pid: int | None = None  # the worker's pid on the host (it is pid 3 inside)
         self._init_pid: int | None = None  # bubblewrap's pid 1 of the sandbox, on the host
         self._launched: Launch | None = None
+        self.name: str | None = None  # capsule-<kernel pid>-<random>: its cgroup, spool and ledger row
+        self._lifeline: int | None = None  # write end of the keeper's lifeline (keeper.py)
         self._chunks: chunk_server.ChunkServer | None = None
         self._started_with = limits  # the hard rlimits of the running worker
         self._to_worker: int | None = None
@@ -188,10 +193,16 @@ class SandboxProcess(ABC):
         self._reports: _ReportPipe | None = None
         self.snapshots_in_flight: dict[int, int] = {}
         self._reported_early: set[int] = set()
+        # Coalescing (worker_snapshots): cells whose snapshot is deferred, the cells each
+        # coalesced snapshot in flight covers, and cells whose snapshot will never come.
+        self.deferred: list[int] = []
+        self._covers: dict[int, list[int]] = {}
+        self._lost: list[int] = []
         # What the frontend's start-up code said the notebook is (VS Code).
         self.notebook_path: str | None = None
-        # The execution count whose checkpoint the last "done" announced, if any.
+        # The execution count whose checkpoint the last "done" announced, if any; whether it deferred one.
         self.last_done_snapshot: int | None = None
+        self.last_done_deferred = False
 
     # -- life cycle -------------------------------------------------------------
 
@@ -203,6 +214,11 @@ class SandboxProcess(ABC):
     @property
     def _cgroup(self) -> Any:
         return self._launched.cgroup if self._launched else None
+
+    @property
+    def keeper_pid(self) -> int | None:
+        """The keeper's pid (keeper.py): the process the kernel started, when it is one."""
+        return self.process.pid if self.process is not None and self._lifeline is not None else None
 
     @property
     def spool(self) -> Path | None:
@@ -240,7 +256,7 @@ class SandboxProcess(ABC):
         self._reap_task = None
         self.worker_pid = None
         self._init_pid = None
-        name = f"capsule-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        name = self.name = f"capsule-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             launch = self._launch(name)
         except ConfinementRequired as err:
@@ -253,6 +269,8 @@ class SandboxProcess(ABC):
         err_r, err_w = os.pipe()
         report_r, report_w = os.pipe()
         chunk_kernel, chunk_worker = chunk_server.socket_pair()
+        # Only this process holds the write end: its end of file tells the keeper the kernel is gone.
+        lifeline_r, lifeline_w = os.pipe() if launch.kept else (None, None)
         config = {
             "read_fd": to_worker_r,
             "write_fd": from_worker_w,
@@ -260,16 +278,18 @@ class SandboxProcess(ABC):
             "chunk_fd": chunk_worker.fileno(),
             "limits": self.limits.to_json(),
             "spool": launch.spool_inside,
+            "coalesce": list(self.coalesce),
             **self.extra_config(),
         }
         command = [self.python, "-P", "-m", self.worker_module, json.dumps(config)]
         try:
+            lifeline = () if lifeline_r is None else (lifeline_r,)
             self.process = self.spawn(
-                launch.argv(command),
+                launch.argv(command, lifeline_r),
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=err_w,
-                pass_fds=(to_worker_r, from_worker_w, report_w, chunk_worker.fileno(), *launch.fds.all()),
+                pass_fds=(to_worker_r, from_worker_w, report_w, chunk_worker.fileno(), *launch.fds.all(), *lifeline),
                 cwd=launch.cwd,
                 env=launch.env,
                 start_new_session=True,
@@ -277,15 +297,18 @@ class SandboxProcess(ABC):
         except OSError:
             chunk_kernel.close()
             launch.discard()
+            if lifeline_w is not None:
+                os.close(lifeline_w)
             raise
         finally:
-            for fd in (to_worker_r, from_worker_w, out_w, err_w, report_w, *launch.fds.all()):
+            for fd in (to_worker_r, from_worker_w, out_w, err_w, report_w, *launch.fds.all(), *lifeline):
                 with contextlib.suppress(OSError):
                     os.close(fd)
             chunk_worker.close()
             if launch.info_read is not None:
                 _nonblocking(launch.info_read)
         self._launched = launch
+        self._lifeline = lifeline_w
         self._started_with = self.limits
         self.started_at = self.clock()
         self.cells_run = 0
@@ -572,34 +595,61 @@ class SandboxProcess(ABC):
             self._loop.remove_reader(reports.fd)
             os.close(reports.fd)
             self._reports = None
-            self.snapshots_in_flight.clear()
+            self._give_up_in_flight()
             self._on_violation(VIOLATION.format(what=f"{err} on its snapshot report pipe"))
             return
         for message in messages:
             count = message["execution_count"]
             if self.snapshots_in_flight.pop(count, None) is None:
-                self._reported_early.add(count)  # read before the "done" that announces it
-            # Where the report's new chunks are: set here, on the trusted side,
-            # over anything the report itself says.
+                self._reported_early.add(count)  # read before the frame that announces it
+            # Which cells this snapshot holds: reckoned here, from the kernel's own bookkeeping.
+            message["covers"] = self._covers.pop(count, None) or self._take_covers(count)
+            # Where the report's new chunks are, and whose it is: set here, on the
+            # trusted side, over anything the report itself says.
             message["spool"] = self.spool
+            message["sandbox"] = self.name
             self.on_event(message)
 
     async def snapshots_settled(self, timeout: float) -> None:
-        """Wait until every snapshot this worker started has reported or died."""
+        """Wait until every snapshot this worker started has reported or died, and deferred ones were taken.
+
+        A live worker takes the coalesced snapshot of deferred cells once it
+        is idle; a dead one never will: those cells are lost (lost_cells).
+        """
         deadline = self.clock() + timeout
-        while self.snapshots_in_flight and self.clock() < deadline:
-            if self._reports is None:
-                # Every writer has gone: whatever was written has been read.
-                self.snapshots_in_flight.clear()
+        while (self.snapshots_in_flight or self.deferred) and self.clock() < deadline:
+            if self.deferred and not self.snapshots_in_flight and self.process_ended:
+                self._lost.extend(self.deferred)
+                self.deferred = []
                 break
+            if self.snapshots_in_flight and self._reports is None:
+                # Every writer has gone: whatever was written has been read.
+                self._give_up_in_flight()
+                continue
             for count, pid in list(self.snapshots_in_flight.items()):
                 if pid == 0 and not self.process_ended:
                     continue  # the worker has not forked it yet
                 if not process_exists(pid):
                     # Gone: its report, if it wrote one, is in the pipe now.
                     self._on_reports_readable()
-                    self.snapshots_in_flight.pop(count, None)
+                    if self.snapshots_in_flight.pop(count, None) is not None:
+                        self._lost.extend(self._covers.pop(count, [count]))
             await asyncio.sleep(0.01)
+
+    def lost_cells(self) -> list[int]:
+        """Cells that ended well but whose state no snapshot of this sandbox will ever hold (it died first)."""
+        return sorted(set(self._lost))
+
+    def _give_up_in_flight(self) -> None:
+        for count in self.snapshots_in_flight:
+            self._lost.extend(self._covers.pop(count, [count]))
+        self.snapshots_in_flight.clear()
+
+    def _take_covers(self, count: int) -> list[int]:
+        """The cells a snapshot named after `count` holds: it, and all deferred up to it."""
+        covers = [cell for cell in self.deferred if cell < count] + [count]
+        self.deferred = [cell for cell in self.deferred if cell > count]
+        return covers
 
     def _frame_handlers(self) -> dict[str, Callable[[dict[str, Any]], None]]:
         """What the kernel does with each frame a sandbox may send it (frames.FRAMES says which)."""
@@ -610,6 +660,7 @@ class SandboxProcess(ABC):
             "done": self._on_done,
             "reply": self._on_reply,
             "snapshot_started": self._on_snapshot_started,
+            "snapshot_unchanged": self._on_snapshot_unchanged,
             "stream": forward,
             "display": forward,
             "clear_output": forward,
@@ -655,6 +706,12 @@ class SandboxProcess(ABC):
         # Everything the cell wrote to its raw descriptors is already in the
         # pipes: forward it now, so that it precedes the execute_reply.
         self.drain_raw_output()
+        if message.get("deferred"):
+            if snapshot is not None:
+                self._out_of_sequence("a 'done' both announcing and deferring a snapshot")
+                return
+            self.deferred.append(self._cell_count)
+        self.last_done_deferred = bool(message.get("deferred"))
         self.last_done_snapshot = snapshot
         if snapshot is not None and snapshot not in self._reported_early:
             self.snapshots_in_flight[snapshot] = 0  # its pid follows
@@ -672,11 +729,41 @@ class SandboxProcess(ABC):
 
     def _on_snapshot_started(self, message: dict[str, Any]) -> None:
         count = message["execution_count"]
+        pid = self.host_pid_of_child(message["pid"])
+        if count in self.deferred:
+            # A coalesced snapshot: it holds every deferred cell up to this one.
+            self._covers[count] = self._take_covers(count)
+            self.snapshots_in_flight[count] = pid
+            return
+        if count in self._reported_early and count != self.last_done_snapshot:
+            self._reported_early.discard(count)  # a coalesced snapshot whose report was read first
+            return
         if count != self.last_done_snapshot:
             self._out_of_sequence(f"a 'snapshot_started' for cell [{count}], which announced none")
             return
         if count in self.snapshots_in_flight:  # else its report was read already
-            self.snapshots_in_flight[count] = message["pid"]
+            self.snapshots_in_flight[count] = pid
+
+    def host_pid_of_child(self, pid: int) -> int:
+        """The host pid of a process the worker forked, from the pid it reported (its own view).
+
+        The kernel checks whether a snapshot child still lives by its pid; a
+        sandbox in a PID namespace names it by a number that means another
+        process (or none) on the host. -1 when it cannot be found (gone already).
+        """
+        return pid
+
+    def _on_snapshot_unchanged(self, message: dict[str, Any]) -> None:
+        """The deferred cells up to this one changed nothing: recorded as an empty snapshot of it."""
+        count = message["execution_count"]
+        if count not in self.deferred:
+            self._out_of_sequence(f"a 'snapshot_unchanged' for cell [{count}], which was not deferred")
+            return
+        covers = self._take_covers(count)
+        self.on_event(
+            {"type": "snapshot", "execution_count": count, "entries": {}, "removed": [], "written": 0,
+             "covers": covers, "spool": self.spool, "sandbox": self.name}
+        )  # fmt: skip
 
     def _on_raw_output(self, pipe: _Pipe) -> None:
         data = read_available(pipe.fd)
@@ -738,6 +825,9 @@ class SandboxProcess(ABC):
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._to_worker = self._from_worker = None
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
         if self._chunks is not None:
             self._chunks.close()
             self._chunks = None

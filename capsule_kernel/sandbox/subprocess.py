@@ -93,9 +93,10 @@ class SubprocessSandbox(SandboxProcess):
     def _find_worker(self, launch: Launch) -> None:
         """The worker's host pid: bubblewrap's init (pid 1) -> the supervisor -> the worker."""
         if launch.info_read is None:
-            # No bubblewrap: the launched process is the supervisor itself.
+            # No bubblewrap: the launched process is the supervisor itself (under the keeper).
             assert self.process is not None
-            self.worker_pid = _only_child(self.process.pid)
+            supervisor = _only_child(self.process.pid) if launch.kept else self.process.pid
+            self.worker_pid = _only_child(supervisor)
             return
         info = b""
         while chunk := read_available(launch.info_read):
@@ -110,6 +111,25 @@ class SubprocessSandbox(SandboxProcess):
             self.death_reason = f"could not be located after it started ({err})"
             self.kill()
             raise SandboxDied(self.death_reason) from None
+
+    def host_pid_of_child(self, pid: int) -> int:
+        """Among the worker's children, the one whose innermost pid (NSpid) is `pid`."""
+        worker = self.worker_pid
+        if worker is None:
+            return -1
+        try:
+            children = Path(f"/proc/{worker}/task/{worker}/children").read_text().split()
+        except OSError:
+            return -1
+        for child in children:
+            try:
+                status = Path(f"/proc/{child}/status").read_text()
+            except OSError:
+                continue
+            nspids = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+            if nspids and nspids[-1] == str(pid):
+                return int(child)
+        return -1
 
     def interrupt(self) -> None:
         """KeyboardInterrupt in the running cell, as Ctrl-C would in a terminal.

@@ -48,7 +48,7 @@ class WasmSandbox(SandboxProcess):
             "parent_pid": os.getpid(),
         }
 
-    def _launch(self, name: str) -> Launch:  # noqa: ARG002 - the base class's signature
+    def _launch(self, name: str) -> Launch:
         """The host is a trusted process: it runs with the kernel's environment, unconfined by bubblewrap.
 
         The guest is confined by Wasm itself (no sockets, threads or host files
@@ -59,7 +59,14 @@ class WasmSandbox(SandboxProcess):
         environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
         environ["CAPSULE_SANDBOX"] = "wasm"
         environ.pop("PYTHONSTARTUP", None)
-        return Launch.plain(environ, str(self.cwd))
+        launch = Launch.plain(environ, str(self.cwd))
+        if self.chunk_root is not None:
+            # The host writes its chunks into the store itself; its spool holds only its
+            # report journal (frames.journal), for a kernel that dies before recording one.
+            launch.spool = self.chunk_root.parent / "spool" / name
+            launch.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+            launch.spool_inside = str(launch.spool)
+        return launch
 
     def _find_worker(self, launch: Launch) -> None:  # noqa: ARG002 - the base class's signature
         """The host runs the guest on its own main thread: the host is the worker."""

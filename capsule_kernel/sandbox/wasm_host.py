@@ -247,6 +247,7 @@ class WasmHost:
             "comm": lambda caller, message: None,  # noqa: ARG005 - no widgets in Wasm cells
         }
         self.chunk_root = Path(config["chunk_root"]) if config.get("chunk_root") else None
+        self.spool: str | None = config.get("spool")
         self.enforcement: dict[str, str] = dict(config.get("enforcement", {}))
         self.fuel_at_start = 0
         self.last_fuel: int | None = None
@@ -577,7 +578,14 @@ class WasmHost:
         self.phase = "idle"
 
     def _report(self, report: dict[str, Any]) -> None:
-        """Snapshot reports go on the report pipe, as the subprocess sandbox's snapshot children write them."""
+        """Snapshot reports go on the report pipe, as the subprocess sandbox's snapshot children write them.
+
+        A snapshot is journaled in the spool first (frames.journal): if the
+        kernel dies before recording it, the next kernel adopts it.
+        """
+        if self.spool is not None and report["type"] == "snapshot":
+            with contextlib.suppress(OSError):
+                frames.journal(self.spool, report)
         if self.report_fd is not None:
             with contextlib.suppress(OSError):
                 frames.write_frame(self.report_fd, report)

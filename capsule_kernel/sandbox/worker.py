@@ -16,8 +16,10 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import queue
 import signal
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -51,6 +53,7 @@ class Worker:
 
             source = KernelChunks(chunk_fd)
         self.snapshots = Snapshotter(self.shell, self.channel, config.get("spool"), config.get("report_fd"), source)
+        self.snapshots.max_delay, self.snapshots.max_cells = config["coalesce"]
         from capsule_kernel import tasks
         from capsule_kernel.sandbox import worker_requests
 
@@ -106,9 +109,15 @@ class Worker:
             "limits": self.update_limits,
         }
         while True:
-            message = self.channel.inbox.get()
+            message = self._next_message()
             kind = message["type"]
-            if kind in ("shutdown", "eof"):
+            if kind == "eof":
+                # The kernel died. The deferred cells' snapshot was just forked
+                # (_next_message); let chained children learn their predecessors'
+                # digests, then go: the journal in the spool is for the next kernel.
+                self.snapshots.wait()
+                break
+            if kind == "shutdown":
                 break
             handler = handlers.get(kind)
             if handler is None:
@@ -122,6 +131,27 @@ class Worker:
                 self._interrupts_ignored()
                 self.flusher.flush_all()
         self.flusher.flush_all()
+
+    def _next_message(self) -> dict[str, Any]:
+        """The next frame from the kernel; with cells deferred, their coalesced snapshot comes first when due.
+
+        Due: after worker_snapshots.IDLE_SECONDS with nothing to do, before anything but a
+        cell (a request may read or replace the namespace; an end of file
+        means the kernel died, and this snapshot is what the next kernel
+        adopts), or before a cell once the deferred ones are overdue.
+        """
+        snapshots = self.snapshots
+        while snapshots.deferred:
+            try:
+                message = self.channel.inbox.get(timeout=snapshots.idle_seconds)
+            except queue.Empty:
+                if not snapshots.busy:
+                    snapshots.flush()
+                continue
+            if message["type"] not in ("execute", "shutdown") or snapshots.overdue():
+                snapshots.flush()
+            return message
+        return self.channel.inbox.get()
 
     def update_limits(self, message: dict[str, Any]) -> None:
         self.shell.limits = dict(message["limits"])
@@ -138,6 +168,7 @@ class Worker:
         silent = bool(message.get("silent"))
         store_history = bool(message.get("store_history", not silent))
         result = None
+        began = time.monotonic()
         try:
             self._interrupts_raise()
             result = shell.run_cell(message["code"], store_history=store_history, silent=silent)
@@ -173,16 +204,19 @@ class Worker:
         self.flusher.flush_all()
         from ipykernel.jsonutil import json_clean
 
-        plan = None
-        candidates = message.get("snapshot_candidates", [])
-        if reply["status"] == "ok" and not silent:
-            plan = self.snapshots.plan(candidates)
+        ran = time.monotonic() - began
+        action, names, plan = "none", [], None
         count = int(message.get("execution_count", 0))
-        # "snapshot": a checkpoint of this cell follows, so the kernel can wait for it.
+        if reply["status"] == "ok" and not silent:
+            action, names, plan = self.snapshots.after_cell(count, message.get("snapshot_candidates", []), ran)
+        # "snapshot": a checkpoint of this cell follows, so the kernel can wait for it;
+        # "deferred": a coalesced snapshot will cover it (worker_snapshots).
         done = {"type": "done", "reply": json_clean(reply), "snapshot": count if plan else None}
+        if action == "defer":
+            done["deferred"] = True
         self.channel.send(done)
         if plan:
-            self.snapshots.take(count, plan, candidates)
+            self.snapshots.take(count, plan, names)
 
     def _forget_digests(self, args: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG002 - a request handler
         """A new session starts: its first checkpoint saves every name."""

@@ -72,9 +72,12 @@ class FrameChannel:
             except (OSError, frames.ProtocolError):
                 message = None
             if message is None:
-                # The kernel is gone: nobody will ever read our output.
+                # The kernel is gone: nobody will ever read our output. A cell still
+                # running is interrupted (an idle worker ignores it), so that the worker
+                # ends soon; its keeper (keeper.py) ends the sandbox if it does not.
                 self.inbox.put({"type": "eof"})
                 self.replies.put({"type": "eof"})
+                os.kill(os.getpid(), signal.SIGINT)
                 return
             if message["type"] in _REPLY_TYPES:
                 self.replies.put(message)

@@ -6,15 +6,25 @@ chunk store and reports a JSON manifest; the parent answers the kernel at
 once and runs the next cell while the child works (Redis saves the same
 way).
 
-A snapshot compares against the digests of the one before, so when a cell
-ends while the previous snapshot is still running, its child is forked at
-once all the same and waits, off the critical path, for the parent to pass
-it those digests (a chained snapshot). At most one child runs and one waits:
-a third cell in a row waits for the first snapshot before it replies.
+Short cells that end while a snapshot is still running are not snapshotted
+one by one: they are deferred, and one coalesced snapshot covers them all, taken
+when the worker has been idle for IDLE_SECONDS, before any request that is
+not a cell, when the kernel's pipe closes, or, back to back, before the next
+cell once the oldest deferred cell is max_delay old or max_cells are
+deferred ([checkpoints] coalesce and coalesce_cells). So a program sending cells back to back pays for a snapshot
+about once a second instead of once a cell, and a crash loses at most the
+cells since the last snapshot that landed, which the kernel names (it
+knows which cells were deferred: "done" says so). A cell that ran longer is
+snapshotted as soon as it ends, with the deferred cells before it.
+
+A snapshot compares against the digests of the one before. A chained
+snapshot (forked while the one before still runs, waiting for its digests)
+is what a coalesced snapshot taken before that one has come back becomes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -39,9 +49,18 @@ from capsule_kernel.sandbox.worker_io import FrameChannel
 Plan = tuple[list[str], list[str], dict[str, int], dict[str, str]]
 # Each stands for a chunk of at least 1 MiB: 16384 cover 16 GiB of large values.
 MAX_FINGERPRINTS = 16384
+# Coalescing: a worker idle this long takes the deferred snapshot ...
+IDLE_SECONDS = 0.05
+# Only a cell that ran less than this is ever deferred.
+SHORT_CELL_SECONDS = 0.1
 
 
 class Snapshotter:
+    idle_seconds = IDLE_SECONDS
+    # Back to back, a deferred cell waits at most this long, or this many cells, for its
+    # snapshot (the kernel's [checkpoints] coalesce and coalesce_cells settings).
+    max_delay = 1.0
+    max_cells = 64
     def __init__(
         self,
         shell: Any,
@@ -68,6 +87,10 @@ class Snapshotter:
         self._unlearned = 0  # children whose digests have not come back
         self._latest_pid = 0
         self._chained_fd: int | None = None  # pipe to a child waiting for those digests
+        # Cells whose snapshot is deferred into the next coalesced one, the names they mention, since when.
+        self.deferred: list[int] = []
+        self._deferred_names: set[str] = set()
+        self._deferred_since = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -78,8 +101,68 @@ class Snapshotter:
         with self._changed:
             self._changed.wait_for(lambda: self._unlearned == 0)
 
+    @property
+    def busy(self) -> bool:
+        """A snapshot runs whose digests have not come back."""
+        return self._unlearned > 0
+
+    def after_cell(self, execution_count: int, candidates: list[str], ran: float) -> tuple[str, list[str], Plan | None]:
+        """What follows a good cell: ("take", names, plan), ("defer", [], None) or ("none", [], None).
+
+        A short cell (it ran under SHORT_CELL_SECONDS) that ends while a
+        snapshot runs, or after deferred cells, is deferred into the next
+        coalesced snapshot: it is cheap to run again should it be lost. Any
+        other cell is snapshotted at once (a person's pace: each cell its own
+        checkpoint), together with the cells deferred before it.
+        """
+        if self.root is None:
+            return "none", [], None
+        if (self.deferred or self.busy) and ran < SHORT_CELL_SECONDS:
+            self._defer(execution_count, candidates)
+            return "defer", [], None
+        names = sorted(self._deferred_names.union(candidates))
+        plan = self.plan(names)
+        if plan is None and self.deferred:
+            self._defer(execution_count, candidates)  # nothing changed; the deferred ones still need a word
+            return "defer", [], None
+        self.deferred, self._deferred_names = [], set()
+        return ("take", names, plan) if plan else ("none", [], None)
+
+    def _defer(self, execution_count: int, candidates: list[str]) -> None:
+        if not self.deferred:
+            self._deferred_since = time.monotonic()
+        self.deferred.append(execution_count)
+        self._deferred_names.update(candidates)
+
+    def overdue(self) -> bool:
+        """The deferred cells have waited long enough: snapshot them before the next cell."""
+        return len(self.deferred) >= self.max_cells or time.monotonic() - self._deferred_since >= self.max_delay
+
+    def flush(self) -> None:
+        """Take the coalesced snapshot of the deferred cells (between cells, in the worker's main thread).
+
+        It is named after the last of them; the kernel knows which cells it
+        covers. If nothing they touched changed, say so instead.
+        """
+        if not self.deferred:
+            return
+        with self._changed:
+            self._changed.wait_for(lambda: self._unlearned < 2)
+        last, names = self.deferred[-1], sorted(self._deferred_names)
+        self.deferred, self._deferred_names = [], set()
+        plan = self.plan(names)
+        if plan:
+            self.take(last, plan, names)
+        else:
+            assert self.root is not None
+            unchanged = {"type": "snapshot", "execution_count": last, "entries": {}, "removed": [], "written": 0}
+            with contextlib.suppress(OSError):
+                frames.journal(self.root, unchanged)
+            self.channel.send({"type": "snapshot_unchanged", "execution_count": last})
+
     def forget(self) -> None:
         """The next snapshot saves every name (a new session starts full)."""
+        self.flush()
         self.wait()
         self.ledger.forget()
         self.fingerprints.clear()
@@ -213,6 +296,10 @@ class Snapshotter:
                 "reason": f"{type(err).__name__}: {err}",
             }
         try:
+            if status == 0:
+                # First in the journal: if the kernel dies now, the next kernel adopts it from there.
+                with contextlib.suppress(OSError):
+                    frames.journal(self.root, report)
             if self.report_fd is not None:
                 frames.write_frame(self.report_fd, report)
             outcome = {"ok": status == 0, "digests": learned, "removed": removed, "fingerprints": fingerprints}
@@ -276,6 +363,7 @@ class Snapshotter:
 
     def restore(self, entries: dict[str, Any], replace: bool) -> dict[str, Any]:
         """Load a checkpoint into the namespace; report what could not be."""
+        self.flush()
         self.wait()
         assert self.source is not None
         namespace = self.shell.user_ns

@@ -155,6 +155,9 @@ class SessionController:
         self._starting.add_done_callback(self._log_start_failure)
 
     async def _start_first_sandbox(self) -> SandboxProcess:
+        # What dead kernels' sandboxes journaled after their last record becomes checkpoints
+        # first (waiting for this session's, if it resumes at once).
+        await self.adopt_orphans(wait=self.policy.settings.auto_resume)
         sandbox = await self._start_sandbox()
         try:
             latest = self.checkpoints.latest(self.session_name)
@@ -186,6 +189,8 @@ class SessionController:
             self._restore_outcome = await self.checkpoints.restore_latest(
                 self.session_name, sandbox, previous, names=names
             )
+            if previous is not None and previous.lost_cells():
+                self._restore_outcome += "; " + self.checkpoints.describe_lost(previous.lost_cells())
             self.ledger.note_held(sandbox.kind, names)
         except (SandboxDied, TimeoutError, CheckpointRefused) as err:
             # Restoring must never become a crash loop: give up on it once.
@@ -206,12 +211,14 @@ class SessionController:
             chunk_root=self.checkpoints.chunk_root,
             mounts=self.mounts,
             sandbox_settings=self.policy.settings.sandbox,
+            coalesce=(self.policy.settings.coalesce, self.policy.settings.coalesce_cells),
             state_dir=self._sandbox_state_dir(),
             ipython_config=self.ipython_config,
         )
         self.sandboxes[kind] = sandbox
         self.ledger.fresh_sandbox(kind)
         await sandbox.start()
+        self.checkpoints.register(sandbox, self.session_name, self.kernel_id)
         self.side_task(self._watch_sandbox(sandbox), cell_scoped=False)
         self.log.info("capsule %s sandbox started, pid %s", kind, sandbox.pid)
         return sandbox
@@ -277,6 +284,42 @@ class SessionController:
 
     # -- restore, resume, restart ------------------------------------------------------
 
+    async def adopt_orphans(self, *, wait: bool) -> None:
+        """Adopt dead kernels' journaled snapshots (checkpoint/adoption.py); with wait, this session's too."""
+        try:
+            adopted = await self.checkpoints.adopt_orphans(
+                self.durability.promises, wait_for=self.session_name if wait else None
+            )
+        except Exception:
+            self.log.exception("adopting journaled snapshots failed")
+            return
+        if adopted.refused:
+            self._notices.append(
+                "Capsule: snapshots journaled by a sandbox of an earlier kernel were not believed: "
+                + "; ".join(adopted.refused[:5])
+                + "\n"
+            )
+        if self.durability.promises is not None and adopted.recorded:
+            await self.durability.promises.settled()
+
+    async def lost_cells(self, checkpoint: Any) -> list[dict[str, Any]]:
+        """Cells that dead kernels ran after `checkpoint` and never saved; settled as lost, so named once.
+
+        They are the session's pending cell promises of kernels that are gone
+        (adoption has settled every one whose snapshot was journaled).
+        """
+        promises = self.durability.promises
+        if promises is None:
+            return []
+        cells = [
+            cell for cell in await promises.interrupted(self.session_name) if cell["cell"] > checkpoint.execution_count
+        ]
+        for cell in cells:
+            promises.rejected_for(
+                self.session_name, cell["kernel"], cell["cell"], {"lost": True, "resumed_from": checkpoint.id}
+            )
+        return cells
+
     async def resume(self, checkpoint: Any, sandbox: SandboxProcess | None = None) -> str:
         """Bring back a checkpoint from an earlier kernel; numbering goes on from it."""
         if sandbox is None:
@@ -294,7 +337,10 @@ class SessionController:
         """Checkpoints go to another session from now on, starting with a full one."""
         if name == self.session_name:
             return
+        await self.checkpoints_settled()  # what was reported so far belongs to the old session
         self.session_name, self.session_source = name, source
+        for sandbox in self.sandboxes.values():
+            self.checkpoints.sandbox_session(sandbox, name)
         if self.sandbox is not None and self.sandbox.alive:
             # The next snapshot must hold every name, not a delta against another session's checkpoint.
             with contextlib.suppress(SandboxDied, TimeoutError):
@@ -503,8 +549,11 @@ class SessionController:
         try:
             reply = await self._run_with_retry(sandbox, cell)
             snapshot = sandbox.last_done_snapshot if reply is not None else None
+            if reply is not None and sandbox.last_done_deferred:
+                snapshot = count  # a coalesced snapshot will hold it
             if reply is None:
                 reply = await self._report_death(self.sandbox or sandbox, self._last_death, count)
+            await self.durability.created(self.session_name, count, cell.silent)
             self.durability.after_reply(self.session_name, count, cell.silent, reply, self.relay.outputs, snapshot)
             # Which checkpoint will hold this cell's state (a batch run's resume reads it from the reply).
             changed = snapshot is not None or reply.get("status") != "ok"

@@ -53,6 +53,11 @@ class CellDurability:
         }
         self.promises.started(session, count, param)
 
+    async def created(self, session: str, count: int, silent: bool) -> None:
+        """Before the reply: the cell's promise exists, so a later kernel knows the cell ran (adoption.py)."""
+        if self.promises is not None and not silent:
+            await self.promises.created(session, count)
+
     def after_reply(
         self, session: str, count: int, silent: bool, reply: dict[str, Any], outputs: Counter[str], snapshot: int | None
     ) -> None:
@@ -82,14 +87,20 @@ class CellDurability:
         value: dict[str, Any] = {"checkpoint": checkpoint_id, "changed": changed}
         if checkpoint_id is None:
             value["checkpoint_error"] = self.checkpoints.failures.get(count, "no checkpoint")
-        self._settle(session, count, value)
+        self._settle_covered(session, event, value)
 
     def snapshot_failed(self, session: str, event: dict[str, Any]) -> None:
         count = int(event.get("execution_count", 0))
         reason = event.get("reason", "")
         self.log.warning("checkpoint after cell %s failed: %s", count, reason)
         self.checkpoints.failures[count] = reason
-        self._settle(session, count, {"checkpoint": None, "checkpoint_error": reason})
+        self._settle_covered(session, event, {"checkpoint": None, "checkpoint_error": reason})
+
+    def _settle_covered(self, session: str, event: dict[str, Any], value: dict[str, Any]) -> None:
+        """Settle every cell a (coalesced) snapshot holds; the earlier ones say which snapshot held them."""
+        count = int(event.get("execution_count", 0))
+        for covered in event.get("covers") or [count]:
+            self._settle(session, covered, value if covered == count else {**value, "coalesced_into": count})
 
     def _settle(self, session: str, count: int, value: dict[str, Any]) -> None:
         if self.promises is None:

@@ -1,0 +1,120 @@
+"""Attacks on the snapshot journal from inside the sandbox.
+
+The journal (frames.journal) lives in the sandbox's spool, which the sandbox
+can write: after a kernel dies, the next kernel adopts what is there
+(checkpoint/adoption.py). A cell plants entries before the kernel is killed;
+the next kernel must believe none of them beyond what a live report pipe
+would carry: no checkpoint for a cell its kernel never ran, no link followed,
+no FIFO waited on, no oversized file read into memory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.harness import start_kernel, wait_until
+from tests.security.helpers import kernel_pid, status_field
+
+pytestmark = pytest.mark.slow
+
+PLANT = r"""
+import os, stat
+from pathlib import Path
+from capsule_kernel.checkpoint import snapshot
+from capsule_kernel.sandbox import frames
+spool = Path("/run/capsule/spool")
+journal = spool / frames.JOURNAL_DIR
+journal.mkdir(exist_ok=True)
+# A well-formed snapshot of a cell the kernel never ran, with chunks of its own: x = 'forged'.
+made = snapshot.take({"x": "forged", "planted": True}, ["x", "planted"], {}, spool, durable=False)
+frames.journal(spool, {"type": "snapshot", "execution_count": 999, "entries": made["entries"],
+                       "removed": [], "written": made["written"]})
+# A link out of the spool, a FIFO nobody writes, and a file of 1 GiB (sparse) where reports go.
+os.symlink("/etc/hostname", journal / "997.frame")
+os.mkfifo(journal / "996.frame")
+with open(journal / "995.frame", "wb") as big:
+    big.truncate(2**30)
+sorted(os.listdir(journal))
+"""
+
+
+def test_planted_journal_entries_are_not_believed_by_the_next_kernel(tmp_path):
+    home = tmp_path / "home"
+    env = {"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "planted"}
+    first = start_kernel(env=env, cwd=tmp_path)
+    try:
+        assert first.execute("x = 'genuine'").status == "ok"
+        assert first.execute("%capsule log -n 1").status == "ok"  # recorded
+        planted = first.execute(PLANT)
+        assert planted.status == "ok", planted.texts()
+        assert "999.frame" in planted.result_text
+        first.kc.stop_channels()
+        os.kill(kernel_pid(first), signal.SIGKILL)
+        wait_until(lambda: not first.km.is_alive(), what="the kernel to die")
+    finally:
+        first.close()
+    second = start_kernel(env=env, cwd=tmp_path)
+    try:
+        resumed = second.execute("%capsule resume", timeout=120)  # returns: no FIFO held it
+        assert resumed.status == "ok", resumed.texts()
+        state = second.execute("x, 'planted' in dir()")
+        assert state.result_text == "('genuine', False)"
+        # Nothing of the planted entries became a checkpoint row.
+        with sqlite3.connect(home / "capsule.sqlite") as db:
+            counts = {row[0] for row in db.execute("SELECT execution_count FROM checkpoints WHERE session = 'planted'")}
+        assert not counts & {995, 996, 997, 999}, counts
+        # The 1 GiB file was refused by its size, not read: the kernel's memory stayed small.
+        rss_kib = int(status_field(kernel_pid(second), "VmHWM").split()[0])
+        assert rss_kib < 400 * 1024, rss_kib
+        # The refusals are said in the notebook, with the first cell that runs code.
+        shown = state.texts()
+        assert "not believed" in shown and "never ran" in shown and "999" in shown, shown
+        # The spool is gone: nothing planted lingers for a later kernel.
+        assert not [p for p in (home / "spool").glob("capsule-*") if (p / "journal").exists()]
+    finally:
+        second.close()
+
+
+def test_a_cell_that_ignores_interrupts_does_not_outlive_its_dead_kernel_past_the_keepers_bound(tmp_path):
+    """The sandbox may outlive its kernel to finish a snapshot, not to go on running a cell."""
+    from capsule_kernel.sandbox.launch import KEEPER_LINGER_SECONDS
+
+    kernel = start_kernel(env={"CAPSULE_HOME": str(tmp_path / "home")}, cwd=tmp_path)
+    try:
+        worker = kernel.sandbox_pid()
+        kernel.kc.execute(
+            "import signal, subprocess\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "subprocess.Popen(['sleep', '1000'], start_new_session=True)\n"  # an orphan, in its own session
+            "print('spinning', flush=True)\n"
+            "while True: pass"
+        )
+        wait_until(lambda: status_field(worker, "State").startswith("R"), what="the cell to spin")
+        kernel.kc.stop_channels()
+        os.kill(kernel_pid(kernel), signal.SIGKILL)
+        wait_until(lambda: not kernel.km.is_alive(), what="the kernel to die")
+        left = processes_of_uid_in_cgroup_of(worker)
+        assert Path(f"/proc/{worker}").exists()  # still there right after the kernel's death ...
+        wait_until(
+            lambda: not Path(f"/proc/{worker}").exists() and not any(Path(f"/proc/{p}").exists() for p in left),
+            timeout=KEEPER_LINGER_SECONDS + 15,
+            what="the keeper to end the sandbox",
+        )  # ... and gone, with the orphan it started, once the keeper's bound has passed
+    finally:
+        kernel.close()
+
+
+def processes_of_uid_in_cgroup_of(pid: int) -> list[int]:
+    """Every process sharing the worker's cgroup (the sandbox's): the orphan included."""
+    line = next(entry for entry in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if "capsule" in entry)
+    group = line.split(":", 2)[2]
+    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")):
+        procs = root / group.lstrip("/") / "cgroup.procs"
+        if procs.exists():
+            return [int(p) for p in procs.read_text().split()]
+    return [pid]

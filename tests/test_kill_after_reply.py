@@ -1,0 +1,134 @@
+"""A kill -9 of the kernel at any instant after a reply: the next kernel restores that cell, or names it.
+
+The reply comes while the cell's snapshot may still be running. The sandbox's
+keeper lets that snapshot finish after the kernel has died, the snapshot
+child journals its report in the spool, and the next kernel adopts it
+(checkpoint/adoption.py) when `%capsule resume` runs. These tests kill the
+kernel at random instants right after a reply, many times over, through real
+kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+
+import pytest
+
+from tests.harness import start_kernel, wait_until
+
+pytestmark = pytest.mark.slow
+
+RUNS = 50
+BIG_EVERY = 5  # every fifth cell also makes a 64 MiB value: a snapshot that takes a while
+
+
+def kill_at(kernel, instant: float) -> None:
+    """SIGKILL the kernel process at `instant` (time.perf_counter), as precisely as the clock allows."""
+    while time.perf_counter() < instant:
+        pass  # a busy wait: a sleep's wake-up can be late by more than the window under test
+    os.kill(kernel.km.provisioner.process.pid, signal.SIGKILL)
+    kernel.kc.stop_channels()
+    wait_until(lambda: not kernel.km.is_alive(), what="the kernel to die")
+
+
+def test_a_kill_at_any_instant_after_a_reply_never_loses_that_cell(tmp_path):
+    """50 kernels in a row, each killed 0-250 ms after its cell's reply (a third within 10 ms)."""
+    env = {"CAPSULE_HOME": str(tmp_path / "home"), "CAPSULE_SESSION": "kill-after-reply"}
+    chooser = random.Random(1215)
+    delays = []
+    for run in range(RUNS):
+        kernel = start_kernel(env=env, cwd=tmp_path)
+        try:
+            if run:
+                resumed = kernel.execute("%capsule resume", timeout=120)
+                assert resumed.status == "ok", resumed.texts()
+                assert "Not in it" not in resumed.texts(), resumed.texts()
+                state = kernel.execute("x, len(blob) if 'blob' in dir() else 0").result_text
+                big = (run - 1) % BIG_EVERY == 0
+                assert state == f"({run - 1}, {64 * 2**20 if big else 0})", (run, delays[-1], resumed.texts())
+                kernel.execute("blob = None\ndel blob")
+            code = f"x = {run}" + ("\nblob = bytearray(os.urandom(64 * 2**20))" if run % BIG_EVERY == 0 else "")
+            reply = kernel.execute("import os\n" + code, timeout=120)
+            assert reply.status == "ok", reply.texts()
+            delay = chooser.uniform(0, 0.01) if run % 3 == 0 else chooser.uniform(0, 0.25)
+            delays.append(delay)
+            kill_at(kernel, time.perf_counter() + delay)
+        finally:
+            kernel.close()
+
+
+def test_a_kill_after_a_burst_restores_the_saved_cells_and_names_exactly_the_lost_ones(tmp_path):
+    """Back to back, snapshots coalesce; a kill right after the last reply loses at most what resume names."""
+    env = {"CAPSULE_HOME": str(tmp_path / "home"), "CAPSULE_SESSION": "kill-after-burst"}
+    first = start_kernel(env=env, cwd=tmp_path)
+    try:
+        first.execute("import os\nbase = bytearray(os.urandom(32 * 2**20))\nx = 0")
+        assert first.execute("%capsule log -n 1").status == "ok"  # the base is saved
+        counts = {}
+        for value in range(1, 31):
+            msg_id = first.kc.execute(f"x = {value}\nbase[0] = {value}")
+            counts[value] = msg_id
+        last = first.shell_reply(counts[30], timeout=120)
+        assert last["content"]["status"] == "ok"
+        count_of = {value: last["content"]["execution_count"] - 30 + value for value in counts}
+        kill_at(first, time.perf_counter())
+    finally:
+        first.close()
+    second = start_kernel(env=env, cwd=tmp_path)
+    try:
+        resumed = second.execute("%capsule resume", timeout=120)
+        assert resumed.status == "ok", resumed.texts()
+        x = int(second.execute("x").result_text)
+        assert second.execute("base[0]").result_text == str(x)
+        named = {int(n) for n in re.findall(r"\[(\d+)\] 'x = ", resumed.texts())}
+        # Exactly the cells after the restored state are named as lost, and no other.
+        assert named == {count_of[value] for value in range(x + 1, 31)}, (x, resumed.texts())
+    finally:
+        second.close()
+
+
+def test_deferred_cells_behind_a_running_cell_are_named_when_the_kernel_dies(tmp_path):
+    """Cells deferred into a coalesced snapshot that a kill pre-empts: resume names each of them, and the rest holds."""
+    (tmp_path / "capsule.toml").write_text('[checkpoints]\ncoalesce = "60s"\n')  # deferred until idle
+    env = {"CAPSULE_HOME": str(tmp_path / "home"), "CAPSULE_SESSION": "kill-deferred"}
+    first = start_kernel(env=env, cwd=tmp_path)
+    try:
+        first.execute("import os\nbase = bytearray(os.urandom(32 * 2**20))\nx = 0")
+        assert first.execute("%capsule log -n 1").status == "ok"  # the base is saved
+        ids = [first.kc.execute(f"x = {value}\nbase[0] = {value}") for value in range(1, 11)]
+        long_id = first.kc.execute("import time\nx = 99\nprint('running', flush=True)\ntime.sleep(60)")
+        replies = [first.shell_reply(msg_id, timeout=60) for msg_id in ids]
+        assert all(reply["content"]["status"] == "ok" for reply in replies)
+        wait_until(lambda: _printed(first, long_id, "running"), what="the long cell to start")
+        count_of = {value: reply["content"]["execution_count"] for value, reply in enumerate(replies, start=1)}
+        kill_at(first, time.perf_counter())
+    finally:
+        first.close()
+    second = start_kernel(env=env, cwd=tmp_path)
+    try:
+        resumed = second.execute("%capsule resume", timeout=120)
+        assert resumed.status == "ok", resumed.texts()
+        x = int(second.execute("x").result_text)
+        assert x < 10, resumed.texts()  # the long cell kept the deferred ones from their snapshot
+        assert second.execute("base[0]").result_text == str(x)
+        named = {int(n) for n in re.findall(r"\[(\d+)\] 'x = \d", resumed.texts())}
+        assert named == {count_of[value] for value in range(x + 1, 11)}, (x, resumed.texts())
+        assert "'import time'" in resumed.texts()  # the cell that was running is named too
+    finally:
+        second.close()
+
+
+def _printed(kernel, msg_id: str, text: str) -> bool:
+    import queue
+
+    try:
+        msg = kernel.kc.get_iopub_msg(timeout=0.1)
+    except queue.Empty:
+        return False
+    return (
+        msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream" and text in msg["content"]["text"]
+    )
