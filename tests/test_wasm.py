@@ -255,6 +255,28 @@ def test_auto_mode_routes_and_shares_names_both_ways(fresh_kernel):
     assert seen.result_text == "(5, '4 rows, total 15')", seen.texts()
 
 
+def test_completion_asks_the_sandbox_that_holds_the_names_even_after_a_wasm_cell(fresh_kernel):
+    """Auto mode: a Wasm cell last must not leave completion in a sandbox without numpy or the notebook's names."""
+    kernel = fresh_kernel(env={"CAPSULE_MODE": "auto"})
+    kernel.execute("import numpy as np\nimport collections")
+    pure = kernel.execute("words = ['a', 'b']")
+    assert meta(pure)["sandbox"] == "wasm", meta(pure)
+
+    def matches(code: str) -> list[str]:
+        return kernel.request("complete", code, len(code))["content"]["matches"]
+
+    assert {"array", "np.array"} & set(matches("np.ar"))
+    assert {"OrderedDict", "collections.OrderedDict"} & set(matches("collections.Ord"))
+    assert "words" in matches("wor")  # a Wasm cell's name: the Wasm sandbox holds it
+    found = kernel.request("inspect", "np.zeros(", 9, detail_level=0)["content"]
+    assert found["found"] and "zeros" in plain(found["data"]["text/plain"])
+    # After a mode switch, the switch decides at once, before any cell runs.
+    assert kernel.execute("%capsule mode wasm").status == "ok"
+    assert "words" in matches("wor")
+    assert kernel.execute("%capsule mode auto").status == "ok"  # back to the operator's mode (not wider)
+    assert {"array", "np.array"} & set(matches("np.ar"))
+
+
 def test_an_alias_crosses_sandboxes_with_its_target(fresh_kernel):
     kernel = fresh_kernel(env={"CAPSULE_MODE": "auto"})
     assert meta(kernel.execute("rows = [1]"))["sandbox"] == "wasm"

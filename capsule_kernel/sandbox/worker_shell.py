@@ -268,7 +268,9 @@ def install(channel: FrameChannel, flusher: StreamFlusher, ipython: dict[str, An
     from traitlets.config import Config
 
     config = Config(ipython or {})
-    shell = SandboxShell.instance(channel=channel, flusher=flusher, colors="linux", config=config)
+    # IPython's default colour scheme ("neutral"), as ipykernel keeps it: readable on light and
+    # dark notebook themes alike ("linux" is for dark terminals: near-white on JupyterLab's light theme).
+    shell = SandboxShell.instance(channel=channel, flusher=flusher, config=config)
     shell.history_manager.db_cache_size = 0
 
     def _input(prompt: object = "") -> str:

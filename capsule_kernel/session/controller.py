@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import time
 import uuid
 from collections.abc import Coroutine
@@ -81,6 +82,9 @@ def _sanitized(reply: dict[str, Any], count: int) -> dict[str, Any]:
         clean.setdefault("evalue", "")
         clean.setdefault("traceback", [])
     return clean
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class SessionController:
@@ -727,10 +731,31 @@ class SessionController:
 
     # -- requests answered by the sandbox --------------------------------------------------
 
+    def introspection_kind(self, code: str) -> str:
+        """Which sandbox completion and inspection ask: the one that holds the names the code refers to.
+
+        Under a single mode, that mode's sandbox (at once after %capsule mode).
+        In auto, the subprocess sandbox (the user's packages, IPython's whole
+        completer), unless every name the code mentions was last written by
+        a Wasm cell.
+        """
+        if self.routing_mode != "auto":
+            return self.routing_mode
+        origins = {self.ledger.origins[name][0] for name in _IDENTIFIER.findall(code) if name in self.ledger.origins}
+        return "wasm" if origins == {"wasm"} else "subprocess"
+
     async def ask(self, kind: str, args: dict[str, Any], fallback: dict[str, Any], timeout: float) -> dict[str, Any]:
         try:
-            sandbox = await self.ready_sandbox()
-            return await sandbox.request(kind, args, timeout=timeout)
+            sandbox = self.sandboxes.get(self.introspection_kind(str(args.get("code", ""))))
+            if sandbox is None or not sandbox.ready:
+                sandbox = await self.ready_sandbox()  # only the active one runs: ask it
+            answer = await sandbox.request(kind, args, timeout=timeout)
+            other = next((s for s in self.sandboxes.values() if s is not sandbox and s.ready), None)
+            if kind == "complete" and self.routing_mode == "auto" and other is not None:
+                # A name being typed may live in either sandbox: offer what both know.
+                with contextlib.suppress(SandboxDied, TimeoutError):
+                    answer = _merged_completions(answer, await other.request(kind, args, timeout=timeout))
+            return answer
         except (SandboxDied, TimeoutError) as err:
             self.log.warning("%s request failed: %s", kind, err)
             return fallback
@@ -761,3 +786,22 @@ class SessionController:
 
 
 __all__ = ["Cell", "SessionController"]
+
+
+def _merged_completions(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """The first sandbox's completions, then the second's that it lacks (for the same span of text)."""
+    if first.get("status") != "ok" or second.get("status") != "ok":
+        return first if first.get("status") == "ok" else second
+    if not first.get("matches") or not second.get("matches"):
+        return first if first.get("matches") else second  # no match: IPython reports an empty span
+    span = (first.get("cursor_start"), first.get("cursor_end"))
+    if span != (second.get("cursor_start"), second.get("cursor_end")):
+        return first
+    matches = list(first.get("matches", []))
+    added = [match for match in second.get("matches", []) if match not in matches]
+    metadata = dict(first.get("metadata", {}))
+    types = metadata.get("_jupyter_types_experimental")
+    if isinstance(types, list):
+        extra = [{"start": span[0], "end": span[1], "text": match, "type": "<unknown>"} for match in added]
+        metadata["_jupyter_types_experimental"] = [*types, *extra]
+    return {**first, "matches": matches + added, "metadata": metadata}

@@ -63,6 +63,8 @@ def rss_kib(pid: int) -> int:
 def test_forged_frames_end_the_sandbox_not_the_kernel(fresh_kernel, label, attack):
     kernel = fresh_kernel()
     kernel.execute("kept = 'before'")
+    # Its checkpoint lands first: a violation ends the sandbox at once, snapshots in flight included.
+    assert kernel.execute("%capsule log -n 1").status == "ok"
     result = kernel.execute(FORGE + attack + "\nimport time\nfor _ in range(300):\n    time.sleep(0.1)")
     assert result.status == "error", label
     assert result.content["ename"] == "SandboxProtocolError", result.texts()
