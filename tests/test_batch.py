@@ -65,7 +65,8 @@ def test_a_killed_run_resumes_without_rerunning_completed_cells(tmp_path):
     log = tmp_path / "ran.log"
     cells = [
         f"open({str(log)!r}, 'a').write('a')\ndata = list(range(5))",
-        f"open({str(log)!r}, 'a').write('b')\ntotal = sum(data)",
+        # Over 0.1 s: a checkpoint of its own (a shorter cell's waits behind the running cell c).
+        f"open({str(log)!r}, 'a').write('b')\ntotal = sum(data)\nimport time\ntime.sleep(0.15)",
         f"open({str(log)!r}, 'a').write('c')\nimport time, pathlib\n"
         f"while not pathlib.Path({str(tmp_path / 'go')!r}).exists():\n    time.sleep(0.05)\ntotal * 2",
         f"open({str(log)!r}, 'a').write('d')\ntotal + 1",
@@ -111,7 +112,8 @@ def test_a_changed_cell_runs_again_from_there(tmp_path):
 def test_papermills_capsule_engine_resumes_too(tmp_path):
     log = tmp_path / "ran.log"
     cells = [
-        f"open({str(log)!r}, 'a').write('a')\ndata = [1, 2, 3]",
+        # Over 0.1 s: a checkpoint of its own (a shorter cell's waits behind the running cell b).
+        f"open({str(log)!r}, 'a').write('a')\ndata = [1, 2, 3]\nimport time\ntime.sleep(0.15)",
         f"open({str(log)!r}, 'a').write('b')\nimport time, pathlib\n"
         f"while not pathlib.Path({str(tmp_path / 'go')!r}).exists():\n    time.sleep(0.05)\nsum(data)",
     ]

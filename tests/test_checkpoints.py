@@ -535,3 +535,23 @@ def test_many_cells_back_to_back_all_get_their_checkpoint(fresh_kernel, home):
     assert len(counts) < 13, log.texts()  # some were coalesced
     crash(kernel, settled=False)  # %capsule log above waited for every snapshot
     assert kernel.execute("step, blob[12], blob[13]").result_text == "(12, 12, 0)"
+
+
+def test_a_cell_outside_history_and_the_deferred_cell_after_it_share_a_count_without_a_violation(
+    fresh_kernel, home, tmp_path
+):
+    """store_history=False reuses the next count: its snapshot's report must not use up the deferred cell's."""
+    release = tmp_path / "release"
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "shared-count"})
+    kernel.execute(f"GATE_PATH = {str(release)!r}\n" + GATE.replace("gate = Gate(GATE_PATH)", ""))
+    settle(kernel)
+    worker = kernel.sandbox_pid()
+    quiet = kernel.execute("gate = Gate(GATE_PATH)", store_history=False)  # snapshotted at once, held by the gate
+    stored = kernel.execute("after = 2")  # the same count, short, a snapshot running: deferred
+    assert quiet.status == stored.status == "ok"
+    release.touch()  # the quiet cell's report lands, then the deferred cell's coalesced snapshot starts
+    log = kernel.execute("%capsule log")
+    assert log.status == "ok", log.texts()
+    assert kernel.sandbox_pid() == worker  # no "broke the protocol": the same sandbox
+    crash(kernel)
+    assert kernel.execute("after, type(gate).__name__").result_text == "(2, 'Gate')"

@@ -78,17 +78,9 @@ def test_a_kill_after_a_burst_restores_the_saved_cells_and_names_exactly_the_los
         kill_at(first, time.perf_counter())
     finally:
         first.close()
-    second = start_kernel(env=env, cwd=tmp_path)
-    try:
-        resumed = second.execute("%capsule resume", timeout=120)
-        assert resumed.status == "ok", resumed.texts()
-        x = int(second.execute("x").result_text)
-        assert second.execute("base[0]").result_text == str(x)
-        named = {int(n) for n in re.findall(r"\[(\d+)\] 'x = ", resumed.texts())}
-        # Exactly the cells after the restored state are named as lost, and no other.
-        assert named == {count_of[value] for value in range(x + 1, 31)}, (x, resumed.texts())
-    finally:
-        second.close()
+    shown, x, named = resume_in_a_new_kernel(env, tmp_path)
+    # Exactly the cells after the restored state are named as lost, and no other.
+    assert named == {count_of[value] for value in range(x + 1, 31)}, (x, shown)
 
 
 def test_deferred_cells_behind_a_running_cell_are_named_when_the_kernel_dies(tmp_path):
@@ -108,18 +100,24 @@ def test_deferred_cells_behind_a_running_cell_are_named_when_the_kernel_dies(tmp
         kill_at(first, time.perf_counter())
     finally:
         first.close()
-    second = start_kernel(env=env, cwd=tmp_path)
+    shown, x, named = resume_in_a_new_kernel(env, tmp_path)
+    assert x < 10, shown  # the long cell kept the deferred ones from their snapshot
+    assert named == {count_of[value] for value in range(x + 1, 11)}, (x, shown)
+    assert "'import time'" in shown  # the cell that was running is named too
+
+
+def resume_in_a_new_kernel(env: dict[str, str], cwd) -> tuple[str, int, set[int]]:
+    """%capsule resume in a fresh kernel: what it showed, the restored x (base[0] agrees), the cells it named."""
+    kernel = start_kernel(env=env, cwd=cwd)
     try:
-        resumed = second.execute("%capsule resume", timeout=120)
+        resumed = kernel.execute("%capsule resume", timeout=120)
         assert resumed.status == "ok", resumed.texts()
-        x = int(second.execute("x").result_text)
-        assert x < 10, resumed.texts()  # the long cell kept the deferred ones from their snapshot
-        assert second.execute("base[0]").result_text == str(x)
+        x = int(kernel.execute("x").result_text)
+        assert kernel.execute("base[0]").result_text == str(x)
         named = {int(n) for n in re.findall(r"\[(\d+)\] 'x = \d", resumed.texts())}
-        assert named == {count_of[value] for value in range(x + 1, 11)}, (x, resumed.texts())
-        assert "'import time'" in resumed.texts()  # the cell that was running is named too
+        return resumed.texts(), x, named
     finally:
-        second.close()
+        kernel.close()
 
 
 def _printed(kernel, msg_id: str, text: str) -> bool:

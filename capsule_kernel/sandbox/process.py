@@ -600,10 +600,16 @@ class SandboxProcess(ABC):
             return
         for message in messages:
             count = message["execution_count"]
-            if self.snapshots_in_flight.pop(count, None) is None:
+            announced = self.snapshots_in_flight.pop(count, None) is not None
+            if not announced:
                 self._reported_early.add(count)  # read before the frame that announces it
-            # Which cells this snapshot holds: reckoned here, from the kernel's own bookkeeping.
-            message["covers"] = self._covers.pop(count, None) or self._take_covers(count)
+            # Which cells this snapshot holds, reckoned here from the kernel's own bookkeeping: a
+            # coalesced one its deferred cells; one a "done" announced only its cell (a cell that
+            # is not stored in history shares its count with the next, which may be deferred).
+            if count in self._covers:
+                message["covers"] = self._covers.pop(count)
+            else:
+                message["covers"] = [count] if announced else self._take_covers(count)
             # Where the report's new chunks are, and whose it is: set here, on the
             # trusted side, over anything the report itself says.
             message["spool"] = self.spool
