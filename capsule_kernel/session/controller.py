@@ -159,10 +159,10 @@ class SessionController:
         self._starting.add_done_callback(self._log_start_failure)
 
     async def _start_first_sandbox(self) -> SandboxProcess:
-        # What dead kernels' sandboxes journaled after their last record becomes checkpoints
-        # first (waiting for this session's, if it resumes at once).
-        await self.adopt_orphans(wait=self.policy.settings.auto_resume)
         sandbox = await self._start_sandbox()
+        # What dead kernels' sandboxes journaled after their last record becomes checkpoints
+        # before the resume is offered (waiting for this session's, if it resumes at once).
+        await self.adopt_orphans(wait=self.policy.settings.auto_resume)
         try:
             latest = self.checkpoints.latest(self.session_name)
         except CheckpointRefused as err:

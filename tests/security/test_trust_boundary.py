@@ -78,6 +78,8 @@ def test_an_oversized_frame_is_refused_at_its_header_and_memory_stays_bounded(fr
     kernel = fresh_kernel()
     pid = kernel_pid(kernel)
     kernel.execute("kept = 1")
+    # Its checkpoint lands first: a violation ends the sandbox at once, snapshots in flight included.
+    assert kernel.execute("%capsule log -n 1").status == "ok"
     before = rss_kib(pid)
     result = kernel.execute(
         FORGE
@@ -95,6 +97,8 @@ def test_garbage_on_the_snapshot_report_pipe_ends_the_sandbox_and_stays_bounded(
     kernel = fresh_kernel()
     pid = kernel_pid(kernel)
     kernel.execute("kept = 1")
+    # Its checkpoint lands first: a violation ends the sandbox at once, snapshots in flight included.
+    assert kernel.execute("%capsule log -n 1").status == "ok"
     before = rss_kib(pid)
     result = kernel.execute(
         FORGE
