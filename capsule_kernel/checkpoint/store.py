@@ -11,6 +11,7 @@ that owns this store never unpickles what they point to.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -83,12 +84,6 @@ class SandboxRecord:
     keeper: str  # "PID START" of its keeper process (keeper.py), or "" without one
     spool: str
     recorded_through: int
-
-    def row(self) -> tuple:
-        return (
-            self.name, self.session, self.kind, self.kernel_id, self.kernel_pid, self.keeper, self.spool,
-            self.recorded_through,
-        )  # fmt: skip
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> Path:
@@ -226,7 +221,7 @@ class CheckpointStore:
         with self._guard, self._db:
             record = self._sandbox(name)
             if record is not None:
-                self._write_sandbox(SandboxRecord(**{**record.__dict__, "session": session}))
+                self._write_sandbox(dataclasses.replace(record, session=session))
 
     def forget_sandbox(self, name: str) -> None:
         with self._guard, self._db:
@@ -237,24 +232,26 @@ class CheckpointStore:
         with self._guard:
             rows = self._db.execute("SELECT * FROM sandboxes").fetchall()
         found = []
-        for *columns, mac in rows:
-            if isinstance(mac, str) and hmac.compare_digest(mac, self._sandbox_mac(tuple(columns))):
-                found.append(SandboxRecord(*columns))
+        for row in rows:
+            record = self._verified_sandbox(row)
+            if record is not None:
+                found.append(record)
             else:
-                self.forget_sandbox(columns[0])
+                self.forget_sandbox(row[0])
         return found
 
     def _sandbox(self, name: str) -> SandboxRecord | None:
         rows = self._db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchall()
-        if not rows:
-            return None
-        *columns, mac = rows[0]
+        return self._verified_sandbox(rows[0]) if rows else None
+
+    def _verified_sandbox(self, row: tuple) -> SandboxRecord | None:
+        *columns, mac = row
         if not isinstance(mac, str) or not hmac.compare_digest(mac, self._sandbox_mac(tuple(columns))):
             return None
         return SandboxRecord(*columns)
 
     def _write_sandbox(self, record: SandboxRecord) -> None:
-        row = record.row()
+        row = dataclasses.astuple(record)
         self._db.execute("INSERT OR REPLACE INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?)", (*row, self._sandbox_mac(row)))
 
     def _advance(self, sandbox: str | None, execution_count: int) -> None:
@@ -263,7 +260,7 @@ class CheckpointStore:
             return
         record = self._sandbox(sandbox)
         if record is not None and execution_count > record.recorded_through:
-            self._write_sandbox(SandboxRecord(**{**record.__dict__, "recorded_through": execution_count}))
+            self._write_sandbox(dataclasses.replace(record, recorded_through=execution_count))
 
     def unchanged_counts(self, session: str) -> set[int]:
         """The cells of this session whose snapshot found nothing to save (rows that fail their MAC are left out)."""
