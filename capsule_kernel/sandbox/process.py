@@ -584,16 +584,14 @@ class SandboxProcess(ABC):
         if data is None:
             return
         if not data:
-            self._loop.remove_reader(reports.fd)
-            os.close(reports.fd)
+            self._forget_fd(reports.fd)
             self._reports = None
             return
         try:
             messages = reports.decoder.feed(data)
         except frames.ProtocolError as err:
             # Written by the sandbox's snapshot children: a broken report is the sandbox breaking the protocol.
-            self._loop.remove_reader(reports.fd)
-            os.close(reports.fd)
+            self._forget_fd(reports.fd)
             self._reports = None
             self._give_up_in_flight()
             self._on_violation(VIOLATION.format(what=f"{err} on its snapshot report pipe"))
@@ -798,6 +796,21 @@ class SandboxProcess(ABC):
             self._loop.remove_reader(self._from_worker)
         self._reaped()
 
+    def _forget_fd(self, fd: int) -> None:
+        """Stop watching fd, then close it (in that order: never close a watched fd).
+
+        Closing first leaves the loop's selector holding a key for a number
+        the next pipe reuses; add_reader on that pipe then only swaps the
+        key's callback and never arms epoll for it, so the next sandbox's
+        frames go unread (its ``ready`` never arrives). The worker's frame
+        pipe is still watched whenever the sandbox is killed before its end
+        of file has been read.
+        """
+        assert self._loop is not None
+        self._loop.remove_reader(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
     def _reaped(self) -> asyncio.Future:
         """The one task that buries this worker; every caller shares it."""
         if self._reap_task is None:
@@ -823,13 +836,11 @@ class SandboxProcess(ABC):
             self.death_reason = self._cause_of_death()
         assert self._loop is not None
         for pipe in self._pipes:
-            self._loop.remove_reader(pipe.fd)
-            os.close(pipe.fd)
+            self._forget_fd(pipe.fd)
         self._pipes = []
         for fd in (self._to_worker, self._from_worker):
             if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+                self._forget_fd(fd)
         self._to_worker = self._from_worker = None
         if self._lifeline is not None:
             os.close(self._lifeline)
