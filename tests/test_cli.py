@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from jupyter_client import BlockingKernelClient
@@ -57,6 +60,22 @@ def test_install_display_name_and_user(tmp_path):
     assert spec["display_name"] == "Sandboxed"
 
 
+def _wait_for_kernel_info(client: BlockingKernelClient, timeout: float) -> None:
+    """Its kernel_info reply, however long start-up takes on a loaded machine.
+
+    Not client.wait_for_ready: for a client without a KernelManager it calls the
+    kernel dead as soon as one heartbeat is late after a second without a reply
+    (seen in CI: "Kernel died before replying to kernel_info" while it started).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        client.kernel_info()
+        with contextlib.suppress(queue.Empty):
+            if client.get_shell_msg(timeout=1)["msg_type"] == "kernel_info_reply":
+                return
+    raise AssertionError(f"no kernel_info reply within {timeout} s")
+
+
 def _start_and_talk(tmp_path: Path, flag_form: list[str]) -> None:
     connection_file = str(tmp_path / "kernel.json")
     write_connection_file(connection_file)
@@ -65,7 +84,7 @@ def _start_and_talk(tmp_path: Path, flag_form: list[str]) -> None:
     client.load_connection_file()
     client.start_channels()
     try:
-        client.wait_for_ready(timeout=60)
+        _wait_for_kernel_info(client, timeout=60)
         reply = client.execute_interactive("6 * 7", timeout=60)
         assert reply["content"]["status"] == "ok"
         client.shutdown()

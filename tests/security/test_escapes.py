@@ -452,6 +452,8 @@ def test_a_forged_snapshot_report_on_the_frame_pipe_ends_the_sandbox_not_the_ker
     home = tmp_path / "capsule-home"
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
     kernel.execute("x = 1")
+    # Its checkpoint lands first: a violation ends the sandbox at once, snapshots in flight included.
+    assert kernel.execute("%capsule log -n 1").status == "ok"
     result = kernel.execute(
         "import json, os, struct, sys\n"
         "config = json.loads(open('/proc/self/cmdline').read().split('\\0')[-2])\n"
