@@ -8,8 +8,11 @@ execution count, and which checkpoint covers its state.
 
 ``--resume`` reads that record back. The run continues from the first cell
 that did not complete, or whose hash changed (its source, an earlier cell's
-or a parameter), or whose state no recorded checkpoint covers (a crash
-between a reply and its snapshot). The namespace comes back from the
+or a parameter), or whose state no recorded checkpoint covers. A kill in
+the moment between a cell's reply and its snapshot's record leaves that
+snapshot in the dead sandbox's journal (sandbox/keeper.py): the runner
+adopts it first (``adopt_dead_run``, the same adoption a kernel does at
+start), so such a cell counts as covered. The namespace comes back from the
 checkpoint of the last covered cell (``%capsule restore``), and the cells
 before it keep their saved outputs: they are not executed again. The
 output notebook marks them ``restored``.
@@ -42,6 +45,8 @@ EXIT_KERNEL_DIED = 3
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
 RECORD = "capsule"  # the key of Capsule's record in notebook and cell metadata
+# How long a resume waits for the dead run's kernel to be gone before adopting its journal.
+DEAD_KERNEL_PATIENCE_SECONDS = 30.0
 
 
 def parameter_value(text: str) -> Any:
@@ -138,6 +143,57 @@ def plan_resume(previous: Any, nb: Any, hashes: list[str]) -> Resume:
     return Resume(last_index + 1, checkpoint_id, checkpoint_session, tuple(i for i, _, _ in prefix))
 
 
+def adopt_dead_run(previous: Any) -> None:
+    """Record what the dead run's sandbox journaled after its kernel died, before the resume is planned.
+
+    The run's next kernel would adopt it too (checkpoint/adoption.py), but
+    only once it runs, after the plan, which would then re-run the cell. This
+    waits for the dead run's kernel to be gone (a runner killed alone leaves
+    its kernel to ipykernel's parent poller, about a second) and for its
+    sandbox to finish its last snapshot (its keeper gives it at most
+    KEEPER_LINGER_SECONDS), then records every journaled
+    snapshot, under the checks a kernel applies, and settles those cells'
+    durable promises. Runs in its own thread and event loop: papermill calls
+    its engine from code that may already have a loop running.
+    """
+    session = previous.get("metadata", {}).get(RECORD, {}).get("session")
+    if not session:
+        return
+    import asyncio
+    import concurrent.futures
+    import logging
+
+    from capsule_kernel.checkpoint.promises import CellPromises
+    from capsule_kernel.checkpoint.recorder import Checkpoints
+    from capsule_kernel.sandbox.cgroups import kernel_pid_of
+    from capsule_kernel.sandbox.deaths import process_exists
+
+    log = logging.getLogger("capsule_kernel.run")
+
+    async def adopt() -> None:
+        checkpoints = Checkpoints.open(log)
+        if checkpoints.store is None:
+            return
+        # The dead run's kernel may outlive its runner by a moment (ipykernel's parent poller
+        # ends it within a second); adoption only takes sandboxes whose kernel is gone.
+        kernels = {kernel_pid_of(record.name) for record in checkpoints.store.sandboxes() if record.session == session}
+        deadline = time.monotonic() + DEAD_KERNEL_PATIENCE_SECONDS
+        while any(pid and process_exists(pid) for pid in kernels) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        promises = CellPromises.open(checkpoints.store.path, f"capsule-run-{os.getpid()}", log, os.environ)
+        try:
+            adopted = await checkpoints.adopt_orphans(promises, wait_for=session)
+            await promises.settled()
+        finally:
+            await promises.close()
+            checkpoints.store.close()
+        for refusal in adopted.refused:
+            print(f"capsule-kernel run: not adopted: {refusal}", file=sys.stderr)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, adopt()).result()
+
+
 class Progress:
     """A bar on a terminal; a line per cell elsewhere (CI logs)."""
 
@@ -176,6 +232,8 @@ class BatchRun:
         import uuid
 
         hashes = chain(nb, parameters)
+        if previous is not None:
+            adopt_dead_run(previous)
         resume = plan_resume(previous, nb, hashes) if previous is not None else Resume()
         # A session per run attempt: execution counts never collide with a dead run's checkpoints.
         session = f"batch:{output}#{uuid.uuid4().hex[:8]}"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 
 from capsule_kernel.checkpoint.store import CheckpointStore, default_home
@@ -92,6 +93,56 @@ def test_a_killed_run_resumes_without_rerunning_completed_cells(tmp_path):
     assert texts(out)[2:] == ["20", "11"]
     assert [c.metadata.get("capsule", {}).get("restored", False) for c in out.cells] == [True, True, False, False]
     assert out.metadata["capsule"]["restored_cells"] == 2
+
+
+def test_a_run_killed_right_after_a_reply_resumes_from_the_journaled_snapshot(tmp_path):
+    """The kill lands while cell b's snapshot is still being written: only the sandbox's journal has it.
+
+    Fails without the runner adopting the journal before it plans (checked: b ran
+    again, the log read "abbc"): the plan saw no checkpoint of b in the store.
+    """
+    log = tmp_path / "ran.log"
+    cells = [
+        f"open({str(log)!r}, 'a').write('a')\nsmall = 1",
+        # About 300 MB of fresh bytes: its snapshot takes a second or more after the reply.
+        f"open({str(log)!r}, 'a').write('b')\nimport os\nbig = os.urandom(300_000_000)",
+        # Held until after the kill (the runner sends it at once): the dead run's c ends interrupted.
+        f"import time, pathlib\nwhile not pathlib.Path({str(tmp_path / 'go')!r}).exists():\n    time.sleep(0.05)\n"
+        f"open({str(log)!r}, 'a').write('c')\nlen(big) + small",
+    ]
+    source = notebook(tmp_path / "big.ipynb", cells)
+    output = tmp_path / "big.out.ipynb"
+    first = subprocess.Popen([*CLI, str(source), "-o", str(output)], stderr=subprocess.DEVNULL,
+                             start_new_session=True)  # fmt: skip
+
+    def b_replied() -> bool:
+        try:
+            out = nbformat.read(output, as_version=4)
+        except (OSError, ValueError):  # being written
+            return False
+        return bool(out.cells[1].metadata.get("capsule", {}).get("completed"))
+
+    wait_until(b_replied, timeout=120, interval=0.005, what="cell b's reply in the output notebook")
+    # The runner and its kernel at once, as a reboot would (the sandbox's keeper, in a session of
+    # its own, lives on; jupyter_client starts the kernel in a session of its own too).
+    kernels = [p for p in psutil.Process(first.pid).children() if "capsule_kernel" in " ".join(p.cmdline())]
+    os.killpg(first.pid, signal.SIGKILL)
+    for kernel in kernels:
+        kernel.kill()
+    first.wait()
+    session = nbformat.read(output, as_version=4).metadata["capsule"]["session"]
+    b_count = nbformat.read(output, as_version=4).cells[1].execution_count
+    store = CheckpointStore(default_home())
+    recorded = [c.execution_count for c in store.history(session)]
+    store.close()
+    assert b_count not in recorded, "b's snapshot was recorded before the kill: the window was missed"
+    (tmp_path / "go").touch()
+    resumed = run(str(source), "-o", str(output), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert log.read_text() == "abc", resumed.stderr
+    out = nbformat.read(output, as_version=4)
+    assert texts(out)[2] == "300000001"
+    assert [c.metadata.get("capsule", {}).get("restored", False) for c in out.cells] == [True, True, False]
 
 
 def test_a_changed_cell_runs_again_from_there(tmp_path):

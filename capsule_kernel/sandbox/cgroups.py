@@ -200,13 +200,18 @@ class SandboxCgroup:
         return removed
 
 
+def kernel_pid_of(name: str) -> int | None:
+    """The pid of the kernel that named a sandbox capsule-<kernel pid>-<random> (its cgroup, spool, ledger row)."""
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] != "capsule" or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
 def left_by_a_gone_kernel(path: Path) -> bool:
     """Whether a sandbox's cgroup or spool (named capsule-<kernel pid>-<random>) outlived its kernel."""
-    parts = path.name.split("-")
-    if len(parts) != 3 or parts[0] != "capsule" or not parts[1].isdigit():
-        return False
-    pid = int(parts[1])
-    return pid != os.getpid() and not process_exists(pid)
+    pid = kernel_pid_of(path.name)
+    return pid is not None and pid != os.getpid() and not process_exists(pid)
 
 
 def sweep() -> None:
