@@ -120,7 +120,9 @@ class Worker:
             if kind == "shutdown":
                 break
             handler = handlers.get(kind)
-            if handler is None:
+            if handler is None or self.channel.kernel_gone.is_set():
+                # Sent before the kernel died, never started: nobody would read the answer, and
+                # a cell run now would run twice (the resume runs it again: it never replied).
                 continue
             try:
                 handler(message)
@@ -171,6 +173,8 @@ class Worker:
         began = time.monotonic()
         try:
             self._interrupts_raise()
+            if self.channel.kernel_gone.is_set():
+                raise KeyboardInterrupt  # the kernel died as the cell was taken (its interrupt came too early)
             result = shell.run_cell(message["code"], store_history=store_history, silent=silent)
         except KeyboardInterrupt as err:
             if result is None:

@@ -35,6 +35,8 @@ class FrameChannel:
         self._write_lock = threading.Lock()
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        # Set (before the interrupt) once the kernel's end of the pipe closed: no cell starts after it.
+        self.kernel_gone = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name="capsule-frame-reader", daemon=True)
 
     def start(self) -> None:
@@ -75,6 +77,7 @@ class FrameChannel:
                 # The kernel is gone: nobody will ever read our output. A cell still
                 # running is interrupted (an idle worker ignores it), so that the worker
                 # ends soon; its keeper (keeper.py) ends the sandbox if it does not.
+                self.kernel_gone.set()
                 self.inbox.put({"type": "eof"})
                 self.replies.put({"type": "eof"})
                 os.kill(os.getpid(), signal.SIGINT)
