@@ -7,7 +7,7 @@ alternate between the kernels so that machine drift hits both alike.
 Reported: the total-time ratio and the per-cell p50 / p95 of each kernel,
 with checkpoints on, and with CAPSULE_CHECKPOINTS=off as the floor.
 
-    .venv/bin/python benchmarks/agent.py [--blocks 8] [--cells 60]
+    .venv/bin/python benchmarks/agent.py [--blocks 24] [--cells 60]
 
 Writes benchmarks/results/agent.json; docs/benchmarks.md quotes it.
 """
@@ -53,7 +53,7 @@ def cell_time(client, code: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--blocks", type=int, default=24)
     parser.add_argument("--cells", type=int, default=60)
     args = parser.parse_args(argv)
     home = tempfile.mkdtemp()

@@ -17,11 +17,13 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 NAMES = ("capsule.toml", "pyproject.toml")
 _LEDGER = "distrusted-config.json"
 _MAX_ENTRIES = 1000
+_RACY_NS = 2_000_000_000
 
 
 def _digest(path: Path) -> str | None:
@@ -48,10 +50,34 @@ class PolicyFileWatch:
     def __init__(self, directory: Path, home: Path) -> None:
         self.directory = directory
         self.home = home
+        # name -> (stat identity, digest): a file is read and hashed again only when its
+        # identity moved. The identity includes st_ctime_ns, which no sandbox can set back
+        # (utime sets mtime, and moves ctime), so an in-place rewrite that restores size and
+        # mtime is still seen. The clock behind ctime is coarse (a few ms), so a file changed
+        # within _RACY_NS of now is hashed every time, as git treats "racily clean" entries.
+        self._stats: dict[str, tuple[tuple[int, ...] | None, str | None]] = {}
         self.seen = self._state()
 
     def _state(self) -> dict[str, str | None]:
-        return {name: _digest(self.directory / name) for name in NAMES}
+        state = {}
+        for name in NAMES:
+            path = self.directory / name
+            try:
+                info = os.stat(path)
+                identity: tuple[int, ...] | None = (
+                    info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+                )
+            except OSError:
+                identity = None
+            known = self._stats.get(name)
+            settled = identity is None or time.time_ns() - identity[4] > _RACY_NS
+            if known is not None and known[0] == identity and settled:
+                state[name] = known[1]
+                continue
+            digest = _digest(path) if identity is not None else None
+            self._stats[name] = (identity, digest)
+            state[name] = digest
+        return state
 
     def check(self) -> list[str]:
         """Names of the config files that changed since last time (now distrusted)."""

@@ -15,6 +15,7 @@ import pytest
 from capsule_kernel.checkpoint.chunks import chunk_path
 from capsule_kernel.checkpoint.store import CheckpointStore
 from capsule_kernel.sandbox import chunk_server, confinement, seccomp, workdir_acl
+from tests.harness import wait_until
 
 
 def policy(tmp_path: Path, **changes) -> confinement.Policy:
@@ -252,3 +253,55 @@ def test_a_config_file_changed_during_a_cell_is_distrusted(tmp_path, monkeypatch
     assert find_config_file(work) is None  # same uid as the kernel, but seen changing under a sandbox
     (work / "capsule.toml").write_text("[limits]\nmemory = '2GiB'\n")  # the user, with no kernel running
     assert find_config_file(work)[0] == work / "capsule.toml"
+
+
+def test_a_same_size_rewrite_with_its_old_mtime_is_still_seen(tmp_path, monkeypatch):
+    """The watch skips hashing unchanged files by their stat; a cell cannot make a change look unchanged.
+
+    The rewrite keeps the inode, the size and (os.utime) the mtime; only ctime
+    moves, and only the kernel's clock can tell. Checked with the ctime left
+    out of the identity: the change went unseen.
+    """
+    import time
+
+    from capsule_kernel import policy_files
+    from capsule_kernel.policy_files import PolicyFileWatch
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    config = work / "capsule.toml"
+    config.write_text("[limits]\nmemory = '1GiB'\n")
+    watch = PolicyFileWatch(work, home)
+    # Long after: the first state is settled (not "racy"), so the next check trusts the stat.
+    later = time.time_ns() + 10 * policy_files._RACY_NS
+    monkeypatch.setattr(policy_files.time, "time_ns", lambda: later)
+    assert watch.check() == []
+    before = os.stat(config)
+
+    def rewrite() -> bool:
+        with open(config, "r+b") as handle:  # in place: the same inode
+            handle.write(b"[limits]\nmemory = '9GiB'\n")
+        os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return os.stat(config).st_ctime_ns != before.st_ctime_ns  # the file system's clock ticked
+
+    wait_until(rewrite, timeout=5, what="a rewrite in a later ctime tick")
+    after = os.stat(config)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert watch.check() == ["capsule.toml"]
+
+
+def test_a_file_changed_within_the_ctime_tick_is_hashed_again(tmp_path):
+    """A ctime close to now may hide a second write in the same clock tick: such a file is always re-hashed."""
+    from capsule_kernel.policy_files import PolicyFileWatch
+
+    work = tmp_path / "work"
+    work.mkdir()
+    config = work / "capsule.toml"
+    config.write_text("a = 1\n")
+    watch = PolicyFileWatch(work, tmp_path / "home")
+    before = os.stat(config)
+    with open(config, "r+b") as handle:
+        handle.write(b"a = 2\n")
+    os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))
+    # Even if the ctime did not move (same tick), the file is recent, so it is hashed: the change is seen.
+    assert watch.check() == ["capsule.toml"]

@@ -170,6 +170,10 @@ class CheckpointStore:
         self._guard = threading.RLock()
         # digest -> (device, inode, size) of the chunk file last found sound.
         self._verified: dict[str, tuple[int, int, int]] = {}
+        # session -> id of its newest checkpoint, as this process last wrote or read it. The
+        # kernel asks on every cell, from its loop: without this it waits for the guard while
+        # a worker thread's record holds it through an fsynced commit.
+        self._latest_ids: dict[str, str] = {}
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -192,8 +196,15 @@ class CheckpointStore:
         return self._row(rows[0]) if rows else None
 
     def latest_id(self, session: str) -> str | None:
+        """The newest checkpoint's id (another process's later record of the session shows after this one's next)."""
+        cached = self._latest_ids.get(session)
+        if cached is not None:
+            return cached
         rows = self._query("SELECT id FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT 1", (session,))
-        return rows[0][0] if rows else None
+        if not rows:
+            return None
+        self._latest_ids[session] = rows[0][0]
+        return rows[0][0]
 
     def history(self, session: str, limit: int | None = None) -> list[Checkpoint]:
         rows = self._query(
@@ -438,6 +449,7 @@ class CheckpointStore:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute("INSERT INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (*row, self._mac(row)))
                 self._advance(sandbox, execution_count)
+            self._latest_ids[session] = checkpoint.id
             return checkpoint
 
     def prune(self, session: str, keep: int | None) -> int:
