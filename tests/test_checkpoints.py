@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -263,6 +264,28 @@ def test_restore_wrong_arguments_change_nothing(fresh_kernel, home):
     assert kernel.execute("value").result_text == "1"
 
 
+def test_a_count_that_names_two_checkpoints_restores_nothing_and_lists_them(fresh_kernel, home):
+    """After a second kernel in the same session, [1] names two checkpoints: say so, never pick one silently."""
+    env = {"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "twice.ipynb"}
+    first = fresh_kernel(env=env)
+    first.execute("old = 'first kernel'")
+    assert first.execute("%capsule log").status == "ok"  # its checkpoint is recorded
+    first.close()
+    second = fresh_kernel(env=env)
+    assert second.execute("new = 'second kernel'").content["execution_count"] == 1
+    log = second.execute("%capsule log").texts()
+    assert len(re.findall(r"^\[1\]", log, re.MULTILINE)) == 2, log
+    assert re.search(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}", log), "the time column has no date"
+    result = second.execute("%capsule restore 1")
+    assert result.status == "error" and "names 2 checkpoints" in result.content["evalue"], result.content
+    ids = [line.split()[1] for line in log.splitlines() if line.startswith("[1]")]
+    assert all(checkpoint in result.content["evalue"] for checkpoint in ids)
+    assert second.execute("new").result_text == "'second kernel'"  # nothing was restored
+    by_id = second.execute(f"%capsule restore {ids[0]}")
+    assert by_id.status == "ok", by_id.texts()
+    assert second.execute("old").result_text == "'first kernel'"
+
+
 def test_diff_between_checkpoints(fresh_kernel, home):
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
     a = kernel.execute("keep = 1\nchange = [1, 2]\ndrop = 'x'").content["execution_count"]
@@ -299,7 +322,10 @@ def test_resume_after_the_kernel_dies(fresh_kernel, home):
 
     second = fresh_kernel(env=env)
     offer = second.execute("1 + 1")
-    assert "%capsule resume" in offer.stderr and f"after cell [{last}]" in offer.stderr
+    # A quiet note (stdout), not a warning; once per kernel.
+    assert "%capsule resume" in offer.stdout and f"after cell [{last}]" in offer.stdout
+    assert "earlier kernel" not in offer.stderr
+    assert "earlier kernel" not in second.execute("2 + 2").texts()
     resumed = second.execute("%capsule resume")
     assert resumed.status == "ok" and "Resumed session analysis.ipynb" in resumed.texts()
     after = second.execute("result, notes")

@@ -281,19 +281,23 @@ class CheckpointStore:
             if isinstance(mac, str) and hmac.compare_digest(mac, self._mac(("unchanged", session, count)))
         }  # fmt: skip
 
-    def find(self, session: str, ref: str) -> Checkpoint | None:
-        """By execution count ('12') or checkpoint id prefix ('3fa9')."""
+    def find(self, session: str, ref: str) -> list[Checkpoint]:
+        """The checkpoints an execution count ('12') or an id prefix ('3fa9') names, newest first.
+
+        More than one is an ambiguity for the caller to report: after a
+        restart, counts start again from 1, so [2] may name two checkpoints.
+        """
         if ref.isdigit():
             rows = self._query(
-                "SELECT * FROM checkpoints WHERE session = ? AND execution_count = ? ORDER BY seq DESC LIMIT 1",
+                "SELECT * FROM checkpoints WHERE session = ? AND execution_count = ? ORDER BY seq DESC",
                 (session, int(ref)),
             )
             if rows:
-                return self._row(rows[0])
+                return [self._row(row) for row in rows]
         rows = self._query(
             "SELECT * FROM checkpoints WHERE session = ? AND id LIKE ? ORDER BY seq DESC", (session, ref + "%")
         )
-        return self._row(rows[0]) if len(rows) == 1 else None
+        return [self._row(row) for row in rows]
 
     def adopt(self, spool: Path, entries: Mapping[str, Any]) -> list[str]:
         """Move the chunks a sandbox wrote into its spool into the store; return those that fail.

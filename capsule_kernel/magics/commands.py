@@ -165,7 +165,7 @@ async def cmd_log(ctx: MagicContext, args: Any) -> list[Bundle]:
                     checkpoint.first_line[:40],
                     changed or "-",
                     format_size(checkpoint.size) if checkpoint.size else "0 B",
-                    time.strftime("%H:%M:%S", time.localtime(checkpoint.created)),
+                    _when(checkpoint.created),
                     checkpoint.status,
                     unsaved or "-",
                 ],
@@ -176,7 +176,7 @@ async def cmd_log(ctx: MagicContext, args: Any) -> list[Bundle]:
         for cell in (await ctx.promises.interrupted(ctx.session_name))[-args.n :]:
             param = cell["param"] or {}
             created = cell["created"] / 1000
-            when = time.strftime("%H:%M:%S", time.localtime(created))
+            when = _when(created)
             first = str(param.get("first_line", ""))[:40]
             timed_rows.append((created, [f"[{cell['cell']}]", "-", first, "-", "-", when, "interrupted", "-"]))
     rows = [row for _, row in sorted(timed_rows, key=lambda item: item[0])]
@@ -192,11 +192,26 @@ def _checkpoint(ctx: MagicContext, ref: str, command: str) -> Checkpoint:
     if store is None:
         raise MagicUsageError(f"%capsule {command}: checkpoints are off ({ctx.checkpoints.problem})")
     found = store.find(ctx.session_name, ref)
-    if found is None:
+    if not found:
         raise MagicUsageError(
             f"%capsule {command}: no checkpoint {ref!r} in session {ctx.session_name} (see %capsule log)"
         )
-    return found
+    if len(found) > 1:
+        named = "; ".join(
+            f"{checkpoint.id[:8]} ([{checkpoint.execution_count}] {_when(checkpoint.created)}, {checkpoint.status})"
+            for checkpoint in found[:6]
+        )
+        raise MagicUsageError(
+            f"%capsule {command}: {ref!r} names {len(found)} checkpoints of session {ctx.session_name} "
+            f"(counts start again after a restart): {named}. Give the checkpoint id instead, "
+            f"e.g. %capsule {command} {found[0].id[:8]}"
+        )
+    return found[0]
+
+
+def _when(created: float) -> str:
+    """A checkpoint's time as %capsule log shows it: with the date (a session spans days and kernels)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
 
 
 async def cmd_restore(ctx: MagicContext, args: Any) -> list[Bundle]:

@@ -114,6 +114,8 @@ class SessionController:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._side_tasks: set[asyncio.Task] = set()
         self._notices: list[str] = [f"Capsule: configuration problem: {problem}\n" for problem in policy.problems]
+        # The resume offer: news, not a warning, so a quiet note (stdout) with the first cell, once.
+        self._offer: str | None = None
         self._idle_death: str | None = None
         self._last_death: SandboxDied = SandboxDied("the sandbox ended")
         self._restore_outcome = "the namespace starts empty"
@@ -331,7 +333,7 @@ class SessionController:
         outcome = await self.checkpoints.restore(checkpoint, sandbox, replace=True)
         await self.namespace_replaced(checkpoint)
         self.next_count = max(self.next_count, checkpoint.execution_count + 1)
-        self._notices = [notice for notice in self._notices if "has checkpoints from" not in notice]
+        self._offer = None
         return (
             f"Resumed session {self.session_name}: {outcome}. "
             f"Execution counts continue from [{checkpoint.execution_count + 1}]."
@@ -366,7 +368,7 @@ class SessionController:
             return
         if latest is not None:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(latest.created))
-            self._notices.append(
+            self._offer = (
                 f"Session {self.session_name} has checkpoints from an earlier kernel (the last after cell "
                 f"[{latest.execution_count}], {when}). "
                 "Run %capsule resume to restore them, or set auto_resume = true in capsule.toml.\n"
@@ -661,6 +663,9 @@ class SessionController:
         notices, self._notices = self._notices, []
         for notice in notices:
             self.relay.note(notice)
+        if self._offer is not None:
+            offer, self._offer = self._offer, None
+            self.relay.info(offer)
         if self._idle_death:
             death, self._idle_death = self._idle_death, None
             self.relay.note(f"{death} A fresh sandbox was started; {self._restore_outcome}.\n")

@@ -74,7 +74,12 @@ class Relay:
         kernel.session.send(kernel.iopub_socket, msg_type, content, parent, ident=kernel._topic(msg_type), **extra)
 
     def note(self, text: str) -> None:
+        """A warning from Capsule (stderr: frontends show it as one)."""
         self.publish("stream", {"name": "stderr", "text": text})
+
+    def info(self, text: str) -> None:
+        """News from Capsule that is not a problem (stdout: shown as plain output, not as a warning)."""
+        self.publish("stream", {"name": "stdout", "text": text})
 
     def fail(self, count: int, ename: str, evalue: str) -> dict[str, Any]:
         """Publish an error output and build the matching error reply."""
