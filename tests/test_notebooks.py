@@ -77,6 +77,15 @@ def test_jupyter_execute_runs_the_tour(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     check_tour(nbformat.read(target, as_version=4))
+    # What ./dev tour prints: rich outputs as a reader wants them, not as object reprs.
+    shown = subprocess.run(
+        [sys.executable, str(TOUR.parent.parent / "scripts" / "show_outputs.py"), str(target)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert "**Rich output** works as in IPython." in shown
+    assert "<IntSlider widget: description='size', value=5" in shown
+    assert "<FloatProgress widget: value=200.0" in shown  # the tqdm bar, from the saved widget state
+    assert "<IPython.core.display" not in shown and "<widget " not in shown
 
 
 @pytest.mark.slow
