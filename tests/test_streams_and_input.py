@@ -32,6 +32,24 @@ def test_output_written_below_python_reaches_the_notebook(kernel):
     assert "from-the-shell" in shell.stdout
 
 
+def test_a_line_written_below_python_in_pieces_arrives_as_one_message(kernel):
+    """faulthandler (a crash's stack) writes each line in pieces: a line is never split across messages.
+
+    Fails without the line buffering of the raw pipes (checked): three messages.
+    """
+    code = (
+        "import os, time\n"
+        "for piece in (b'  File \"cell\", ', b'line 3 ', b'in <module>\\n'):\n"
+        "    os.write(2, piece)\n"
+        "    time.sleep(0.02)\n"
+    )
+    result = kernel.execute(code)
+    lines = [m.content["text"] for m in result.of_type("stream") if m.content["name"] == "stderr"]
+    assert lines == ['  File "cell", line 3 in <module>\n'], lines
+    partial = kernel.execute("import os\nos.write(1, b'a prompt without a line end: ')")
+    assert partial.stdout == "a prompt without a line end: "  # still shown, a moment later
+
+
 def test_many_small_writes_arrive_complete_and_in_order(kernel):
     result = kernel.execute("for i in range(5000):\n    print(i)")
     assert result.stdout == "".join(f"{i}\n" for i in range(5000))

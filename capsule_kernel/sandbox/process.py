@@ -82,9 +82,20 @@ class _ReportPipe:
 
 @dataclass
 class _Pipe:
+    """A raw output pipe of the sandbox (fd-level writes: C code, faulthandler, shell commands)."""
+
     fd: int
     name: str
     decoder: codecs.IncrementalDecoder
+    # Text after the last line end: held back until its line ends, or RAW_LINE_WAIT_SECONDS pass.
+    pending: str = ""
+    timer: asyncio.TimerHandle | None = None
+
+
+# A writer that emits a line in pieces (faulthandler writes a frame's line in several
+# writes) is read in pieces; holding a partial line this long keeps each line in one
+# stream message, while a prompt or a progress bar without a line end still shows.
+RAW_LINE_WAIT_SECONDS = 0.1
 
 
 def read_available(fd: int) -> bytes | None:
@@ -773,22 +784,38 @@ class SandboxProcess(ABC):
         data = read_available(pipe.fd)
         if data is None:
             return
+        assert self._loop is not None
         if not data:
-            assert self._loop is not None
             self._loop.remove_reader(pipe.fd)
+            self._emit_raw(pipe, everything=True)
             return
-        text = pipe.decoder.decode(data)
-        if text:
-            self.on_event({"type": "stream", "name": pipe.name, "text": text})
+        pipe.pending += pipe.decoder.decode(data)
+        self._emit_raw(pipe)
+
+    def _emit_raw(self, pipe: _Pipe, *, everything: bool = False) -> None:
+        """Send the whole lines read so far (all of it with everything); hold a partial line back a moment."""
+        if pipe.timer is not None:
+            pipe.timer.cancel()
+            pipe.timer = None
+        text = pipe.pending
+        cut = len(text) if everything else max(text.rfind("\n"), text.rfind("\r")) + 1
+        pipe.pending = text[cut:]
+        if cut:
+            self.on_event({"type": "stream", "name": pipe.name, "text": text[:cut]})
+        if pipe.pending and self._loop is not None:
+            pipe.timer = self._loop.call_later(RAW_LINE_WAIT_SECONDS, self._flush_raw, pipe)
+
+    def _flush_raw(self, pipe: _Pipe) -> None:
+        pipe.timer = None
+        self._emit_raw(pipe, everything=True)
 
     def drain_raw_output(self) -> None:
         for pipe in self._pipes:
             chunks = []
             while data := read_available(pipe.fd):
                 chunks.append(data)
-            text = pipe.decoder.decode(b"".join(chunks))
-            if text:
-                self.on_event({"type": "stream", "name": pipe.name, "text": text})
+            pipe.pending += pipe.decoder.decode(b"".join(chunks))
+            self._emit_raw(pipe, everything=True)
 
     def _on_eof(self) -> None:
         assert self._loop is not None
