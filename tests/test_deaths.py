@@ -36,10 +36,18 @@ def test_os_exit(fresh_kernel):
 def test_segfault(fresh_kernel):
     kernel = fresh_kernel()
     kernel.execute("before_death = 'kept'")
-    result = kernel.execute("import ctypes\nctypes.string_at(0)")
+    result = kernel.execute("import ctypes\ndef inner():\n    ctypes.string_at(0)\ninner()")
     assert_survived(kernel, result, "segmentation fault (SIGSEGV)", "C extension")
-    # faulthandler's last words reach the user as stderr.
-    assert "Fatal Python error" in result.stderr
+    # The cause in a few lines: faulthandler's first line, the call that crashed and the user's frames.
+    stderr = result.stderr
+    assert "Fatal Python error: Segmentation fault" in stderr
+    assert "in string_at" in stderr and "in inner" in stderr
+    assert "interactiveshell.py" not in stderr and "capsule_kernel" not in stderr, stderr
+    assert len(stderr.splitlines()) <= 8, stderr
+    assert "%capsule status --last-crash" in stderr
+    # The whole native dump on request.
+    dump = kernel.execute("%capsule status --last-crash").texts()
+    assert "in string_at" in dump and "interactiveshell.py" in dump and "worker.py" in dump
 
 
 def test_killed_by_a_signal_from_inside(fresh_kernel):

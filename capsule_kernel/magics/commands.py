@@ -77,7 +77,11 @@ async def cmd_limits(ctx: MagicContext, args: Any) -> list[Bundle]:
     return [limits_table(ctx, "Sandbox limits (changed: " + ", ".join(changes) + ")", shown)]
 
 
-async def cmd_status(ctx: MagicContext, args: Any) -> list[Bundle]:  # noqa: ARG001
+async def cmd_status(ctx: MagicContext, args: Any) -> list[Bundle]:
+    if getattr(args, "last_crash", False):
+        if ctx.last_crash is None:
+            return [{"text/plain": "No sandbox of this kernel has crashed with a native dump."}]
+        return [{"text/plain": "The last sandbox crash, as its faulthandler wrote it:\n" + ctx.last_crash}]
     await ctx.sandbox_started()
     sandbox = ctx.sandbox
     rows = [["sandbox", sandbox.kind if sandbox else "none"]]

@@ -28,6 +28,7 @@ class MagicContext(Protocol):
     session_source: str
     cell_running: bool
     tasks: TaskScheduler
+    last_crash: str | None
 
     @property
     def limit_settings(self) -> LimitSettings: ...

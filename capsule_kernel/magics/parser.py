@@ -68,6 +68,9 @@ def build_parser() -> _Parser:
     for name, text in SUBCOMMANDS.items():
         escaped = text.replace("%", "%%")  # argparse %-formats help strings
         sub = commands.add_parser(name, help=escaped, description=escaped, exit_on_error=False)
+        if name == "status":
+            sub.add_argument("--last-crash", dest="last_crash", action="store_true",
+                             help="the whole native dump of the last sandbox crash")  # fmt: skip
         if name == "log":
             sub.add_argument("-n", type=int, default=20, metavar="N", help="show the last N checkpoints (default 20)")
         if name == "restore":

@@ -304,6 +304,8 @@ def read_frame(fd: int, sender: str | None = None, limit: int = MAX_FRAME_BYTES)
 # same checks as the pipe: the file is as untrusted as the pipe is.
 JOURNAL_DIR = "journal"
 JOURNAL_SUFFIX = ".frame"
+# The worker's faulthandler dump, in its spool (sandbox/crash_dump.py reads it): text, never a frame.
+CRASH_FILE = "crash.txt"
 
 
 def journal(spool: str | os.PathLike[str], report: dict[str, Any]) -> None:

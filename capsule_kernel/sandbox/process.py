@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from capsule_kernel.checkpoint.chunks import entry_chunks
-from capsule_kernel.sandbox import chunk_server, frames
+from capsule_kernel.sandbox import chunk_server, crash_dump, frames
 from capsule_kernel.sandbox.deaths import describe_exit, process_exists
 from capsule_kernel.sandbox.launch import ConfinementRequired, Launch, memory_enforcement
 from capsule_kernel.sandbox.limits import Limits, format_duration, format_size
@@ -202,6 +202,8 @@ class SandboxProcess(ABC):
         # Set once the kernel has told the user about this sandbox's death.
         self.death_noted = False
         self._reports: _ReportPipe | None = None
+        # What the worker's faulthandler wrote as it crashed (crash_dump.py), read when it is reaped.
+        self.crash_dump: str | None = None
         self.snapshots_in_flight: dict[int, int] = {}
         self._reported_early: set[int] = set()
         # Coalescing (worker_snapshots): cells whose snapshot is deferred, the cells each
@@ -859,6 +861,7 @@ class SandboxProcess(ABC):
             self.kill()
             self.process.wait()
         self.drain_raw_output()
+        self.crash_dump = crash_dump.read_dump(self.spool)
         if self.death_reason is None:
             self.death_reason = self._cause_of_death()
         assert self._loop is not None

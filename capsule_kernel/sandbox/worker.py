@@ -276,6 +276,17 @@ def _move_soft_limits(limits: dict[str, Any]) -> None:
                 pass
 
 
+def _crash_file(spool: str | None) -> Any:
+    from capsule_kernel.sandbox.frames import CRASH_FILE
+
+    if spool:
+        try:
+            return open(os.path.join(spool, CRASH_FILE), "w")  # open for the process's life
+        except OSError:
+            pass
+    return sys.__stderr__
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     config = json.loads(argv[0])
@@ -284,9 +295,11 @@ def main(argv: list[str] | None = None) -> None:
         from capsule_kernel.sandbox.worker_supervisor import supervise
 
         supervise(tuple(fd for fd in channels if fd is not None))
-    # A segfault prints the cell's Python stack to the raw stderr, which the
-    # kernel forwards as the dying sandbox's last words.
-    faulthandler.enable(file=sys.__stderr__, all_threads=False)
+    # A segfault writes the Python stack to CRASH_FILE in the spool, which the
+    # kernel reads when the sandbox has died: the notebook gets a summary of it
+    # (the user's frames), %capsule status --last-crash the whole dump. Without
+    # a spool it goes to the raw stderr, which the kernel forwards.
+    faulthandler.enable(file=_crash_file(config.get("spool")), all_threads=False)
     for fd in channels:
         if fd is None:
             continue

@@ -38,6 +38,7 @@ from capsule_kernel.magics.authority import Authority
 from capsule_kernel.policy import Policy
 from capsule_kernel.policy_files import PolicyFileWatch
 from capsule_kernel.router import REFUSED, route
+from capsule_kernel.sandbox import crash_dump
 from capsule_kernel.sandbox.process import PreviousCellOverran, SandboxDied, SandboxProcess
 from capsule_kernel.sandbox.subprocess import SubprocessSandbox
 from capsule_kernel.sandbox.wasm import WasmSandbox
@@ -116,6 +117,8 @@ class SessionController:
         self._notices: list[str] = [f"Capsule: configuration problem: {problem}\n" for problem in policy.problems]
         # The resume offer: news, not a warning, so a quiet note (stdout) with the first cell, once.
         self._offer: str | None = None
+        # The whole native dump of the last sandbox crash (%capsule status --last-crash).
+        self.last_crash: str | None = None
         self._idle_death: str | None = None
         self._last_death: SandboxDied = SandboxDied("the sandbox ended")
         self._restore_outcome = "the namespace starts empty"
@@ -606,6 +609,12 @@ class SessionController:
 
     async def _report_death(self, sandbox: SandboxProcess, death: SandboxDied, count: int) -> dict[str, Any]:
         pid = sandbox.pid
+        if sandbox.process is not None:  # reaped: its crash dump, if any, has been read
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sandbox.wait_exit(), 10)
+        if sandbox.crash_dump:
+            self.last_crash = sandbox.crash_dump
+            self.relay.note(crash_dump.summarise(sandbox.crash_dump) + "\n")
         try:
             fresh = await self._start_sandbox(restore=True)
             after = f"A fresh sandbox (pid {fresh.pid}) is running; {self._restore_outcome}"

@@ -118,3 +118,36 @@ def processes_of_uid_in_cgroup_of(pid: int) -> list[int]:
         if procs.exists():
             return [int(p) for p in procs.read_text().split()]
     return [pid]
+
+
+# -- the crash dump in the spool ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("plant", ["symlink", "fifo", "huge"])
+def test_a_planted_crash_dump_shows_no_host_file_and_stays_bounded(fresh_kernel, tmp_path, plant):
+    """The kernel reads the dead worker's crash.txt from the spool: never through a link, never a FIFO, capped.
+
+    Fails when the dump is opened without O_NOFOLLOW (checked: the secret line
+    was shown in the crash summary and in %capsule status --last-crash).
+    """
+    secret = tmp_path.parent / f"host-secret-{plant}.txt"  # outside the sandbox's view
+    secret.write_text("HOST-SECRET-LINE\n")
+    kernel = fresh_kernel()
+    kernel.execute("kept = 1")
+    assert kernel.execute("%capsule log -n 1").status == "ok"
+    pid = kernel_pid(kernel)
+    before = int(status_field(pid, "VmRSS").split()[0])
+    planting = {
+        "symlink": f"os.symlink({str(secret)!r}, crash)",
+        "fifo": "os.mkfifo(crash)",
+        "huge": "with open(crash, 'w') as f:\n    f.write('Fatal Python error: x\\n' + '  File \"a\"\\n' * 10_000_000)",
+    }[plant]
+    result = kernel.execute(
+        "import os\ncrash = '/run/capsule/spool/crash.txt'\nos.unlink(crash)\n" + planting + "\nos.abort()"
+    )
+    assert result.status == "error" and result.content["ename"] == "SandboxDied"
+    shown = result.texts() + kernel.execute("%capsule status --last-crash").texts()
+    assert "HOST-SECRET-LINE" not in shown
+    after = int(status_field(pid, "VmRSS").split()[0])
+    assert after - before < 64 * 1024, "the kernel read the planted dump whole"
+    assert kernel.execute("kept").result_text == "1"
