@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def test_cpu_limit_stops_a_busy_cell(fresh_kernel):
     assert result.status == "error"
     assert result.content["ename"] == "CPULimitExceeded"
     assert "CPU limit of 1 s" in result.content["evalue"]
+    assert "capsule_kernel" not in "\n".join(result.content["traceback"])
     # The limit is per cell: the next cells get their own second.
     assert kernel.execute("kept + 1").result_text == "2"
     assert kernel.execute("sum(range(1000))").status == "ok"
@@ -51,11 +53,15 @@ def test_timeout_interrupts_and_keeps_the_namespace(fresh_kernel):
     kernel = fresh_kernel()
     kernel.execute("kept = 'yes'")
     kernel.execute("%capsule limits --timeout 1s")
-    result = kernel.execute("import time\ntime.sleep(30)", timeout=30)
+    result = kernel.execute("import time\ndef wait():\n    time.sleep(30)\nwait()", timeout=30)
     assert result.status == "error"
     assert result.content["ename"] == "CellTimeout"
     assert "wall-clock limit of 1 s" in result.content["evalue"]
     assert result.replied - result.started < 15
+    # The traceback ends where the user's code was, not in Capsule's signal handler (checked: it did).
+    traceback = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(result.content["traceback"]))
+    assert "in wait" in traceback and "time.sleep(30)" in traceback
+    assert "capsule_kernel" not in traceback and "_on_timeout" not in traceback, traceback
     assert kernel.execute("kept").result_text == "'yes'"
 
 

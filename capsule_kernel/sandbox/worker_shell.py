@@ -11,8 +11,10 @@ import builtins
 import errno
 import getpass
 import itertools
+import os
 import sys
 import traceback
+from types import TracebackType
 from typing import Any
 
 from comm.base_comm import BaseComm, CommManager
@@ -130,6 +132,22 @@ class CapsuleMagics(Magics):
             raise UsageError(reply.get("error") or "%capsule failed")
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def without_capsule_tail(tb: TracebackType | None) -> TracebackType | None:
+    """The traceback cut after its last frame outside capsule_kernel (the user's, IPython's or a library's)."""
+    last_outside = None
+    entry = tb
+    while entry is not None:
+        if not os.path.abspath(entry.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+            last_outside = entry
+        entry = entry.tb_next
+    if last_outside is not None:
+        last_outside.tb_next = None
+    return tb
+
+
 class SandboxShell(ZMQInteractiveShell):
     """IPython's kernel shell, with outputs and input going through frames.
 
@@ -171,6 +189,16 @@ class SandboxShell(ZMQInteractiveShell):
     def run_cell(self, *args: Any, **kwargs: Any):  # noqa: ANN201
         self.last_error = None
         return super().run_cell(*args, **kwargs)
+
+    def _get_exc_info(self, exc_tuple=None):  # noqa: ANN001 - IPython's signature
+        """IPython's exception triple, without the frames Capsule added at its end.
+
+        A limit is raised from the worker's signal handlers (the wall-clock
+        timer, the CPU watch) on top of the user's frames; the traceback
+        shows where the user's code was, not the handler.
+        """
+        etype, value, tb = super()._get_exc_info(exc_tuple)
+        return etype, value, without_capsule_tail(tb)
 
     def _showtraceback(self, etype, evalue, stb) -> None:  # noqa: ANN001
         self.flusher.flush_all()
