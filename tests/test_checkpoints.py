@@ -32,6 +32,22 @@ def crash(kernel, *, settled=True):
     return result.content["evalue"]
 
 
+def crash_holding_a_snapshot(kernel, worker: int, gate: Path) -> str:
+    """Crash the sandbox while a snapshot child waits on `gate`; open the gate once the worker is gone."""
+
+    def release_once_the_sandbox_is_gone() -> None:
+        wait_until(lambda: not Path(f"/proc/{worker}").exists(), what="the sandbox to die")
+        gate.touch()
+
+    releaser = threading.Thread(target=release_once_the_sandbox_is_gone)
+    releaser.start()
+    try:
+        return crash(kernel, settled=False)
+    finally:
+        gate.touch()
+        releaser.join()
+
+
 def latest_written(home: Path) -> int:
     with sqlite3.connect(home / "capsule.sqlite") as db:
         return db.execute("SELECT written FROM checkpoints ORDER BY created DESC LIMIT 1").fetchone()[0]
@@ -118,18 +134,7 @@ def test_a_deletion_holds_when_the_sandbox_dies_before_its_snapshot_learns_the_l
     kernel.execute("del temporary")  # short, with a snapshot running: deferred
     # A request that is not a cell makes the worker take the deferred snapshot now: chained to the held one.
     assert kernel.request("complete", "kep", 3)["content"]["status"] == "ok"
-
-    def release_once_the_sandbox_is_gone() -> None:
-        wait_until(lambda: not Path(f"/proc/{worker}").exists(), what="the sandbox to die")
-        flag.touch()
-
-    releaser = threading.Thread(target=release_once_the_sandbox_is_gone)
-    releaser.start()
-    try:
-        crash(kernel, settled=False)
-    finally:
-        flag.touch()
-        releaser.join()
+    crash_holding_a_snapshot(kernel, worker, flag)
     assert kernel.execute("'temporary' in dir(), kept, slow").result_text == "(False, 2, 'released')"
     log = kernel.execute("%capsule log").texts()
     assert "del temporary" in log
@@ -514,18 +519,7 @@ def test_a_crash_names_the_coalesced_cells_it_lost(fresh_kernel, home, tmp_path)
     first = kernel.execute("kept = 2  # first deferred")
     second = kernel.execute("extra = 3  # second deferred")
     assert not release.exists()
-
-    def release_once_the_sandbox_is_gone() -> None:
-        wait_until(lambda: not Path(f"/proc/{worker}").exists(), what="the sandbox to die")
-        release.touch()
-
-    releaser = threading.Thread(target=release_once_the_sandbox_is_gone)
-    releaser.start()
-    try:
-        evalue = crash(kernel, settled=False)
-    finally:
-        release.touch()
-        releaser.join()
+    evalue = crash_holding_a_snapshot(kernel, worker, release)
     counts = (first.content["execution_count"], second.content["execution_count"])
     assert f"[{counts[0]}] 'kept = 2  # first deferred'" in evalue, evalue
     assert f"[{counts[1]}] 'extra = 3  # second deferred'" in evalue, evalue
