@@ -575,3 +575,28 @@ def test_a_cell_outside_history_and_the_deferred_cell_after_it_share_a_count_wit
     assert kernel.sandbox_pid() == worker  # no "broke the protocol": the same sandbox
     crash(kernel)
     assert kernel.execute("after, type(gate).__name__").result_text == "(2, 'Gate')"
+
+
+def test_a_clean_shutdown_keeps_the_deferred_cells(fresh_kernel, home, tmp_path):
+    """Cells deferred behind a running snapshot get their coalesced snapshot when the kernel shuts down.
+
+    Without it a batch run (or a closed notebook) lost its last cells at a
+    clean shutdown: the worker stopped before taking their snapshot.
+    """
+    release = tmp_path / "release"
+    env = {"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "closed.ipynb"}
+    first = fresh_kernel(env=env)
+    first.execute(f"GATE_PATH = {str(release)!r}")
+    settle(first)  # so the gated cell is snapshotted on its own, not deferred
+    first.execute(GATE)
+    last = first.execute("after_gate = 41\nafter_gate += 1")  # deferred behind the gated snapshot
+    first.kc.stop_channels()
+    first.km.request_shutdown()
+    release.touch()
+    first.km.finish_shutdown()
+    assert not first.km.is_alive()
+
+    second = fresh_kernel(env=env)
+    resumed = second.execute("%capsule resume")
+    assert f"after cell [{last.content['execution_count']}]" in resumed.texts(), resumed.texts()
+    assert second.execute("after_gate, type(gate).__name__").result_text == "(42, 'Gate')"

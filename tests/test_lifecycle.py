@@ -42,3 +42,46 @@ def test_sandbox_dies_with_a_killed_kernel(fresh_kernel):
     pid = kernel.sandbox_pid()
     os.kill(kernel.km.provisioner.process.pid, signal.SIGKILL)
     wait_until(lambda: process_gone(pid), what="the orphaned sandbox to die")
+
+
+def _settled(kernel) -> None:
+    """The last cell's checkpoint is recorded (log waits for it)."""
+    kernel.execute("%capsule log -n 1")
+
+
+def test_a_death_after_restart_never_brings_back_the_earlier_kernels_names(fresh_kernel, tmp_path):
+    """A restart is the user's choice: a crash in the new kernel restores only the new kernel's state.
+
+    The notebook is one session across the restart (as under jupyter_server,
+    which names it by path), so the earlier kernel's checkpoints are the
+    session's newest until the new kernel records one of its own.
+    """
+    kernel = fresh_kernel(env={"CAPSULE_SESSION": f"restarted-{tmp_path.name}"})
+    kernel.execute("from_before = 'the earlier kernel'")
+    _settled(kernel)
+    kernel.km.restart_kernel(now=False)
+    kernel.kc.wait_for_ready(timeout=60)
+    kernel.drain_iopub()
+    # A crash before the new kernel saved anything: empty, not the earlier kernel's namespace.
+    died = kernel.execute("import os; os._exit(3)")
+    assert died.error is not None and died.error["ename"] == "SandboxDied"
+    assert "from_before" not in died.texts()
+    assert kernel.execute("'from_before' in dir()").result_text == "False"
+    # A crash after it saved something: exactly its own names come back.
+    kernel.execute("from_after = 'the new kernel'")
+    _settled(kernel)
+    kernel.execute("import os; os._exit(3)")
+    assert kernel.execute("('from_before' in dir(), from_after)").result_text == "(False, 'the new kernel')"
+
+
+def test_a_death_after_capsule_restart_brings_back_only_what_came_after(fresh_kernel):
+    kernel = fresh_kernel()
+    kernel.execute("before = 1")
+    _settled(kernel)
+    kernel.execute("%capsule restart")
+    kernel.execute("import os; os._exit(3)")
+    assert kernel.execute("'before' in dir()").result_text == "False"
+    kernel.execute("after = 2")
+    _settled(kernel)
+    kernel.execute("import os; os._exit(3)")
+    assert kernel.execute("('before' in dir(), after)").result_text == "(False, 2)"

@@ -54,6 +54,10 @@ class Checkpoints:
         self._sources: OrderedDict[int, str] = OrderedDict()
         self._pending: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()  # one writer at a time, in order
+        # Sessions whose namespace this kernel started empty (a new kernel that did not resume,
+        # a restart) and that no checkpoint holds yet: the session's newest checkpoint is an
+        # earlier namespace's, so it is neither restored after a death nor a base for deltas.
+        self._afresh: set[str] = set()
 
     @classmethod
     def open(cls, log: logging.Logger) -> Checkpoints:
@@ -146,17 +150,12 @@ class Checkpoints:
         removed = list(event.get("removed", []))
         store = self.store
         spool, sandbox = event.get("spool"), event.get("sandbox")
-        if not entries and not removed:
-            # Nothing changed: the previous checkpoint still holds; say so (a batch run's resume reads it).
-            def note() -> None:
-                store.note_unchanged(session, count, sandbox)
-                prune_journal(spool, count)
 
-            async with self._lock:
-                await asyncio.to_thread(note)
-            return None
+        def note() -> None:
+            store.note_unchanged(session, count, sandbox)
+            prune_journal(spool, count)
 
-        def verify_and_record() -> Checkpoint | str:
+        def verify_and_record(whole: bool) -> Checkpoint | str:
             # Off the event loop: copying and hashing new chunks and an fsynced commit take time.
             # A subprocess sandbox's new chunks wait in its spool; the Wasm host writes into the store.
             bad = store.adopt(spool, entries) if isinstance(spool, Path) else store.missing_chunks(entries)
@@ -169,7 +168,7 @@ class Checkpoints:
                 entries,
                 removed,
                 int(event.get("written", 0)),
-                complete=bool(event.get("complete")),
+                complete=whole or bool(event.get("complete")),
                 sandbox=sandbox,
             )
             prune_journal(spool, count)
@@ -177,7 +176,15 @@ class Checkpoints:
             return checkpoint
 
         async with self._lock:
-            outcome = await asyncio.to_thread(verify_and_record)
+            # A namespace started afresh: its first report (every name it has) is the whole of it.
+            afresh = session in self._afresh
+            if not entries and not removed and not afresh:
+                # Nothing changed: the previous checkpoint still holds; say so (a batch run's resume reads it).
+                await asyncio.to_thread(note)
+                return None
+            outcome = await asyncio.to_thread(verify_and_record, afresh)
+            if afresh and not isinstance(outcome, str):
+                self._afresh.discard(session)
         if isinstance(outcome, str):
             self.failures[count] = outcome
             self.log.error("checkpoint after cell %s not recorded: %s", count, outcome)
@@ -207,6 +214,12 @@ class Checkpoints:
         latest = self.latest(session)
         if latest is None:
             return "no checkpoint had been taken yet, so the namespace starts empty"
+        if session in self._afresh:
+            # The newest checkpoint is from before this kernel's start or restart: never brought back unasked.
+            return (
+                "no checkpoint had been taken since the kernel started or restarted, so the namespace "
+                "starts empty (%capsule log lists earlier checkpoints; %capsule restore brings one back)"
+            )
         return await self.restore(latest, sandbox, replace=True, names=names)
 
     async def collect_garbage(self, grace_seconds: float) -> tuple[int, int, int]:
@@ -232,10 +245,22 @@ class Checkpoints:
             return None
         return self.store.record(session, execution_count, code, {}, [], 0, status="restored", base=target)
 
+    def begin_afresh(self, session: str) -> None:
+        """This kernel's namespace of `session` starts empty now (start without resume, restart).
+
+        Until a snapshot of the new namespace is recorded, a death restores
+        nothing; that first snapshot is recorded whole, not as changes on top
+        of the earlier namespace's checkpoint. Call it with no snapshot of the
+        earlier namespace still in flight.
+        """
+        self._afresh.add(session)
+
     async def restore(
         self, checkpoint: Checkpoint, sandbox: Any, *, replace: bool, names: set[str] | None = None
     ) -> str:
         """Load a checkpoint (or, with names, only those of its names) into a sandbox."""
+        if replace:
+            self._afresh.discard(checkpoint.session)
         entries = checkpoint.entries
         if names is not None:
             entries = {name: entry for name, entry in entries.items() if name in names}

@@ -118,6 +118,9 @@ class Worker:
                 self.snapshots.wait()
                 break
             if kind == "shutdown":
+                # A clean stop keeps every cell's state: the deferred cells' snapshot was
+                # just forked (_next_message); the kernel reads the reports before it reaps.
+                self.snapshots.wait()
                 break
             handler = handlers.get(kind)
             if handler is None or self.channel.kernel_gone.is_set():
@@ -138,9 +141,10 @@ class Worker:
         """The next frame from the kernel; with cells deferred, their coalesced snapshot comes first when due.
 
         Due: after worker_snapshots.IDLE_SECONDS with nothing to do, before anything but a
-        cell (a request may read or replace the namespace; an end of file
-        means the kernel died, and this snapshot is what the next kernel
-        adopts), or before a cell once the deferred ones are overdue.
+        cell (a request may read or replace the namespace; a shutdown must not
+        lose the last cells; an end of file means the kernel died, and this
+        snapshot is what the next kernel adopts), or before a cell once the
+        deferred ones are overdue.
         """
         snapshots = self.snapshots
         while snapshots.deferred:
@@ -150,7 +154,7 @@ class Worker:
                 if not snapshots.busy:
                     snapshots.flush()
                 continue
-            if message["type"] not in ("execute", "shutdown") or snapshots.overdue():
+            if message["type"] != "execute" or snapshots.overdue():
                 snapshots.flush()
             return message
         return self.channel.inbox.get()

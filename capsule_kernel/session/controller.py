@@ -49,6 +49,8 @@ from capsule_kernel.session.relay import Relay
 from capsule_kernel.session.task_scheduler import TaskScheduler
 
 _REINTERRUPT_SECONDS = 1.0
+# A clean stop waits this long for the worker to take and report its last snapshot.
+_STOP_GRACE_SECONDS = 5.0
 SANDBOX_KINDS: dict[str, type[SandboxProcess]] = {"subprocess": SubprocessSandbox, "wasm": WasmSandbox}
 # What a reply may say of itself; everything else in it is rebuilt by the kernel.
 _REPLY_STATUSES = ("ok", "error", "aborted")
@@ -177,12 +179,15 @@ class SessionController:
             try:
                 resumed = await self.resume(latest, sandbox)
                 self._notices.append(resumed + "\n")
+                return sandbox
             except (SandboxDied, TimeoutError) as err:
                 self.log.error("auto_resume failed: %s", err)
                 self._notices.append(f"auto_resume failed ({err}); the namespace starts empty.\n")
                 sandbox = await self._start_sandbox()
         elif latest is not None:
             self._offer_resume()
+        # A new kernel (a restart too) starts empty: the session's checkpoints are an earlier kernel's.
+        self.checkpoints.begin_afresh(self.session_name)
         return sandbox
 
     async def _start_sandbox(self, *, restore: bool = False) -> SandboxProcess:
@@ -207,6 +212,7 @@ class SessionController:
             sandbox.stopping = True
             await sandbox.shutdown()
             sandbox = await self._spawn_sandbox()
+            self.checkpoints.begin_afresh(self.session_name)
             self._restore_outcome = (
                 f"restoring the last checkpoint failed ({err}), so this sandbox starts with an empty namespace"
             )
@@ -334,6 +340,12 @@ class SessionController:
         if sandbox is None:
             sandbox = await self.ready_sandbox()
         outcome = await self.checkpoints.restore(checkpoint, sandbox, replace=True)
+        latest_id = self.checkpoints.latest_id(self.session_name)
+        if latest_id is not None and latest_id != checkpoint.id:
+            # An older checkpoint: the restore becomes the newest, so later changes build on it.
+            self.checkpoints.record_restore(
+                self.session_name, checkpoint.execution_count, "%capsule resume", checkpoint
+            )
         await self.namespace_replaced(checkpoint)
         self.next_count = max(self.next_count, checkpoint.execution_count + 1)
         self._offer = None
@@ -348,6 +360,8 @@ class SessionController:
             return
         await self.checkpoints_settled()  # what was reported so far belongs to the old session
         self.session_name, self.session_source = name, source
+        # The other session's checkpoints are not this namespace's: the next one holds every name.
+        self.checkpoints.begin_afresh(name)
         for sandbox in self.sandboxes.values():
             self.checkpoints.sandbox_session(sandbox, name)
         if self.sandbox is not None and self.sandbox.alive:
@@ -383,6 +397,12 @@ class SessionController:
         old.stopping = True
         self.log.info("restarting the sandbox: %s", why)
         await old.shutdown()
+        # What the old namespace reported (its deferred cells' snapshot, taken as it stopped)
+        # is recorded as its own, before the new namespace's first checkpoint.
+        with contextlib.suppress(Exception):
+            await old.snapshots_settled(_STOP_GRACE_SECONDS)
+        await self.checkpoints.settled()
+        self.checkpoints.begin_afresh(self.session_name)
         fresh = await self._start_sandbox()
         await self.namespace_replaced(None)
         return fresh
@@ -784,7 +804,10 @@ class SessionController:
                 await self._starting
         for sandbox in list(self.sandboxes.values()):
             sandbox.stopping = True
-            await sandbox.shutdown()
+            # The worker takes the snapshot of deferred cells before it stops: record it too.
+            await sandbox.shutdown(grace=_STOP_GRACE_SECONDS)
+            with contextlib.suppress(Exception):
+                await sandbox.snapshots_settled(_STOP_GRACE_SECONDS)
         with contextlib.suppress(Exception):
             await self.checkpoints.settled(10.0)
         with contextlib.suppress(Exception):
