@@ -415,6 +415,10 @@ class SandboxProcess(ABC):
                 self.send({"type": "shutdown"})
             deadline = self.clock() + grace
             while self.process.poll() is None and self.clock() < deadline:
+                if self._reap_task is not None and not self.snapshots_in_flight:
+                    # The worker has gone and its snapshots have reported: what is left
+                    # (a daemon a cell started, which the supervisor would wait for) is killed.
+                    break
                 await asyncio.sleep(0.02)
         self.kill()
         await self._reaped()
