@@ -26,6 +26,7 @@ from traitlets import Bool, CaselessStrEnum, Dict, List, Unicode
 from capsule_kernel import __version__
 from capsule_kernel.policy import MODE_ORDER, WIDENABLE, KernelOptions, Policy
 from capsule_kernel.session.controller import Cell, SessionController
+from capsule_kernel.session.relay import header_for_sandbox
 from capsule_kernel.settings import sandbox_ipython_config
 
 _REQUEST_WAIT_SECONDS = 30.0
@@ -130,7 +131,10 @@ class CapsuleKernel(Kernel):
         # Side tasks run outside this handler's context: remember who asked.
         controller.relay.stdin_ident = self._get_shell_context_var(self._shell_parent_ident)
         count = controller.next_count
-        cell = Cell(code, silent, store_history, user_expressions or {}, allow_stdin, count)
+        cell = Cell(
+            code, silent, store_history, user_expressions or {}, allow_stdin, count,
+            parent_header=header_for_sandbox(controller.relay.parent),
+        )  # fmt: skip
         try:
             reply, meta = await controller.execute(cell)
         except Exception as err:
@@ -155,8 +159,8 @@ class CapsuleKernel(Kernel):
 
     # -- comms from the frontend -------------------------------------------------------
 
-    def _forward_comm(self, stream: Any, ident: Any, msg: dict[str, Any]) -> None:  # noqa: ARG002
-        self.controller.relay.forward_comm(msg, self.controller.cell_running)
+    async def _forward_comm(self, stream: Any, ident: Any, msg: dict[str, Any]) -> None:  # noqa: ARG002
+        await self.controller.relay.forward_comm(msg)
 
     async def comm_info_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         assert self.session is not None

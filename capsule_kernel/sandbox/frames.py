@@ -72,7 +72,7 @@ FRAMES: dict[str, Frame] = {
     "execute": _frame(
         (KERNEL,),
         _OUTPUT_CAP,
-        optional=("raw_code", "snapshot_candidates", "user_expressions"),
+        optional=("raw_code", "snapshot_candidates", "user_expressions", "parent_header"),
         code=str,
         silent=bool,
         store_history=bool,
@@ -82,16 +82,20 @@ FRAMES: dict[str, Frame] = {
         snapshot_candidates=list,
         raw_code=_STR_OR_NONE,
         limits=dict,
+        parent_header=dict,
     ),
     "request": _frame((KERNEL,), _OUTPUT_CAP, id=int, kind=str, args=dict),
+    # parent_header: the frontend's comm message the worker now serves (from the kernel only;
+    # the relay rebuilds a sandbox's comm messages from the other fields and never reads it).
     "comm": _frame(
         (KERNEL, *_OUT),
         _OUTPUT_CAP,
-        optional=("metadata", "buffers"),
+        optional=("metadata", "buffers", "parent_header"),
         msg_type=str,
         content=dict,
         metadata=dict,
         buffers=list,
+        parent_header=dict,
     ),
     "limits": _frame((KERNEL,), limits=dict),
     "input_reply": _frame((KERNEL,), _STREAM_CAP, id=_INT_OR_NONE, value=str),

@@ -170,6 +170,9 @@ class Worker:
         shell.limits = dict(message.get("limits", shell.limits))
         _move_soft_limits(shell.limits)
         shell.allow_stdin = bool(message.get("allow_stdin"))
+        from capsule_kernel.sandbox.kernel_facade import parent_request
+
+        shell.set_parent(parent_request(message.get("parent_header") or {}))
         shell.execution_count = int(message.get("execution_count", shell.execution_count))
         silent = bool(message.get("silent"))
         store_history = bool(message.get("store_history", not silent))
@@ -249,6 +252,11 @@ class Worker:
         handler = getattr(self.comms, message["msg_type"], None)
         if handler is None:
             return
+        if "parent_header" in message:
+            from capsule_kernel.sandbox.kernel_facade import parent_request
+
+            # What the callback displays or prints belongs to this comm message (an Output widget keys on it).
+            self.shell.set_parent(parent_request(message["parent_header"]))
         try:
             self._interrupts_raise()
             handler(None, None, msg)

@@ -28,6 +28,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Type
 
 from capsule_kernel.sandbox import frames
+from capsule_kernel.sandbox.kernel_facade import KernelFacade
 from capsule_kernel.sandbox.limits import format_size
 from capsule_kernel.sandbox.worker_io import FrameChannel, StreamFlusher
 
@@ -175,6 +176,10 @@ class SandboxShell(ZMQInteractiveShell):
         self.register_magics(CapsuleMagics)
         self._reply_ids = itertools.count(1)
 
+    def set_parent(self, parent: dict[str, Any]) -> None:
+        """The request being served (get_parent(), kernel.get_parent()); outputs are filed by the kernel."""
+        self.parent_header = parent
+
     def enable_gui(self, gui: str | None = None) -> None:
         if gui not in (None, "inline"):
             raise UsageError(f"GUI event loop {gui!r} is not available in the capsule sandbox; use inline")
@@ -300,6 +305,8 @@ def install(channel: FrameChannel, flusher: StreamFlusher, ipython: dict[str, An
     # dark notebook themes alike ("linux" is for dark terminals: near-white on JupyterLab's light theme).
     shell = SandboxShell.instance(channel=channel, flusher=flusher, config=config)
     shell.history_manager.db_cache_size = 0
+    # get_ipython().kernel, as libraries expect under ipykernel (kernel_facade.py).
+    shell.kernel = KernelFacade(shell, channel, flusher, _get_comm_manager())
 
     def _input(prompt: object = "") -> str:
         return shell.request_input(str(prompt))

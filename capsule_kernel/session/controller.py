@@ -26,7 +26,7 @@ import re
 import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,8 @@ class Cell:
     snapshot_candidates: tuple[str, ...] = ()
     # The cell as typed, when `code` was transformed for a sandbox without IPython.
     raw_code: str | None = None
+    # The execute_request's header: the sandbox's get_parent() (relay.header_for_sandbox).
+    parent_header: dict[str, str] = field(default_factory=dict)
 
 
 def _sanitized(reply: dict[str, Any], count: int) -> dict[str, Any]:
@@ -112,6 +114,7 @@ class SessionController:
         self.mounts: list[dict[str, Any]] = [dict(m) for m in policy.settings.fs_access]
         self.next_count = 1
         self.cell_running = False
+        self.closing = False  # stop() has begun: no new sandbox starts
         self._cell_serial = 0  # which cell an interrupt was meant for
         self._starting: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -270,6 +273,8 @@ class SessionController:
 
     async def ready_sandbox(self) -> SandboxProcess:
         """The running sandbox, starting (or replacing) one when needed."""
+        if self.closing:
+            raise SandboxDied("the kernel is shutting down")
         sandbox = self.sandbox
         if sandbox is not None and sandbox.process_ended and not sandbox.stopping:
             # Dead, perhaps not yet reaped: bury it before deciding anything.
@@ -779,6 +784,8 @@ class SessionController:
         return "wasm" if origins == {"wasm"} else "subprocess"
 
     async def ask(self, kind: str, args: dict[str, Any], fallback: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if self.closing:
+            return fallback
         try:
             sandbox = self.sandboxes.get(self.introspection_kind(str(args.get("code", ""))))
             if sandbox is None or not sandbox.ready:
@@ -797,6 +804,9 @@ class SessionController:
     # -- shutdown ---------------------------------------------------------------------------
 
     async def stop(self) -> None:
+        # Requests that arrive from now on (history, completion, comms around a restart) are
+        # refused cleanly: nothing starts a new sandbox in a kernel that is going away.
+        self.closing = True
         with contextlib.suppress(Exception):
             await self.tasks.close()
         if self._starting is not None:

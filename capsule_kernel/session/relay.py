@@ -33,6 +33,15 @@ _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
 
 
+def header_for_sandbox(msg: dict[str, Any]) -> dict[str, str]:
+    """The header of the request being served, as the sandbox's get_parent() gives it (JSON, no key).
+
+    Libraries file output by it (the ipywidgets Output widget captures the
+    messages whose parent has this msg_id); it carries nothing secret.
+    """
+    return {str(key): str(value) for key, value in (msg.get("header") or {}).items()}
+
+
 def error_content(ename: str, evalue: str) -> dict[str, Any]:
     return {"ename": ename, "evalue": evalue, "traceback": [f"{_RED}{ename}{_RESET}: {evalue}"]}
 
@@ -184,28 +193,42 @@ class Relay:
 
     # -- from the frontend ---------------------------------------------------------------
 
-    def forward_comm(self, msg: dict[str, Any], cell_running: bool) -> None:
+    async def forward_comm(self, msg: dict[str, Any]) -> None:
+        """A comm message from the frontend, to the sandbox that holds the comms.
+
+        One that arrives while the sandbox is starting (a frontend opens the
+        widget control comm as soon as it connects) waits for it. One that no
+        sandbox can take is refused as ipykernel refuses an unknown target: a
+        comm_open is answered with its comm_close, so the frontend does not
+        wait for an answer that never comes.
+        """
+        controller = self.controller
+        assert controller is not None
         msg_type = msg["header"]["msg_type"]
         content = msg["content"]
-        if msg_type == "comm_open":
-            self.comms[str(content.get("comm_id"))] = str(content.get("target_name", ""))
-        elif msg_type == "comm_close":
-            self.comms.pop(str(content.get("comm_id")), None)
-        if not cell_running:
+        if not controller.cell_running:
             self.parent = msg
-        assert self.controller is not None
-        sandbox = self.controller.sandbox
+            await controller.sandbox_started()
+        sandbox = controller.sandbox
+        comm_id = str(content.get("comm_id"))
         if sandbox is None or not sandbox.alive:
-            self.kernel.log.warning("dropping %s: the sandbox is not running", msg_type)
+            self.kernel.log.warning("refusing %s: the sandbox is not running", msg_type)
+            if msg_type == "comm_open":
+                self.publish_for("comm_close", {"comm_id": comm_id, "data": {}}, msg)
             return
+        if msg_type == "comm_open":
+            self.comms[comm_id] = str(content.get("target_name", ""))
+        elif msg_type == "comm_close":
+            self.comms.pop(comm_id, None)
         buffers = [bytes(b) for b in msg.get("buffers") or []]
+        frame = {
+            "type": "comm",
+            "msg_type": msg_type,
+            "content": content,
+            "metadata": msg.get("metadata", {}),
+            "buffers": frames.pack_buffers(buffers),
+        }
+        if not controller.cell_running:
+            frame["parent_header"] = header_for_sandbox(msg)  # the request the sandbox now serves
         with contextlib.suppress(SandboxDied):
-            sandbox.send(
-                {
-                    "type": "comm",
-                    "msg_type": msg_type,
-                    "content": content,
-                    "metadata": msg.get("metadata", {}),
-                    "buffers": frames.pack_buffers(buffers),
-                }
-            )
+            sandbox.send(frame)
