@@ -76,6 +76,22 @@ def test_functions_classes_and_lambdas_survive_a_crash(fresh_kernel, home):
     assert kernel.execute("round(area(1), 2), double(p.x), type(p).__name__").result_text == "(3.14, 8, 'Point')"
 
 
+def test_restored_functions_read_and_change_the_notebooks_globals(fresh_kernel, home):
+    """After a crash a function's globals are the notebook's, not a private copy saved with it."""
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
+    kernel.execute(
+        "counter = [0]\nlimit = 10\n"
+        "def bump():\n    counter[0] += 1\n    return counter[0]\n"
+        "class Tally:\n    def add(self):\n        counter.append('t')\n"
+        "hook = lambda: counter.append('hook')"
+    )
+    assert "was restored" in crash(kernel)
+    result = kernel.execute("bump(); Tally().add(); hook(); limit = 20\n(counter, bump.__globals__ is globals())")
+    assert result.result_text == "([1, 't', 'hook'], True)"
+    # A global rebound after the restore is what the function sees.
+    assert kernel.execute("def over():\n    return limit\nover(), (lambda: limit)()").result_text == "(20, 20)"
+
+
 def test_a_matplotlib_figure_and_an_empty_array_survive_a_crash(fresh_kernel, home):
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home)})
     kernel.execute(

@@ -358,14 +358,71 @@ def _module(entry: dict[str, Any]) -> Any:
     return importlib.import_module(name)
 
 
-def _unpickle(entry: dict[str, Any], data: bytes, buffers: list[Any]) -> Any:
+_CLOUDPICKLE = "cloudpickle.cloudpickle"
+
+
+class NotebookUnpickler(pickle.Unpickler):
+    """Functions defined in the notebook come back living in the notebook's namespace.
+
+    cloudpickle saves a notebook function with a copy of the globals it
+    reads and, on loading, gives it a fresh dict of them: a restored `bump()`
+    would then change a private copy of `counter`, never the notebook's, and
+    a widget's restored callback would append to a list nobody sees. Here a
+    function whose globals were the notebook's (`__name__ == "__main__"`)
+    gets `home` as its globals, and the values saved with it fill in only
+    names `home` lacks (the notebook's own, restored by name, win).
+    """
+
+    def __init__(self, data: bytes, buffers: list[Any], home: dict[str, Any]) -> None:
+        super().__init__(io.BytesIO(data), buffers=buffers)
+        self.home = home
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if module == _CLOUDPICKLE and name == "_make_function":
+            return self._make_function(found)
+        if module == _CLOUDPICKLE and name == "_function_setstate":
+            return self._function_setstate(found)
+        return found
+
+    def _make_function(self, make: Callable[..., Any]) -> Callable[..., Any]:
+        home = self.home
+
+        def make_function(code: Any, globals_: dict[str, Any], *args: Any) -> Any:
+            return make(code, home if globals_.get("__name__") == "__main__" else globals_, *args)
+
+        return make_function
+
+    def _function_setstate(self, setstate: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        home = self.home
+
+        def function_setstate(function: Any, state: Any) -> None:
+            if function.__globals__ is not home:
+                setstate(function, state)
+                return
+            attributes, slots = state
+            saved = slots["__globals__"]
+            slots["__globals__"] = {key: value for key, value in saved.items() if key not in home}
+            builtins_before = home.get("__builtins__")
+            setstate(function, (attributes, slots))
+            if builtins_before is not None:
+                home["__builtins__"] = builtins_before  # cloudpickle sets its own module's
+
+        return function_setstate
+
+
+def _unpickle(entry: dict[str, Any], data: bytes, buffers: list[Any], home: dict[str, Any] | None = None) -> Any:
     if entry.get("made_in") == MADE_IN_WASM and _OUTSIDE_WASM:
         return DataOnlyUnpickler(io.BytesIO(data), buffers=buffers).load()
+    if home is not None:
+        return NotebookUnpickler(data, buffers, home).load()
     return pickle.loads(data, buffers=buffers)
 
 
-def load(entry: dict[str, Any], chunk_root: Path | ChunkSource, mapper: Mapper = map) -> Any:
-    """One value back from its entry (runs in the sandbox: this unpickles)."""
+def load(
+    entry: dict[str, Any], chunk_root: Path | ChunkSource, mapper: Mapper = map, home: dict[str, Any] | None = None
+) -> Any:
+    """One value back from its entry (runs in the sandbox: this unpickles); `home`: the notebook's namespace."""
     if "module" in entry:
         return _module(entry)
     if "error" in entry:
@@ -373,7 +430,7 @@ def load(entry: dict[str, Any], chunk_root: Path | ChunkSource, mapper: Mapper =
     data = read_bytes(chunk_root, entry["pickle"], mapper)
     # Large buffers (arrays, frames) are mapped copy-on-write from their chunk files, not copied.
     buffers = [map_bytes(chunk_root, digests, mapper) for digests in entry["buffers"]]
-    return _unpickle(entry, data, buffers)
+    return _unpickle(entry, data, buffers, home)
 
 
 def load_bytes(entry: dict[str, Any], data: bytes | None, buffers: list[Any]) -> Any:

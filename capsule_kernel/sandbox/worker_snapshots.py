@@ -377,7 +377,7 @@ class Snapshotter:
             clear_for_replace(namespace, self.names(), entries)
         with HashingThreads() as pool:
             restored, failed = snapshot.load_all(
-                entries, namespace, lambda entry: snapshot.load(entry, source, pool.map), merge=not replace
+                entries, namespace, lambda entry: snapshot.load(entry, source, pool.map, namespace), merge=not replace
             )
         self.ledger.restored(entries, restored, namespace, replace=replace)
         return {"restored": sorted(restored), "failed": failed}
