@@ -101,3 +101,66 @@ def test_frontend_opened_comm_reaches_a_registered_target(kernel):
     kernel.kc.shell_channel.send(opening)
     assert kernel.execute("opened").result_text == "[{'x': 1}]"
     assert "abc123" in kernel.request("comm_info")["content"]["comms"]
+
+
+def _settle(kernel) -> None:
+    assert kernel.execute("%capsule log -n 1").status == "ok"
+
+
+def _model_ids(result, model_name: str) -> list[str]:
+    return [
+        m.content["comm_id"]
+        for m in result.of_type("comm_open")
+        if m.content["data"]["state"].get("_model_name") == model_name
+    ]
+
+
+def _move(kernel, comm_id: str, value: int) -> None:
+    update = kernel.kc.session.msg(
+        "comm_msg", {"comm_id": comm_id, "data": {"method": "update", "state": {"value": value}, "buffer_paths": []}}
+    )
+    kernel.kc.shell_channel.send(update)
+
+
+def test_widgets_work_again_after_the_sandbox_dies(fresh_kernel):
+    """The page keeps its widget models through a sandbox death: the restored widgets answer them again."""
+    kernel = fresh_kernel()
+    made = kernel.execute(
+        "import ipywidgets as widgets\nseen = []\nslider = widgets.IntSlider(value=3)\n"
+        "slider.observe(lambda change: seen.append(change['new']), names='value')\nslider"
+    )
+    (slider_id,) = _model_ids(made, "IntSliderModel")
+    _settle(kernel)
+    died = kernel.execute("import os; os._exit(1)")
+    assert "widgets reconnected to their views: slider" in died.texts(), died.texts()
+    _move(kernel, slider_id, 7)  # the view on the page, moved after the crash
+    assert kernel.execute("slider.value, seen").result_text == "(7, [7])"
+    moved = kernel.execute("slider.value = 11")
+    assert any(m.content["comm_id"] == slider_id for m in moved.of_type("comm_msg"))
+
+
+def test_widgets_resumed_in_a_new_kernel_are_opened_again(fresh_kernel, tmp_path):
+    """A new kernel's page has no models for them: they are opened again (children first) and named."""
+    env = {"CAPSULE_SESSION": f"widgets-{tmp_path.name}"}
+    first = fresh_kernel(env=env)
+    made = first.execute(
+        "import ipywidgets as widgets\nslider = widgets.IntSlider(value=5)\nbox = widgets.VBox([slider])\nbox"
+    )
+    (slider_id,) = _model_ids(made, "IntSliderModel")
+    (box_id,) = _model_ids(made, "VBoxModel")
+    _settle(first)
+    first.close()
+
+    second = fresh_kernel(env=env)
+    resumed = second.execute("%capsule resume")
+    assert "widgets opened again: box, slider" in resumed.texts(), resumed.texts()
+    assert "display them again" in resumed.texts()
+    opened = [m.content for m in resumed.of_type("comm_open") if m.content["target_name"] == "jupyter.widget"]
+    order = [c["comm_id"] for c in opened]
+    assert order.index(slider_id) < order.index(box_id)  # a box's state names its children: they come first
+    box_state = next(c for c in opened if c["comm_id"] == box_id)["data"]["state"]
+    assert box_state["children"] == [f"IPY_MODEL_{slider_id}"]
+    assert next(c for c in opened if c["comm_id"] == slider_id)["data"]["state"]["value"] == 5
+    _move(second, slider_id, 8)
+    # One object per model: the box holds the slider the name holds (each name is saved on its own).
+    assert second.execute("slider.value, box.children[0] is slider").result_text == "(8, True)"

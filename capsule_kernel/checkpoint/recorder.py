@@ -41,6 +41,28 @@ def prune_journal(spool: Path | None, recorded: int) -> None:
                 (directory / name).unlink()
 
 
+def _widgets_note(widgets: Any) -> str:
+    """What became of restored widgets (the sandbox's account: names only, shown as text, bounded)."""
+    if not isinstance(widgets, dict):
+        return ""
+
+    def names(key: str) -> str:
+        listed = widgets.get(key)
+        if not isinstance(listed, list):
+            return ""
+        return ", ".join(str(name)[:80] for name in listed[:20])
+
+    note = ""
+    if names("reconnected"):
+        note += f"; widgets reconnected to their views: {names('reconnected')}"
+    if names("reopened"):
+        note += (
+            f"; widgets opened again: {names('reopened')} (their earlier views belonged to the earlier "
+            "kernel: display them again to use them)"
+        )
+    return note
+
+
 class Checkpoints:
     """Checkpointing for one kernel; inert when the store cannot be opened."""
 
@@ -273,4 +295,4 @@ class Checkpoints:
         )
         if failed:
             text += "; not restored: " + "; ".join(f"{name} ({why})" for name, why in sorted(failed.items()))
-        return text
+        return text + _widgets_note(result.get("widgets"))

@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,8 @@ class SandboxProcess(ABC):
         self._lost: list[int] = []
         # What the frontend's start-up code said the notebook is (VS Code).
         self.notebook_path: str | None = None
+        # The comm ids the frontend has open (the session controller sets it from the relay's registry).
+        self.frontend_comms: Callable[[], Iterable[str]] = tuple
         # The execution count whose checkpoint the last "done" announced, if any; whether it deferred one.
         self.last_done_snapshot: int | None = None
         self.last_done_deferred = False
@@ -518,7 +520,9 @@ class SandboxProcess(ABC):
         """Load checkpoint entries into the namespace; the worker may open their chunks (and only those) meanwhile."""
         serving = self._chunks.serving(entry_chunks(entries)) if self._chunks else contextlib.nullcontext()
         with serving:
-            return await self.request("restore", {"entries": entries, "replace": replace}, timeout=timeout)
+            # The comms the frontend has open: a restored widget among them is reconnected, not reopened.
+            args = {"entries": entries, "replace": replace, "open_comms": sorted(self.frontend_comms())}
+            return await self.request("restore", args, timeout=timeout)
 
     def memory_in_use(self) -> int | None:
         """Memory of the whole sandbox (its cgroup), else the worker's resident memory."""

@@ -63,7 +63,7 @@ class Worker:
             {
                 **worker_requests.table(self.shell, self.comms),
                 "names": lambda args: {"names": self.snapshots.names()},  # noqa: ARG005
-                "restore": lambda args: self.snapshots.restore(args["entries"], replace=bool(args.get("replace"))),
+                "restore": self._restore,
                 "forget_digests": self._forget_digests,
                 "bind": lambda args: tasks.bind(self.shell.user_ns, args),
             }
@@ -228,6 +228,16 @@ class Worker:
         self.channel.send(done)
         if plan:
             self.snapshots.take(count, plan, names)
+
+    def _restore(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Load checkpoint entries; widgets among them work again (worker_shell.revive_comms)."""
+        from capsule_kernel.sandbox import worker_shell
+
+        result = self.snapshots.restore(args["entries"], replace=bool(args.get("replace")))
+        if worker_shell._RESTORED_COMMS:
+            open_comms = {str(comm_id) for comm_id in args.get("open_comms", [])}
+            result["widgets"] = worker_shell.revive_comms(open_comms, self.shell.user_ns, result["restored"])
+        return result
 
     def _forget_digests(self, args: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG002 - a request handler
         """A new session starts: its first checkpoint saves every name."""

@@ -82,6 +82,11 @@ class SandboxDisplayHook(DisplayHook):
 class SandboxComm(BaseComm):
     """A comm whose messages travel to the kernel as frames (ipywidgets uses this)."""
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled from a checkpoint: dead until revive_comms reconnects or reopens it."""
+        self.__dict__.update(state)
+        _RESTORED_COMMS.append(self)
+
     def publish_msg(self, msg_type: str, data=None, metadata=None, buffers=None, **keys: Any) -> None:  # noqa: ANN001
         content = json_clean(dict(data=data, comm_id=self.comm_id, **keys))
         channel = _current_channel()
@@ -98,6 +103,142 @@ class SandboxComm(BaseComm):
 
 _CHANNEL: FrameChannel | None = None
 _COMM_MANAGER: CommManager | None = None
+_RESTORED_COMMS: list[SandboxComm] = []
+
+
+def _is_widget(value: Any) -> bool:
+    widgets = sys.modules.get("ipywidgets")
+    return widgets is not None and isinstance(value, widgets.Widget)
+
+
+def _child_widgets(widget: Any) -> list[Any]:
+    """The widgets a widget's state refers to (a box's children, a link's source...)."""
+    found: list[Any] = []
+    for key in getattr(widget, "keys", []):
+        value = getattr(widget, key, None)
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else [value]
+        found.extend(item for item in values if _is_widget(item))
+    return found
+
+
+def keep_observers_in_checkpoints() -> None:
+    """Pickled traitlets objects (widgets) keep the callbacks registered on them with `.observe()`.
+
+    traitlets drops an instance's observers when it is pickled (the class's
+    @observe handlers come back by themselves), so a widget restored after a
+    crash would look alive and never call the notebook's callbacks. Here the
+    instance's own observers are pickled with it; if one cannot be, the
+    widget is listed as not saved, with the reason, instead of coming back
+    silently deaf.
+    """
+    from traitlets import HasTraits
+    from traitlets.traitlets import EventHandler
+
+    plain_getstate = HasTraits.__getstate__
+
+    def getstate(self: HasTraits) -> dict[str, Any]:
+        state = plain_getstate(self)
+        kept: dict[str, dict[str, list[Any]]] = {}
+        for name, by_type in self._trait_notifiers.items():
+            for kind, handlers in by_type.items():
+                own = [handler for handler in handlers if not isinstance(handler, EventHandler)]
+                if own:
+                    kept.setdefault(name, {})[kind] = own
+        state["_trait_notifiers"] = kept
+        return state
+
+    HasTraits.__getstate__ = getstate  # type: ignore[method-assign]
+
+
+def _one_widget_per_model(comms: list[SandboxComm], named: list[Any]) -> dict[str, Any]:
+    """One restored widget per model id, and every restored widget's references pointing at it.
+
+    Each name is pickled on its own, so `box = VBox([slider])` comes back
+    with a copy of `slider` inside it: two objects for one model on the
+    page. The copy bound to a name wins; references held in the other
+    widgets' traits (a box's children) are pointed at it, without a message
+    to the frontend (the model ids do not change).
+    """
+    owners = [getattr(c._msg_callback, "__self__", None) for c in comms]
+    widgets = [owner for owner in owners if _is_widget(owner)]
+    bound = {id(value) for value in named}
+    canonical: dict[str, Any] = {}
+    for widget in widgets:
+        model = widget._model_id
+        if model not in canonical or (id(widget) in bound and id(canonical[model]) not in bound):
+            canonical[model] = widget
+
+    def same(value: Any) -> Any:
+        if _is_widget(value) and value._model_id in canonical:
+            return canonical[value._model_id]
+        if isinstance(value, list | tuple):
+            return type(value)(same(item) for item in value)
+        if isinstance(value, dict):
+            return {key: same(item) for key, item in value.items()}
+        return value
+
+    for widget in widgets:
+        for key in getattr(widget, "keys", []):
+            if key in widget._trait_values:
+                widget._trait_values[key] = same(widget._trait_values[key])
+    return canonical
+
+
+def revive_comms(open_at_frontend: set[str], namespace: dict[str, Any], names: list[str]) -> dict[str, list[str]]:
+    """Make the comms a restore brought back work again; name the widgets by what holds them.
+
+    A comm the frontend still has open (this kernel's sandbox died and was
+    replaced: the page kept its widget models) is registered again under its
+    id, so the views on the page drive the restored widget and see its
+    changes. A widget the frontend does not know (resumed in a new kernel)
+    is opened again under its old id, children before the boxes that hold
+    them; its old views belonged to the earlier kernel, so it must be
+    displayed again. Any other comm of an earlier kernel stays closed.
+    """
+    comms, _RESTORED_COMMS[:] = list(_RESTORED_COMMS), []
+    manager = _get_comm_manager()
+    reconnected: set[str] = set()
+    to_reopen: dict[str, Any] = {}
+    canonical = _one_widget_per_model(comms, [namespace[name] for name in names if name in namespace])
+    for restored in comms:
+        owner = getattr(restored._msg_callback, "__self__", None)
+        if restored._closed or (_is_widget(owner) and canonical.get(restored.comm_id) is not owner):
+            continue
+        if restored.comm_id in open_at_frontend:
+            manager.register_comm(restored)
+            if _is_widget(owner):
+                owner.comm = None
+                owner.comm = restored  # hooks its messages and lists it among the live widgets again
+            reconnected.add(restored.comm_id)
+        elif _is_widget(owner):
+            to_reopen[restored.comm_id] = owner
+        else:
+            restored._closed = True
+    reopened: set[str] = set()
+
+    def reopen(widget: Any) -> None:
+        if widget._model_id in reopened:
+            return
+        reopened.add(widget._model_id)
+        for child in _child_widgets(widget):
+            if child.comm is not None and child.comm.comm_id in to_reopen:
+                reopen(child)
+        widget.comm = None
+        widget.open()
+
+    for widget in to_reopen.values():
+        reopen(widget)
+
+    def holding(ids: set[str]) -> list[str]:
+        return sorted(
+            name
+            for name in names
+            if _is_widget(namespace.get(name))
+            and namespace[name].comm is not None
+            and namespace[name].comm.comm_id in ids
+        )
+
+    return {"reconnected": holding(reconnected), "reopened": holding(reopened)}
 
 
 def _current_channel() -> FrameChannel:
@@ -314,6 +455,7 @@ def install(channel: FrameChannel, flusher: StreamFlusher, ipython: dict[str, An
     def _getpass(prompt: str = "Password: ", stream: Any = None) -> str:  # noqa: ARG001
         return shell.request_input(prompt, password=True)
 
+    keep_observers_in_checkpoints()
     builtins.input = _input
     getpass.getpass = _getpass
     sys.displayhook = shell.displayhook

@@ -233,6 +233,7 @@ class SessionController:
             state_dir=self._sandbox_state_dir(),
             ipython_config=self.ipython_config,
         )
+        sandbox.frontend_comms = lambda: list(self.relay.comms)
         self.sandboxes[kind] = sandbox
         self.ledger.fresh_sandbox(kind)
         await sandbox.start()
