@@ -30,7 +30,6 @@ from capsule_kernel.session.relay import header_for_sandbox
 from capsule_kernel.settings import sandbox_ipython_config
 
 _REQUEST_WAIT_SECONDS = 30.0
-_SANDBOX_START_DELAY_SECONDS = 0.5
 
 
 class CapsuleKernel(Kernel):
@@ -86,14 +85,18 @@ class CapsuleKernel(Kernel):
         # In signal interrupt mode Jupyter sends SIGINT to this process: pass it
         # on to the cell instead of raising KeyboardInterrupt in the kernel.
         signal.signal(signal.SIGINT, lambda *_: self.controller.interrupt())
-        # The sandbox starts right after the first kernel_info reply (frontends
-        # ask first thing), so its start-up does not compete with ours; the
-        # timer covers clients that never ask.
-        self.io_loop.call_later(_SANDBOX_START_DELAY_SECONDS, self.controller.begin)
 
-    async def kernel_info_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
-        await super().kernel_info_request(stream, ident, parent)
+    async def dispatch_shell(self, msg: Any, /, *args: Any, **kwargs: Any) -> None:
+        """Every shell request runs on the shell's loop: the controller begins there, at the first one.
+
+        Frontends ask kernel_info first thing, so the sandbox starts then. It
+        must not begin from a timer on the main IOLoop: ipykernel runs shell
+        handlers on another loop, and a sandbox started on the wrong one made
+        the first cell after JupyterLab's Restart fail with "attached to a
+        different loop" whenever the browser's kernel_info came late.
+        """
         await self.controller.begin()
+        await super().dispatch_shell(msg, *args, **kwargs)
 
     def pre_handler_hook(self) -> None:
         """kernelbase would make SIGINT raise here; ours is forwarded instead."""
@@ -261,7 +264,7 @@ class CapsuleKernel(Kernel):
         # Called on the control thread; the sandboxes live on the shell loop.
         loop = self.controller.loop
         if loop is not None and loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(self.controller.stop(), loop)
+            future = asyncio.run_coroutine_threadsafe(self.controller.stop(restart=restart), loop)
             try:
                 await asyncio.wait_for(asyncio.wrap_future(future), timeout=10)
             except (TimeoutError, Exception):

@@ -62,6 +62,8 @@ def test_a_death_after_restart_never_brings_back_the_earlier_kernels_names(fresh
     kernel.km.restart_kernel(now=False)
     kernel.kc.wait_for_ready(timeout=60)
     kernel.drain_iopub()
+    # The user chose to leave that state: no offer to resume it (a kernel that died would offer it).
+    assert "earlier kernel" not in kernel.execute("1 + 1").texts()
     # A crash before the new kernel saved anything: empty, not the earlier kernel's namespace.
     died = kernel.execute("import os; os._exit(3)")
     assert died.error is not None and died.error["ename"] == "SandboxDied"

@@ -58,6 +58,13 @@ CREATE TABLE IF NOT EXISTS unchanged (
 -- is, where its spool and journal are, who keeps it after the kernel, and how far its reports
 -- were recorded. A later kernel adopts what a dead kernel's sandbox journaled beyond that
 -- (checkpoint/adoption.py).
+-- A user's restart of a session's kernel, and the newest checkpoint then: the next kernel does not
+-- offer to resume what the user chose to leave.
+CREATE TABLE IF NOT EXISTS restarts (
+    session TEXT PRIMARY KEY,
+    checkpoint TEXT,
+    mac TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS sandboxes (
     name TEXT PRIMARY KEY,
     session TEXT NOT NULL,
@@ -272,6 +279,20 @@ class CheckpointStore:
         record = self._sandbox(sandbox)
         if record is not None and execution_count > record.recorded_through:
             self._write_sandbox(dataclasses.replace(record, recorded_through=execution_count))
+
+    def note_restart(self, session: str, checkpoint: str | None) -> None:
+        """The user restarted this session's kernel while `checkpoint` was its newest."""
+        mac = self._mac(("restart", session, checkpoint))
+        with self._guard, self._db:
+            self._db.execute("INSERT OR REPLACE INTO restarts VALUES (?, ?, ?)", (session, checkpoint, mac))
+
+    def restarted_at(self, session: str) -> str | None:
+        """The newest checkpoint when the user last restarted the session's kernel (a row failing its MAC: none)."""
+        rows = self._query("SELECT checkpoint, mac FROM restarts WHERE session = ?", (session,))
+        for checkpoint, mac in rows:
+            if isinstance(mac, str) and hmac.compare_digest(mac, self._mac(("restart", session, checkpoint))):
+                return checkpoint
+        return None
 
     def unchanged_counts(self, session: str) -> set[int]:
         """The cells of this session whose snapshot found nothing to save (rows that fail their MAC are left out)."""

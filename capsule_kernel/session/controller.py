@@ -178,6 +178,8 @@ class SessionController:
         except CheckpointRefused as err:
             self._notices.append(f"Capsule: {err}\n")
             return sandbox
+        if latest is not None and self._left_by_restart(latest):
+            latest = None  # the user's Restart chose an empty namespace: neither resumed nor offered
         if latest is not None and self.policy.settings.auto_resume:
             try:
                 resumed = await self.resume(latest, sandbox)
@@ -382,12 +384,19 @@ class SessionController:
             await self.switch_session(path, "__vsc_ipynb_file__ (VS Code's notebook path)")
             self._offer_resume()
 
+    def _left_by_restart(self, latest: Any) -> bool:
+        """The user restarted the kernel while this was the newest checkpoint: leave it (%capsule log has it)."""
+        store = self.checkpoints.store
+        return store is not None and store.restarted_at(self.session_name) == latest.id
+
     def _offer_resume(self) -> None:
         """A new kernel in a session that has checkpoints: say how to get them back."""
         try:
             latest = self.checkpoints.latest(self.session_name)
         except CheckpointRefused as err:
             self._notices.append(f"Capsule: {err}\n")
+            return
+        if latest is not None and self._left_by_restart(latest):
             return
         if latest is not None:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(latest.created))
@@ -804,7 +813,7 @@ class SessionController:
 
     # -- shutdown ---------------------------------------------------------------------------
 
-    async def stop(self) -> None:
+    async def stop(self, *, restart: bool = False) -> None:
         # Requests that arrive from now on (history, completion, comms around a restart) are
         # refused cleanly: nothing starts a new sandbox in a kernel that is going away.
         self.closing = True
@@ -821,6 +830,9 @@ class SessionController:
                 await sandbox.snapshots_settled(_STOP_GRACE_SECONDS)
         with contextlib.suppress(Exception):
             await self.checkpoints.settled(10.0)
+        if restart and self.checkpoints.store is not None:
+            with contextlib.suppress(Exception):
+                self.checkpoints.store.note_restart(self.session_name, self.checkpoints.latest_id(self.session_name))
         with contextlib.suppress(Exception):
             await self.durability.close()
 
