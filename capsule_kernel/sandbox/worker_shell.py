@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from comm.base_comm import BaseComm, CommManager
+from ipykernel.compiler import XCachingCompiler
 from ipykernel.jsonutil import encode_images, json_clean
 from ipykernel.zmqshell import ZMQInteractiveShell
 from IPython.core.displayhook import DisplayHook
@@ -444,7 +445,9 @@ def install(channel: FrameChannel, flusher: StreamFlusher, ipython: dict[str, An
     config = Config(ipython or {})
     # IPython's default colour scheme ("neutral"), as ipykernel keeps it: readable on light and
     # dark notebook themes alike ("linux" is for dark terminals: near-white on JupyterLab's light theme).
-    shell = SandboxShell.instance(channel=channel, flusher=flusher, config=config)
+    # ipykernel's compiler: cells are named as ipykernel names them, so tracebacks read exactly as
+    # stock ("Cell In[2], line 4", blank context lines shown).
+    shell = SandboxShell.instance(channel=channel, flusher=flusher, config=config, compiler_class=XCachingCompiler)
     shell.history_manager.db_cache_size = 0
     # get_ipython().kernel, as libraries expect under ipykernel (kernel_facade.py).
     shell.kernel = KernelFacade(shell, channel, flusher, _get_comm_manager())
