@@ -1,0 +1,137 @@
+"""A real JupyterLab in a real browser (Debian's chromium, driven by npm's playwright-core).
+
+One JupyterLab server and one browser session walk through what a user does
+with the capsule kernel: run a cell, read a traceback on the light and the
+dark theme, move a slider both ways, capture output in an Output widget,
+and press Restart several times. tests/browser/lab.mjs does the clicking and
+reports what the page showed; this file starts the server and checks it.
+Screenshots of every step go to test-artifacts/browser/ (CAPSULE_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tests.harness import wait_until
+
+pytestmark = pytest.mark.slow
+BROWSER_DIR = Path(__file__).parent / "browser"
+ARTIFACTS = Path(os.environ.get("CAPSULE_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts")) / "browser"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NODE = shutil.which("node")
+TOKEN = "capsule-browser-test"
+
+needs_browser = pytest.mark.skipif(
+    CHROMIUM is None or NODE is None or not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir(),
+    reason="needs Debian's chromium, node and tests/browser/node_modules (./dev setup installs them)",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A JupyterLab server of its own (settings and workspaces in tmp_path), with a capsule notebook."""
+    root = tmp_path / "root"
+    root.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "capsule", "display_name": "Capsule (sandboxed Python)", "language": "python"}
+    nb.cells.append(nbformat.v4.new_code_cell(""))
+    nbformat.write(nb, root / "walkthrough.ipynb")
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nbformat.write(nb, root / "stock.ipynb")  # the same cells in stock ipykernel, to compare with
+    # No "get notified about Jupyter news?" toast over the screenshots.
+    notification = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port = _free_port()
+    log = (tmp_path / "lab.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
+         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
+         "--LabApp.expose_app_in_browser=True", f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
+         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",  "--ServerApp.log_level=INFO"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(url), timeout=120, what="JupyterLab to answer")
+        yield {"url": url, "notebook": "walkthrough.ipynb", "stock": "stock.ipynb", "log": tmp_path / "lab.log"}
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@needs_browser
+def test_a_user_session_in_jupyterlab(lab):
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)  # this run's screenshots only
+    ARTIFACTS.mkdir(parents=True)
+    config = {
+        "url": lab["url"],
+        "token": TOKEN,
+        "notebook": lab["notebook"],
+        "stock_notebook": lab["stock"],
+        "chromium": CHROMIUM,
+        "shots": str(ARTIFACTS),
+        "timeout_ms": 120_000,
+        "restarts": 3,
+    }
+    done = subprocess.run(
+        [NODE, str(BROWSER_DIR / "lab.mjs"), json.dumps(config)],
+        capture_output=True, text=True, timeout=900, cwd=BROWSER_DIR,
+    )  # fmt: skip
+    assert done.stdout.strip(), f"the browser script printed nothing: {done.stderr[-3000:]}"
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    server_log = lab["log"].read_text()
+    assert "error" not in seen, f"{seen.get('error')}\nsteps done: {seen['steps']}\nserver log:\n{server_log[-4000:]}"
+
+    assert seen["kernel"] == "capsule"
+    assert "hello from capsule 42" in seen["first_output"]
+    # Tracebacks: the user's frames and the error, the very text and colours stock ipykernel shows, on the
+    # light and the dark theme (so exactly as readable as there).
+    assert "ZeroDivisionError" in seen["traceback"] and "divide(1, 0)" in seen["traceback"]
+    assert "capsule_kernel" not in seen["traceback"]
+    assert seen["traceback"].replace("In[2]", "In[N]") == seen["stock_traceback"].replace("In[1]", "In[N]")
+    for theme in ("light", "dark"):
+        assert seen[f"capsule_{theme}"]["used"] == seen[f"stock_{theme}"]["used"], theme
+        assert seen[f"capsule_{theme}"]["lowest"]["ratio"] >= seen[f"stock_{theme}"]["lowest"]["ratio"] - 0.01
+    # The slider: moved by the kernel (the page shows 7), then by the keyboard on the page (the kernel sees 8).
+    assert seen["readout_after_kernel_move"] == "7"
+    assert "slider at 8" in seen["slider_after_page_move"]
+    # The Output widget holds what was printed inside it; the cell shows only what was printed outside.
+    assert "captured inside" in seen["output_widget"]["inside"]
+    assert "printed outside" in seen["output_widget"]["outside"]
+    assert "captured inside" not in seen["output_widget"]["outside"]
+    # Restart: a fresh namespace every time, no crash report, no restored checkpoint.
+    assert [text.strip() for text in seen["restarts"]] == ["kept: False"] * config["restarts"], seen["restarts"]
+    for word in ("SandboxDied", "was restored", "SandboxUnavailable"):
+        assert word not in seen["page_text"], word
+    assert "attached to a different loop" not in server_log
+    assert "Traceback" not in server_log, server_log[-4000:]
