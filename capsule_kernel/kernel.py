@@ -24,6 +24,7 @@ from IPython.core.inputtransformer2 import TransformerManager
 from traitlets import Bool, CaselessStrEnum, Dict, List, Unicode
 
 from capsule_kernel import __version__
+from capsule_kernel.ipython_profile import profile_for_sandbox
 from capsule_kernel.policy import MODE_ORDER, WIDENABLE, KernelOptions, Policy
 from capsule_kernel.session.controller import Cell, SessionController
 from capsule_kernel.session.relay import header_for_sandbox
@@ -72,7 +73,12 @@ class CapsuleKernel(Kernel):
             notebook_may_widen=tuple(self.notebook_may_widen) if self.notebook_may_widen is not None else None,
         )
         self.controller = SessionController(self, Policy.load(options=options))
+        # The client's IPython configuration and the user's profile, for the sandbox's shell.
         self.controller.ipython_config = sandbox_ipython_config(self.config)
+        startup_dir = getattr(getattr(self.parent, "profile_dir", None), "startup_dir", None)
+        shell_app, problems = profile_for_sandbox(self.config, startup_dir)
+        self.controller.ipython_config["InteractiveShellApp"] = shell_app
+        self.controller.note_profile_problems(problems)
         self._last_meta: dict[str, Any] = {}
         self._completeness = TransformerManager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):

@@ -258,18 +258,16 @@ SANDBOX_IPYTHON_SECTIONS = (
 
 
 def sandbox_ipython_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON part of those sections, plus InteractiveShellApp.exec_lines (run in the sandbox at its start)."""
+    """The JSON part of those sections (the profile's start-up code: ipython_profile.py)."""
     import json
 
     chosen: dict[str, Any] = {}
-    for section in (*SANDBOX_IPYTHON_SECTIONS, "InteractiveShellApp"):
+    for section in SANDBOX_IPYTHON_SECTIONS:
         values = config.get(section)
         if not isinstance(values, Mapping):
             continue
         kept = {}
         for key, value in values.items():
-            if section == "InteractiveShellApp" and key != "exec_lines":
-                continue
             try:
                 json.dumps(value)
             except (TypeError, ValueError):

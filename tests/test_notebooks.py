@@ -135,3 +135,40 @@ def test_the_clients_ipython_configuration_reaches_the_sandbox(tmp_path):
     client.execute()
     assert nb.cells[0].outputs[0]["data"]["text/plain"] == "':memory:'"
     assert nb.cells[1].outputs[0]["data"]["text/plain"] == "True"  # run in the sandbox, not the kernel
+
+
+def test_the_users_ipython_profile_applies_in_the_sandbox(fresh_kernel, tmp_path):
+    """Startup files, extensions and exec_lines of the profile run in the sandbox, as ipykernel runs them.
+
+    A broken startup file and a missing extension are shown with the first cell; the sandbox starts anyway.
+    """
+    profile = tmp_path / "ipython" / "profile_default"
+    (profile / "startup").mkdir(parents=True)
+    (profile / "startup" / "00-first.py").write_text(
+        "import os\nfrom_startup = 'py'\nopen('startup-ran-in.txt', 'a').write(f'{os.getpid()}\\n')\n"
+    )
+    (profile / "startup" / "20-broken.py").write_text("raise ValueError('broken on purpose')\n")
+    (profile / "startup" / "30-magic.ipy").write_text("from_ipy = %pwd\n")
+    (profile / "ipython_kernel_config.py").write_text(
+        "c.InteractiveShellApp.extensions = ['autoreload', 'no_such_extension']\n"
+        "c.InteractiveShellApp.exec_lines = ['from_exec_lines = from_startup * 2']\n"
+    )
+    kernel = fresh_kernel(env={"IPYTHONDIR": str(tmp_path / "ipython")})
+    first = kernel.execute("from_startup, from_exec_lines, from_ipy == os.getcwd()")
+    assert first.result_text == "('py', 'pypy', True)", first.texts()
+    assert "your IPython profile did not fully apply" in first.stderr
+    assert "20-broken.py: ValueError: broken on purpose" in first.stderr
+    assert "extension no_such_extension: ModuleNotFoundError" in first.stderr
+    assert "did not fully apply" not in kernel.execute("1").texts()  # said once
+    assert kernel.execute("%autoreload 2").status == "ok"  # the extension is loaded
+    assert kernel.execute("%store from_startup").status == "ok"  # storemagic, as ipykernel loads it
+    # Run by the sandbox, never by the kernel process; its names are hidden from %who as in ipykernel.
+    ran_in = (tmp_path / "startup-ran-in.txt").read_text().split()
+    assert ran_in and str(kernel.km.provisioner.process.pid) not in ran_in
+    assert "from_startup" not in kernel.execute("%who").texts()
+    # A start-up name a cell rebinds is the user's again: %who lists it and a crash keeps it.
+    kernel.execute("from_startup = 'mine'")
+    assert "from_startup" in kernel.execute("%who").texts()
+    kernel.execute("%capsule log -n 1")
+    kernel.execute("import os; os._exit(1)")
+    assert kernel.execute("from_startup, from_exec_lines").result_text == "('mine', 'pypy')"

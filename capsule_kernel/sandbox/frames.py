@@ -104,7 +104,15 @@ FRAMES: dict[str, Frame] = {
     "task_reply": _frame((KERNEL,), _OUTPUT_CAP, id=int, content=dict),
     "shutdown": _frame((KERNEL,)),
     # -- a sandbox to the kernel ------------------------------------------------------
-    "ready": _frame((WORKER, HOST, GUEST), optional=("enforcement",), pid=int, python=str, enforcement=dict),
+    # problems: what of the user's IPython profile failed in the worker (shown as text, bounded).
+    "ready": _frame(
+        (WORKER, HOST, GUEST),
+        optional=("enforcement", "problems"),
+        pid=int,
+        python=str,
+        enforcement=dict,
+        problems=list,
+    ),
     # A cell has started: the receiver of "execute" took it (the budget of the cell starts).
     "started": _frame((WORKER, HOST), execution_count=int),
     "done": _frame(

@@ -213,6 +213,7 @@ class SandboxProcess(ABC):
         self._lost: list[int] = []
         # What the frontend's start-up code said the notebook is (VS Code).
         self.notebook_path: str | None = None
+        self.startup_problems: list[str] = []  # what of the IPython profile failed in it
         # The comm ids the frontend has open (the session controller sets it from the relay's registry).
         self.frontend_comms: Callable[[], Iterable[str]] = tuple
         # The execution count whose checkpoint the last "done" announced, if any; whether it deferred one.
@@ -350,6 +351,9 @@ class SandboxProcess(ABC):
             loop.add_reader(pipe.fd, self._on_raw_output, pipe)
         ready = await self._await_or_death(self._ready, STARTUP_TIMEOUT_SECONDS)
         self.python_version = ready.get("python", self.python_version)
+        # The worker's account of the user's profile: text for the notebook, bounded.
+        said = ready.get("problems", [])
+        self.startup_problems = [str(problem)[:300] for problem in said[:10] if isinstance(problem, str)]
         self._find_worker(launch)
         self.enforcement = {**launch.enforcement, **self.trusted_enforcement(ready)}
         if launch.cgroup is not None and self.limits != self._started_with:

@@ -40,7 +40,7 @@ class Worker:
         sys.stdout = ProtocolStream("stdout", self.channel, self.flusher, 1)
         sys.stderr = ProtocolStream("stderr", self.channel, self.flusher, 2)
         ipython = dict(config.get("ipython") or {})
-        exec_lines = list(ipython.pop("InteractiveShellApp", {}).get("exec_lines", []))
+        profile = dict(ipython.pop("InteractiveShellApp", {}))
         self.shell = worker_shell.install(self.channel, self.flusher, ipython)
         self.shell.limits = dict(config.get("limits", {}))
         self.comms = worker_shell.comm_manager()
@@ -70,8 +70,15 @@ class Worker:
         )
         self.channel.start()
         self.flusher.start()
-        for line in exec_lines:  # as IPython's InteractiveShellApp runs them, once per sandbox
-            self.shell.run_cell(str(line), store_history=False, silent=True)
+        # The user's IPython profile, as ipykernel applies it (worker_profile.py); failures go with "ready".
+        from capsule_kernel.sandbox import worker_profile
+
+        self.profile_problems: list[str] = []
+        self.shell.quiet = True
+        try:
+            self.profile_problems = worker_profile.apply(self.shell, profile)
+        finally:
+            self.shell.quiet = False
 
     # -- signals ---------------------------------------------------------------
 
@@ -95,13 +102,10 @@ class Worker:
 
     def serve(self) -> None:
         self._interrupts_ignored()
-        self.channel.send(
-            {
-                "type": "ready",
-                "pid": os.getpid(),
-                "python": sys.version.split()[0],
-            }
-        )
+        ready: dict[str, Any] = {"type": "ready", "pid": os.getpid(), "python": sys.version.split()[0]}
+        if self.profile_problems:
+            ready["problems"] = self.profile_problems
+        self.channel.send(ready)
         handlers = {
             "execute": self.execute,
             "request": self.request,

@@ -308,6 +308,7 @@ class SandboxShell(ZMQInteractiveShell):
     limits: dict[str, Any] = {}
     allow_stdin = False
     last_error: dict[str, Any] | None = None
+    quiet = False  # start-up code (the profile): errors are collected, not shown
 
     def __init__(self, *, channel: FrameChannel, flusher: StreamFlusher, **kwargs: Any) -> None:
         super().__init__(channel=channel, flusher=flusher, **kwargs)
@@ -350,7 +351,8 @@ class SandboxShell(ZMQInteractiveShell):
     def _showtraceback(self, etype, evalue, stb) -> None:  # noqa: ANN001
         self.flusher.flush_all()
         self.last_error = {"ename": etype.__name__, "evalue": str(evalue), "traceback": list(stb)}
-        self.channel.send({"type": "error", **json_clean(self.last_error)})
+        if not self.quiet:
+            self.channel.send({"type": "error", **json_clean(self.last_error)})
 
     # -- input() and other waits on the kernel --------------------------------
 

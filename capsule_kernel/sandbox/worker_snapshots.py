@@ -46,6 +46,8 @@ from capsule_kernel.sandbox.deaths import process_exists
 from capsule_kernel.sandbox.inside.ledger import SnapshotLedger, clear_for_replace
 from capsule_kernel.sandbox.worker_io import FrameChannel
 
+_ABSENT = object()
+
 Plan = tuple[list[str], list[str], dict[str, int], dict[str, str]]
 # Each stands for a chunk of at least 1 MiB: 16384 cover 16 GiB of large values.
 MAX_FINGERPRINTS = 16384
@@ -171,7 +173,7 @@ class Snapshotter:
 
     def names(self) -> list[str]:
         """The names a checkpoint of this namespace would hold."""
-        return snapshot.saveable_names(self.shell.user_ns, set(self.shell.user_ns_hidden))
+        return snapshot.saveable_names(self.shell.user_ns, self._hidden())
 
     def plan(self, candidates: list[str]) -> Plan | None:
         """What the next snapshot must look at; None when nothing can have changed.
@@ -186,7 +188,7 @@ class Snapshotter:
             self._changed.wait_for(lambda: self._unlearned < 2)
             return snapshot.changed_names(
                 self.shell.user_ns,
-                set(self.shell.user_ns_hidden),
+                self._hidden(),
                 self.ledger.ids,
                 self.ledger.sizes,
                 self.ledger.digests,
@@ -275,7 +277,7 @@ class Snapshotter:
                     known_ids = {}  # it failed: compare everything
             # Planned here, not in the parent: these are the digests as of the fork (or the chain).
             plan = snapshot.changed_names(
-                namespace, set(self.shell.user_ns_hidden), known_ids, sizes, digests, candidates
+                namespace, self._hidden(), known_ids, sizes, digests, candidates
             )
             todo, removed, _, aliases = plan if plan else ([], [], {}, {})
             previous = {name: digests[name] for name in todo if name in digests}
@@ -365,6 +367,14 @@ class Snapshotter:
             self.fingerprints[key] = digest
         for key in list(islice(self.fingerprints, max(0, len(self.fingerprints) - MAX_FINGERPRINTS))):
             del self.fingerprints[key]
+
+    def _hidden(self) -> set[str]:
+        """Names not saved: IPython's and the profile's start-up names, while they still hold what they held.
+
+        The rule of IPython's %who: a hidden name rebound by a cell is the user's again.
+        """
+        namespace = self.shell.user_ns
+        return {name for name, value in self.shell.user_ns_hidden.items() if namespace.get(name, _ABSENT) is value}
 
     def restore(self, entries: dict[str, Any], replace: bool) -> dict[str, Any]:
         """Load a checkpoint into the namespace; report what could not be."""

@@ -128,6 +128,7 @@ class SessionController:
         self._last_death: SandboxDied = SandboxDied("the sandbox ended")
         self._restore_outcome = "the namespace starts empty"
         self._confinement_noted = False
+        self._profile_noted = False
         self._policy_files = PolicyFileWatch(Path.cwd(), default_home())
         self.tasks = TaskScheduler(self)
         self.last_checkpoint_at: int | None = None
@@ -239,6 +240,7 @@ class SessionController:
         self.sandboxes[kind] = sandbox
         self.ledger.fresh_sandbox(kind)
         await sandbox.start()
+        self.note_profile_problems(sandbox.startup_problems)
         self.checkpoints.register(sandbox, self.session_name, self.kernel_id)
         self.side_task(self._watch_sandbox(sandbox), cell_scoped=False)
         self.log.info("capsule %s sandbox started, pid %s", kind, sandbox.pid)
@@ -262,6 +264,15 @@ class SessionController:
         if self._starting is None or self._starting.done():
             self._starting = asyncio.ensure_future(self._start_sandbox(restore=True))
             self._starting.add_done_callback(self._log_start_failure)
+
+    def note_profile_problems(self, problems: list[str]) -> None:
+        """What of the user's IPython profile did not apply: shown once per kernel, with the next cell."""
+        if not problems or self._profile_noted:
+            return
+        self._profile_noted = True
+        lines = "".join(f"  {problem}\n" for problem in problems)
+        self.log.warning("IPython profile problems in the sandbox:\n%s", lines)
+        self._notices.append(f"Capsule: your IPython profile did not fully apply in the sandbox:\n{lines}")
 
     def _note_death_between_cells(self, sandbox: SandboxProcess) -> None:
         if not sandbox.death_noted:
