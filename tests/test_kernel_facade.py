@@ -93,7 +93,7 @@ def test_the_output_widget_captures_what_is_printed_inside_it(kernel):
     ], sequence
 
 
-def _shell_and_iopub_for(kernel, msg_id: str, timeout: float = 30) -> list[dict]:
+def _iopub_until_printed(kernel, msg_id: str, timeout: float = 30) -> list[dict]:
     got, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -119,7 +119,7 @@ def test_a_comm_callback_serves_the_comm_message_that_called_it(kernel):
     kernel.drain_iopub()
     msg = kernel.kc.session.msg("comm_open", {"comm_id": "facade-1", "target_name": "capsule.facade.test", "data": {}})
     kernel.kc.shell_channel.send(msg)
-    printed = _shell_and_iopub_for(kernel, msg["header"]["msg_id"])[-1]
+    printed = _iopub_until_printed(kernel, msg["header"]["msg_id"])[-1]
     assert printed["content"]["text"].strip() == f"serving {msg['header']['msg_id']}"
 
 

@@ -172,3 +172,39 @@ def test_the_users_ipython_profile_applies_in_the_sandbox(fresh_kernel, tmp_path
     kernel.execute("%capsule log -n 1")
     kernel.execute("import os; os._exit(1)")
     assert kernel.execute("from_startup, from_exec_lines").result_text == "('mine', 'pypy')"
+
+
+UPDATE_BY_DISPLAY_ID = [
+    # As nbclient's own update-display-id notebook: a helper that publishes through the kernel object.
+    "ip = get_ipython()\nfrom IPython.display import display\n\n"
+    "def show(obj, display_id, update=False, execute_result=False):\n"
+    "    data, md = ip.display_formatter.format(obj)\n"
+    "    content = {'data': data, 'metadata': md, 'transient': {'display_id': str(display_id)}}\n"
+    "    if execute_result:\n"
+    "        kind = 'execute_result'\n"
+    "        content['execution_count'] = ip.execution_count\n"
+    "    else:\n"
+    "        kind = 'update_display_data' if update else 'display_data'\n"
+    "    ip.kernel.session.send(ip.kernel.iopub_socket, kind, content, parent=ip.parent_header)",
+    "display('above')\nshow(1, 'here')\ndisplay('below')",
+    "show(2, 'here')\nshow(3, 'there')\nshow(4, 'here')",
+    "show(5, 'there')\nshow(6, 'there', update=True)",
+    "show(7, 'here')\nshow(8, 'here', update=True)\nshow(9, 'result', execute_result=True)",
+    "show(10, 'result', update=True)",
+]
+
+
+@pytest.mark.slow
+def test_display_updates_through_the_kernel_object_match_stock_ipykernel(tmp_path):
+    """nbclient applies display-id updates across cells: the notebook ends the same as with ipykernel."""
+    ended = {}
+    for kernel_name in ("python3", "capsule"):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in UPDATE_BY_DISPLAY_ID])
+        where = {"metadata": {"path": str(tmp_path)}}
+        NotebookClient(nb, kernel_name=kernel_name, timeout=120, resources=where).execute()
+        ended[kernel_name] = [
+            [(o["output_type"], o.get("data", {}).get("text/plain")) for o in cell.outputs] for cell in nb.cells
+        ]
+    assert ended["capsule"] == ended["python3"]
+    assert ended["capsule"][1] == [("display_data", "'above'"), ("display_data", "8"), ("display_data", "'below'")]
+    assert ended["capsule"][4][-1] == ("execute_result", "10")

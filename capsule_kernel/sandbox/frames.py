@@ -128,7 +128,9 @@ FRAMES: dict[str, Frame] = {
     "stream": _frame(_OUT, _STREAM_CAP, name=str, text=str),
     "display": _frame(_OUT, _OUTPUT_CAP, optional=("update",), data=dict, metadata=dict, transient=dict, update=bool),
     "clear_output": _frame(_OUT, wait=bool),
-    "execute_result": _frame(_OUT, _OUTPUT_CAP, data=dict, metadata=dict, execution_count=int),
+    "execute_result": _frame(
+        _OUT, _OUTPUT_CAP, optional=("transient",), data=dict, metadata=dict, execution_count=int, transient=dict
+    ),
     "error": _frame(_OUT, _OUTPUT_CAP, ename=str, evalue=str, traceback=list),
     "input_request": _frame(_OUT, _STREAM_CAP, id=int, prompt=str, password=bool),
     "magic": _frame(_OUT, _STREAM_CAP, id=int, line=str, cell=_STR_OR_NONE),

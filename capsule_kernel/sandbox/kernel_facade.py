@@ -58,6 +58,7 @@ def _execute_result(content: dict[str, Any], buffers: list[Any]) -> dict[str, An
         "data": json_clean(encode_images(content.get("data") or {})),
         "metadata": json_clean(content.get("metadata") or {}),
         "execution_count": int(content.get("execution_count") or 0),
+        "transient": json_clean(content.get("transient") or {}),
     }
 
 

@@ -60,8 +60,9 @@ class Relay:
             "stream": lambda e: self.publish("stream", {"name": e["name"], "text": e["text"]}),
             "display": self._display,
             "clear_output": lambda e: self.publish("clear_output", {"wait": e["wait"]}),
+            # transient: a display id, so that update_display_data can replace the result later.
             "execute_result": lambda e: self.publish(
-                "execute_result", {k: e[k] for k in ("data", "metadata", "execution_count")}
+                "execute_result", {k: e[k] for k in ("data", "metadata", "execution_count", "transient") if k in e}
             ),
             "error": lambda e: self.publish("error", {k: e[k] for k in ("ename", "evalue", "traceback")}),
             "comm": self._comm,
