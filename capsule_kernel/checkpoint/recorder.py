@@ -50,7 +50,8 @@ def _widgets_note(widgets: Any) -> str:
         listed = widgets.get(key)
         if not isinstance(listed, list):
             return ""
-        return ", ".join(str(name)[:80] for name in listed[:20])
+        # Namespace names, so identifiers: nothing else (no control characters) reaches the notebook.
+        return ", ".join(name[:80] for name in listed[:20] if isinstance(name, str) and name.isidentifier())
 
     note = ""
     if names("reconnected"):

@@ -436,3 +436,34 @@ def test_wasm_bytes_are_marked_by_the_kernel_not_the_guest(tmp_path):
     (entries,) = db.execute("SELECT entries FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
     assert json.loads(entries)["value"]["made_in"] == "wasm"
     assert Path(home / "checkpoint.key").stat().st_mode & 0o077 == 0
+
+
+POISONED_RESTORE = '''
+class Poison:
+    """Loading it (in the fresh sandbox, during the restore) makes the worker's answer say anything."""
+    def __init__(self):
+        self.armed = True
+    def __setstate__(self, state):
+        from capsule_kernel.sandbox import worker_shell
+        worker_shell._RESTORED_COMMS.append(object())
+        worker_shell.revive_comms = lambda *args: {
+            "reconnected": ["W" * 1000] * 2000,
+            "reopened": [{"not": "a name"}, 42, "\\x1b[2J" + "R" * 500],
+        }
+poison = Poison()
+'''
+
+
+def test_a_restore_answer_can_say_anything_and_the_kernel_shows_only_bounded_text(fresh_kernel):
+    """Unpickling runs the notebook's code in the new sandbox: what it makes the worker answer is only text."""
+    kernel = fresh_kernel()
+    assert kernel.execute(POISONED_RESTORE).status == "ok"
+    kernel.execute("%capsule log -n 1")
+    died = kernel.execute("import os; os._exit(1)")
+    evalue = died.error["evalue"]
+    assert "widgets reconnected to their views: " in evalue, evalue[:500]
+    named = evalue.split("widgets reconnected to their views: ")[1].split(";")[0].split(", ")
+    assert len(named) == 20 and all(name == "W" * 80 for name in named)
+    assert len(evalue) < 4000  # 2 MB of names came back; a few lines reach the notebook
+    assert "\x1b" not in evalue and "widgets opened again" not in evalue  # not names: not shown
+    assert kernel.execute("'poison' in dir()").result_text == "True"  # the kernel and the new sandbox serve on
