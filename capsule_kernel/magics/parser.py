@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from collections.abc import Callable
 
 from capsule_kernel.sandbox.limits import LIMIT_NAMES
 
@@ -57,6 +58,47 @@ _LIMIT_HELP = {
 }
 
 
+def _status_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--last-crash", dest="last_crash", action="store_true",
+                     help="the whole native dump of the last sandbox crash")  # fmt: skip
+
+
+def _log_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("-n", type=int, default=20, metavar="N", help="show the last N checkpoints (default 20)")
+
+
+def _restore_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("ref", metavar="N", help="an execution count as %%capsule log shows it, or a checkpoint id prefix")
+
+
+def _session_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("name", nargs="?", metavar="NAME", help="the new session name")
+
+
+def _resume_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("ref", nargs="?", metavar="REF", help="an execution count or checkpoint id prefix")
+
+
+def _diff_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("a", metavar="A", help="earlier checkpoint (execution count or id prefix)")
+    sub.add_argument("b", metavar="B", help="later checkpoint (execution count or id prefix)")
+
+
+def _mode_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("mode", nargs="?", choices=("subprocess", "wasm", "auto"), help="the routing mode")
+
+
+def _mount_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("path", nargs="?", metavar="PATH", help="a host directory")
+    sub.add_argument("--rw", action="store_true", help="let Wasm cells write there too")
+    sub.add_argument("--remove", action="store_true", help="take PATH away again")
+
+
+def _limits_arguments(sub: argparse.ArgumentParser) -> None:
+    for limit in LIMIT_NAMES:
+        sub.add_argument(f"--{limit}", metavar="VALUE", help=_LIMIT_HELP[limit].replace("%", "%%"))
+
+
 def build_parser() -> _Parser:
     parser = _Parser(
         prog="%capsule",
@@ -68,33 +110,9 @@ def build_parser() -> _Parser:
     for name, text in SUBCOMMANDS.items():
         escaped = text.replace("%", "%%")  # argparse %-formats help strings
         sub = commands.add_parser(name, help=escaped, description=escaped, exit_on_error=False)
-        if name == "status":
-            sub.add_argument("--last-crash", dest="last_crash", action="store_true",
-                             help="the whole native dump of the last sandbox crash")  # fmt: skip
-        if name == "log":
-            sub.add_argument("-n", type=int, default=20, metavar="N", help="show the last N checkpoints (default 20)")
-        if name == "restore":
-            sub.add_argument(
-                "ref", metavar="N", help="an execution count as %%capsule log shows it, or a checkpoint id prefix"
-            )
-        if name == "session":
-            sub.add_argument("name", nargs="?", metavar="NAME", help="the new session name")
-        if name == "resume":
-            sub.add_argument("ref", nargs="?", metavar="REF", help="an execution count or checkpoint id prefix")
-        if name == "diff":
-            sub.add_argument("a", metavar="A", help="earlier checkpoint (execution count or id prefix)")
-            sub.add_argument("b", metavar="B", help="later checkpoint (execution count or id prefix)")
-        if name == "mode":
-            sub.add_argument("mode", nargs="?", choices=("subprocess", "wasm", "auto"), help="the routing mode")
-        if name == "mount":
-            sub.add_argument("path", nargs="?", metavar="PATH", help="a host directory")
-            sub.add_argument("--rw", action="store_true", help="let Wasm cells write there too")
-            sub.add_argument("--remove", action="store_true", help="take PATH away again")
-        if name == "task":
-            _task_arguments(sub)
-        if name == "limits":
-            for limit in LIMIT_NAMES:
-                sub.add_argument(f"--{limit}", metavar="VALUE", help=_LIMIT_HELP[limit].replace("%", "%%"))
+        add_arguments = _ARGUMENTS.get(name)
+        if add_arguments is not None:
+            add_arguments(sub)
     return parser
 
 
@@ -118,6 +136,21 @@ def _task_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--background", action="store_true", help="return at once; a live status line shows progress")
     sub.add_argument("--mount", action="append", metavar="PATH[:rw]", help="a host directory for this task")
     sub.add_argument("--rerun", action="store_true", help="run it even if it succeeded before with the same key")
+
+
+# Each subcommand's own arguments (the others take none).
+_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "status": _status_arguments,
+    "limits": _limits_arguments,
+    "log": _log_arguments,
+    "restore": _restore_arguments,
+    "diff": _diff_arguments,
+    "resume": _resume_arguments,
+    "session": _session_arguments,
+    "mode": _mode_arguments,
+    "mount": _mount_arguments,
+    "task": _task_arguments,
+}
 
 
 def parse(line: str) -> argparse.Namespace:
