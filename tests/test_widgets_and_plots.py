@@ -139,6 +139,23 @@ def test_widgets_work_again_after_the_sandbox_dies(fresh_kernel):
     assert any(m.content["comm_id"] == slider_id for m in moved.of_type("comm_msg"))
 
 
+def test_a_buttons_on_click_works_after_the_sandbox_dies(fresh_kernel):
+    kernel = fresh_kernel()
+    made = kernel.execute(
+        "import ipywidgets as widgets\nclicks = []\nbutton = widgets.Button(description='go')\n"
+        "button.on_click(lambda b: clicks.append(b.description))\nbutton"
+    )
+    (button_id,) = _model_ids(made, "ButtonModel")
+    _settle(kernel)
+    kernel.execute("import os; os._exit(1)")
+    click = kernel.kc.session.msg(
+        "comm_msg", {"comm_id": button_id, "data": {"method": "custom", "content": {"event": "click"}}}
+    )
+    kernel.kc.shell_channel.send(click)
+    # The callback runs in the new sandbox and appends to the notebook's own list.
+    assert kernel.execute("clicks").result_text == "['go']"
+
+
 def test_widgets_resumed_in_a_new_kernel_are_opened_again(fresh_kernel, tmp_path):
     """A new kernel's page has no models for them: they are opened again (children first) and named."""
     env = {"CAPSULE_SESSION": f"widgets-{tmp_path.name}"}
