@@ -73,12 +73,7 @@ class Worker:
         # The user's IPython profile, as ipykernel applies it (worker_profile.py); failures go with "ready".
         from capsule_kernel.sandbox import worker_profile
 
-        self.profile_problems: list[str] = []
-        self.shell.quiet = True
-        try:
-            self.profile_problems = worker_profile.apply(self.shell, profile)
-        finally:
-            self.shell.quiet = False
+        self.profile_problems = worker_profile.apply(self.shell, profile)
 
     # -- signals ---------------------------------------------------------------
 
@@ -174,9 +169,7 @@ class Worker:
         shell.limits = dict(message.get("limits", shell.limits))
         _move_soft_limits(shell.limits)
         shell.allow_stdin = bool(message.get("allow_stdin"))
-        from capsule_kernel.sandbox.kernel_facade import parent_request
-
-        shell.set_parent(parent_request(message.get("parent_header") or {}))
+        shell.serve_request(message.get("parent_header") or {})
         shell.execution_count = int(message.get("execution_count", shell.execution_count))
         silent = bool(message.get("silent"))
         store_history = bool(message.get("store_history", not silent))
@@ -267,10 +260,8 @@ class Worker:
         if handler is None:
             return
         if "parent_header" in message:
-            from capsule_kernel.sandbox.kernel_facade import parent_request
-
             # What the callback displays or prints belongs to this comm message (an Output widget keys on it).
-            self.shell.set_parent(parent_request(message["parent_header"]))
+            self.shell.serve_request(message["parent_header"])
         try:
             self._interrupts_raise()
             handler(None, None, msg)

@@ -40,8 +40,16 @@ def _run_source(shell: Any, item: dict[str, Any], what: str) -> str | None:
 
 
 def apply(shell: Any, app: dict[str, Any]) -> list[str]:
-    """Apply the profile's part for the sandbox; return one line per failure."""
-    problems: list[str] = []
+    """Apply the profile's part for the sandbox; return one line per failure (none is shown as output)."""
+    shell.quiet = True
+    try:
+        return _apply(shell, app)
+    finally:
+        shell.quiet = False
+
+
+def _apply(shell: Any, app: dict[str, Any]) -> list[str]:
+    problems: list[str | None] = []
     for name in app.get("extensions", []):
         try:
             shell.extension_manager.load_extension(str(name))

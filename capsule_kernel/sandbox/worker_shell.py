@@ -29,7 +29,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Type
 
 from capsule_kernel.sandbox import frames
-from capsule_kernel.sandbox.kernel_facade import KernelFacade
+from capsule_kernel.sandbox.kernel_facade import KernelFacade, parent_request
 from capsule_kernel.sandbox.limits import format_size
 from capsule_kernel.sandbox.worker_io import FrameChannel, StreamFlusher
 
@@ -322,6 +322,10 @@ class SandboxShell(ZMQInteractiveShell):
     def set_parent(self, parent: dict[str, Any]) -> None:
         """The request being served (get_parent(), kernel.get_parent()); outputs are filed by the kernel."""
         self.parent_header = parent
+
+    def serve_request(self, header: dict[str, Any]) -> None:
+        """The kernel now serves the request with this header (a cell, or a comm message between cells)."""
+        self.set_parent(parent_request(header))
 
     def enable_gui(self, gui: str | None = None) -> None:
         if gui not in (None, "inline"):

@@ -407,27 +407,24 @@ class SessionController:
         except CheckpointRefused as err:
             self._notices.append(f"Capsule: {err}\n")
             return
-        if latest is not None and self._left_by_restart(latest):
+        if latest is None or self._left_by_restart(latest):
             return
-        if latest is not None:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(latest.created))
-            self._offer = (
-                f"Session {self.session_name} has checkpoints from an earlier kernel (the last after cell "
-                f"[{latest.execution_count}], {when}). "
-                "Run %capsule resume to restore them, or set auto_resume = true in capsule.toml.\n"
-            )
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(latest.created))
+        self._offer = (
+            f"Session {self.session_name} has checkpoints from an earlier kernel (the last after cell "
+            f"[{latest.execution_count}], {when}). "
+            "Run %capsule resume to restore them, or set auto_resume = true in capsule.toml.\n"
+        )
 
     async def restart_sandbox(self, why: str) -> SandboxProcess:
         """Replace the sandbox with a fresh one (the namespace is lost)."""
         old = await self.ready_sandbox()
+        # Every sandbox's last snapshots (deferred cells too) are recorded as the old namespace's
+        # before it goes: nothing of it can land after the new namespace begins.
+        await self.checkpoints_settled()
         old.stopping = True
         self.log.info("restarting the sandbox: %s", why)
         await old.shutdown()
-        # What the old namespace reported (its deferred cells' snapshot, taken as it stopped)
-        # is recorded as its own, before the new namespace's first checkpoint.
-        with contextlib.suppress(Exception):
-            await old.snapshots_settled(_STOP_GRACE_SECONDS)
-        await self.checkpoints.settled()
         self.checkpoints.begin_afresh(self.session_name)
         fresh = await self._start_sandbox()
         await self.namespace_replaced(None)
