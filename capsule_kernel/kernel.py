@@ -31,6 +31,8 @@ from capsule_kernel.session.relay import header_for_sandbox
 from capsule_kernel.settings import sandbox_ipython_config
 
 _REQUEST_WAIT_SECONDS = 30.0
+# A subshell's request before any on the main shell (which begins the controller) waits this long for it.
+_BEGIN_WAIT_SECONDS = 30.0
 
 
 class CapsuleKernel(Kernel):
@@ -79,7 +81,7 @@ class CapsuleKernel(Kernel):
         shell_app, problems = profile_for_sandbox(self.config, startup_dir)
         self.controller.ipython_config["InteractiveShellApp"] = shell_app
         self.controller.note_profile_problems(problems)
-        self._last_meta: dict[str, Any] = {}
+        self._meta: dict[str, dict[str, Any]] = {}  # msg_id -> the execute reply's capsule metadata
         self._completeness = TransformerManager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._forward_comm
@@ -93,16 +95,38 @@ class CapsuleKernel(Kernel):
         signal.signal(signal.SIGINT, lambda *_: self.controller.interrupt())
 
     async def dispatch_shell(self, msg: Any, /, *args: Any, **kwargs: Any) -> None:
-        """Every shell request runs on the shell's loop: the controller begins there, at the first one.
+        """Every main shell request runs on the shell's loop: the controller begins there, at the first one.
 
         Frontends ask kernel_info first thing, so the sandbox starts then. It
         must not begin from a timer on the main IOLoop: ipykernel runs shell
         handlers on another loop, and a sandbox started on the wrong one made
         the first cell after JupyterLab's Restart fail with "attached to a
-        different loop" whenever the browser's kernel_info came late.
+        different loop" whenever the browser's kernel_info came late. A
+        subshell's requests run on its own thread and loop; their handlers
+        hop to the controller's (_in_controller).
         """
-        await self.controller.begin()
+        if kwargs.get("subshell_id") is None:
+            await self.controller.begin()
         await super().dispatch_shell(msg, *args, **kwargs)
+
+    def _subshell_id(self) -> str | None:
+        """The subshell the request being handled was sent to (None: the main shell)."""
+        return self.get_parent("shell").get("header", {}).get("subshell_id")
+
+    async def _in_controller(self, coroutine: Any) -> Any:
+        """Await a controller coroutine on the controller's loop, from whichever loop this handler runs on."""
+        loop = self.controller.loop
+        waited = 0.0
+        while loop is None and waited < _BEGIN_WAIT_SECONDS:
+            await asyncio.sleep(0.05)  # a subshell's request before the main shell's first one
+            waited += 0.05
+            loop = self.controller.loop
+        if loop is None:
+            coroutine.close()
+            raise RuntimeError("the kernel has not started its sandbox yet: send a request on the main shell first")
+        if loop is asyncio.get_running_loop():
+            return await coroutine
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, loop))
 
     def pre_handler_hook(self) -> None:
         """kernelbase would make SIGINT raise here; ours is forwarded instead."""
@@ -136,6 +160,9 @@ class CapsuleKernel(Kernel):
     ) -> dict[str, Any]:
         started = time.perf_counter()
         controller = self.controller
+        subshell_id = self._subshell_id()
+        if subshell_id is not None:
+            return await self._execute_on_subshell(subshell_id, code, silent, user_expressions or {}, started)
         controller.relay.parent = self.get_parent("shell")
         # Side tasks run outside this handler's context: remember who asked.
         controller.relay.stdin_ident = self._get_shell_context_var(self._shell_parent_ident)
@@ -153,23 +180,53 @@ class CapsuleKernel(Kernel):
         if not silent and store_history:
             controller.next_count = count + 1
         meta["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        self._last_meta = meta
+        self._meta[self.get_parent("shell")["header"].get("msg_id")] = meta
         return reply
+
+    async def _execute_on_subshell(
+        self, subshell_id: str, code: str, silent: bool, expressions: dict[str, str], started: float
+    ) -> dict[str, Any]:
+        """A cell sent to a subshell (JEP 91): it runs beside the main shell's, in the same namespace."""
+        parent = self.get_parent("shell")
+        subshells = self.controller.subshells
+        try:
+            reply = await self._in_controller(subshells.execute(subshell_id, parent, code, silent, expressions))
+        except Exception as err:
+            self.log.exception("capsule kernel error while executing a subshell's cell")
+            reply = {"status": "error", "execution_count": subshells.next_count(subshell_id) - 1,
+                     "user_expressions": {}, "payload": [], "ename": "CapsuleKernelError",
+                     "evalue": f"internal error in the capsule kernel: {err!r}", "traceback": []}  # fmt: skip
+        meta = {"sandbox": "subprocess", "mode": "subshell", "reason": "sent to a subshell",
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3)}  # fmt: skip
+        self._meta[parent["header"].get("msg_id")] = meta
+        return reply
+
+    def _publish_execute_input(self, code: str, parent: dict[str, Any], execution_count: int) -> None:
+        """A subshell's cells are numbered on their own (JEP 91)."""
+        subshell_id = parent.get("header", {}).get("subshell_id")
+        if subshell_id is not None:
+            execution_count = self.controller.subshells.next_count(subshell_id)
+        super()._publish_execute_input(code, parent, execution_count)
 
     def finish_metadata(
         self,
-        parent: dict[str, Any],  # noqa: ARG002 - kernelbase's signature
+        parent: dict[str, Any],
         metadata: dict[str, Any],
         reply_content: dict[str, Any],
     ) -> dict[str, Any]:
         metadata["status"] = reply_content.get("status")
-        metadata["capsule"] = self._last_meta
+        # Per request: a subshell's cell ends while the main shell's runs.
+        metadata["capsule"] = self._meta.pop(parent["header"].get("msg_id"), {})
         return metadata
 
     # -- comms from the frontend -------------------------------------------------------
 
     async def _forward_comm(self, stream: Any, ident: Any, msg: dict[str, Any]) -> None:  # noqa: ARG002
-        await self.controller.relay.forward_comm(msg)
+        subshell_id = msg["header"].get("subshell_id")
+        if subshell_id is None:
+            await self.controller.relay.forward_comm(msg)
+        else:
+            await self._in_controller(self.controller.subshells.forward_comm(subshell_id, msg))
 
     async def comm_info_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         assert self.session is not None
@@ -184,7 +241,15 @@ class CapsuleKernel(Kernel):
         cursor = len(code) if cursor_pos is None else cursor_pos
         fallback = {"status": "ok", "matches": [], "cursor_start": cursor, "cursor_end": cursor, "metadata": {}}
         args = {"code": code, "cursor_pos": cursor}
-        return await self.controller.ask("complete", args, fallback, _REQUEST_WAIT_SECONDS)
+        return await self._ask("complete", args, fallback)
+
+    async def _ask(self, kind: str, args: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
+        """A request the sandbox answers; on a subshell, that subshell's thread answers it at once."""
+        subshell_id = self._subshell_id()
+        if subshell_id is None:
+            return await self.controller.ask(kind, args, fallback, _REQUEST_WAIT_SECONDS)
+        ask = self.controller.subshells.ask(subshell_id, kind, args, fallback, _REQUEST_WAIT_SECONDS)
+        return await self._in_controller(ask)
 
     async def do_inspect(
         self, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()
@@ -196,7 +261,7 @@ class CapsuleKernel(Kernel):
             "omit_sections": list(omit_sections),
         }
         fallback = {"status": "ok", "data": {}, "metadata": {}, "found": False}
-        return await self.controller.ask("inspect", args, fallback, _REQUEST_WAIT_SECONDS)
+        return await self._ask("inspect", args, fallback)
 
     async def do_history(
         self,
@@ -221,7 +286,7 @@ class CapsuleKernel(Kernel):
             "pattern": pattern,
             "unique": unique,
         }
-        return await self.controller.ask("history", args, {"status": "ok", "history": []}, _REQUEST_WAIT_SECONDS)
+        return await self._ask("history", args, {"status": "ok", "history": []})
 
     async def do_is_complete(self, code: str) -> dict[str, Any]:
         # Parsing only: safe to do here, and answers even while a cell runs.
@@ -292,23 +357,27 @@ class CapsuleKernel(Kernel):
     @property
     def kernel_info(self) -> dict[str, Any]:
         info = super().kernel_info
-        # No debugger, and one sandbox cannot run subshells concurrently.
-        info["supported_features"] = [
-            f for f in info.get("supported_features", []) if f not in ("debugger", "kernel subshells")
-        ]
+        # No debugger; kernel subshells, as ipykernel's (session/subshells.py).
+        info["supported_features"] = [f for f in info.get("supported_features", []) if f != "debugger"]
         return info
 
-    async def _refuse_subshells(self, socket: Any, ident: Any, parent: dict[str, Any]) -> None:
-        assert self.session is not None
-        msg_type = parent["header"]["msg_type"].replace("_request", "_reply")
-        content = {
-            "status": "error",
-            "ename": "NotImplementedError",
-            "evalue": "the capsule kernel has no subshells",
-            "traceback": [],
-        }
-        self.session.send(socket, msg_type, content, parent, ident)
+    # -- subshells (JEP 91): kernelbase creates and deletes them; the sandbox follows ---------
 
-    create_subshell_request = _refuse_subshells
-    delete_subshell_request = _refuse_subshells
-    list_subshell_request = _refuse_subshells
+    async def create_subshell_request(self, socket: Any, ident: Any, parent: dict[str, Any]) -> None:
+        manager = self.shell_channel_thread.manager
+        before = set(manager.list_subshell())
+        await super().create_subshell_request(socket, ident, parent)
+        for subshell_id in set(manager.list_subshell()) - before:
+            self._tell_controller(self.controller.subshells.created, subshell_id)
+
+    async def delete_subshell_request(self, socket: Any, ident: Any, parent: dict[str, Any]) -> None:
+        await super().delete_subshell_request(socket, ident, parent)
+        subshell_id = parent.get("content", {}).get("subshell_id")
+        if isinstance(subshell_id, str):
+            self._tell_controller(self.controller.subshells.deleted, subshell_id)
+
+    def _tell_controller(self, method: Any, *args: Any) -> None:
+        """Run a controller coroutine on its loop, from the control thread, without waiting for it."""
+        loop = self.controller.loop
+        if loop is not None and loop.is_running():
+            asyncio.run_coroutine_threadsafe(method(*args), loop)

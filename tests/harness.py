@@ -116,13 +116,14 @@ class KernelHarness:
         timeout: float = DEFAULT_TIMEOUT,
         stdin_answer: Callable[[dict[str, Any]], str] | None = None,
         on_message: Callable[[Message], None] | None = None,
+        on_any: Callable[[dict[str, Any]], None] | None = None,
         **kwargs: Any,
     ) -> ExecResult:
         if stdin_answer is not None:
             kwargs["allow_stdin"] = True
         started = time.monotonic()
         msg_id = self.kc.execute(code, **kwargs)
-        return self.collect(msg_id, started, timeout, stdin_answer, on_message)
+        return self.collect(msg_id, started, timeout, stdin_answer, on_message, on_any)
 
     def collect(
         self,
@@ -131,7 +132,9 @@ class KernelHarness:
         timeout: float = DEFAULT_TIMEOUT,
         stdin_answer: Callable[[dict[str, Any]], str] | None = None,
         on_message: Callable[[Message], None] | None = None,
+        on_any: Callable[[dict[str, Any]], None] | None = None,
     ) -> ExecResult:
+        """The reply and iopub messages of one request; on_any sees every iopub message, whoever's it is."""
         deadline = started + timeout
         result = ExecResult(reply={}, started=started)
         idle = False
@@ -159,6 +162,8 @@ class KernelHarness:
                     msg = self.kc.get_iopub_msg(timeout=0.02)
                 except queue.Empty:
                     continue
+                if on_any is not None:
+                    on_any(msg)
                 if msg["parent_header"].get("msg_id") != msg_id:
                     continue
                 if msg["msg_type"] == "status":

@@ -20,7 +20,7 @@ def test_kernel_info_describes_capsule_and_python(kernel):
     assert content["language_info"]["file_extension"] == ".py"
     assert content["language_info"]["mimetype"] == "text/x-python"
     assert "debugger" not in content.get("supported_features", [])
-    assert "kernel subshells" not in content.get("supported_features", [])
+    assert "kernel subshells" in content.get("supported_features", [])  # tests/test_subshells.py
     assert content["help_links"]
     assert "sandbox" in content["banner"]
 

@@ -84,18 +84,20 @@ FRAMES: dict[str, Frame] = {
         limits=dict,
         parent_header=dict,
     ),
-    "request": _frame((KERNEL,), _OUTPUT_CAP, id=int, kind=str, args=dict),
+    # subshell: answered on that subshell's thread (completion while a cell runs), see "subshell" below.
+    "request": _frame((KERNEL,), _OUTPUT_CAP, optional=("subshell",), id=int, kind=str, args=dict, subshell=int),
     # parent_header: the frontend's comm message the worker now serves (from the kernel only;
     # the relay rebuilds a sandbox's comm messages from the other fields and never reads it).
     "comm": _frame(
         (KERNEL, *_OUT),
         _OUTPUT_CAP,
-        optional=("metadata", "buffers", "parent_header"),
+        optional=("metadata", "buffers", "parent_header", "subshell"),
         msg_type=str,
         content=dict,
         metadata=dict,
         buffers=list,
         parent_header=dict,
+        subshell=int,
     ),
     "limits": _frame((KERNEL,), limits=dict),
     "input_reply": _frame((KERNEL,), _STREAM_CAP, id=_INT_OR_NONE, value=str),
@@ -103,6 +105,21 @@ FRAMES: dict[str, Frame] = {
     # The answer to a "task" frame (capsule_kernel.tasks): a task's key, or its envelope and value.
     "task_reply": _frame((KERNEL,), _OUTPUT_CAP, id=int, content=dict),
     "shutdown": _frame((KERNEL,)),
+    # -- kernel subshells (JEP 91): cells and comm messages on a thread of their own ---
+    # A subshell is a small number the kernel chose (the frontend's id is only shown, by
+    # %subshell). action: open, close, interrupt or timeout (worker_subshells.ACTIONS).
+    "subshell": _frame((KERNEL,), optional=("name",), action=str, subshell=int, name=str),
+    "subshell_execute": _frame(
+        (KERNEL,),
+        _OUTPUT_CAP,
+        optional=("parent_header",),
+        subshell=int,
+        code=str,
+        silent=bool,
+        user_expressions=dict,
+        parent_header=dict,
+        limits=dict,
+    ),
     # -- a sandbox to the kernel ------------------------------------------------------
     # problems: what of the user's IPython profile failed in the worker (shown as text, bounded).
     "ready": _frame(
@@ -125,13 +142,33 @@ FRAMES: dict[str, Frame] = {
         snapshot_sent=_INT_OR_NONE,
         fuel_consumed=_INT_OR_NONE,
     ),
-    "stream": _frame(_OUT, _STREAM_CAP, name=str, text=str),
-    "display": _frame(_OUT, _OUTPUT_CAP, optional=("update",), data=dict, metadata=dict, transient=dict, update=bool),
-    "clear_output": _frame(_OUT, wait=bool),
-    "execute_result": _frame(
-        _OUT, _OUTPUT_CAP, optional=("transient",), data=dict, metadata=dict, execution_count=int, transient=dict
+    # The cell of a subshell ended (the worker only; the kernel checks that one ran there).
+    "subshell_done": _frame((WORKER,), _OUTPUT_CAP, subshell=int, reply=dict),
+    # Outputs name the subshell whose cell or comm message made them, if any; the kernel
+    # files them under that subshell's request, and believes a number only if it opened it.
+    "stream": _frame(_OUT, _STREAM_CAP, optional=("subshell",), name=str, text=str, subshell=int),
+    "display": _frame(
+        _OUT,
+        _OUTPUT_CAP,
+        optional=("update", "subshell"),
+        data=dict,
+        metadata=dict,
+        transient=dict,
+        update=bool,
+        subshell=int,
     ),
-    "error": _frame(_OUT, _OUTPUT_CAP, ename=str, evalue=str, traceback=list),
+    "clear_output": _frame(_OUT, optional=("subshell",), wait=bool, subshell=int),
+    "execute_result": _frame(
+        _OUT,
+        _OUTPUT_CAP,
+        optional=("transient", "subshell"),
+        data=dict,
+        metadata=dict,
+        execution_count=int,
+        transient=dict,
+        subshell=int,
+    ),
+    "error": _frame(_OUT, _OUTPUT_CAP, optional=("subshell",), ename=str, evalue=str, traceback=list, subshell=int),
     "input_request": _frame(_OUT, _STREAM_CAP, id=int, prompt=str, password=bool),
     "magic": _frame(_OUT, _STREAM_CAP, id=int, line=str, cell=_STR_OR_NONE),
     "reply": _frame(_OUT, _OUTPUT_CAP, id=_INT_OR_NONE, content=dict),

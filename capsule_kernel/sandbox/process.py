@@ -219,6 +219,11 @@ class SandboxProcess(ABC):
         # The execution count whose checkpoint the last "done" announced, if any; whether it deferred one.
         self.last_done_snapshot: int | None = None
         self.last_done_deferred = False
+        # Kernel subshells (worker_subshells): the numbers this sandbox was given, those still open,
+        # and each subshell's cell in flight.
+        self._subshells_given: set[int] = set()
+        self.subshells_open: set[int] = set()
+        self._subshell_cells: dict[int, asyncio.Future] = {}
 
     # -- life cycle -------------------------------------------------------------
 
@@ -507,18 +512,90 @@ class SandboxProcess(ABC):
             await self._reaped()
             raise PreviousCellOverran(self.death_reason, previous) from None
 
-    async def request(self, kind: str, args: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-        """Ask the idle worker something (completion, inspection, history)."""
+    async def request(
+        self, kind: str, args: dict[str, Any], timeout: float = 30.0, *, subshell: int | None = None
+    ) -> dict[str, Any]:
+        """Ask the idle worker something (completion, inspection, history); on a subshell, at once."""
         assert self._loop is not None
         self._next_request += 1
         request_id = self._next_request
         future = self._loop.create_future()
         self._replies[request_id] = future
+        frame: dict[str, Any] = {"type": "request", "id": request_id, "kind": kind, "args": args}
+        if subshell is not None:
+            self.open_subshell(subshell)
+            frame["subshell"] = subshell
         try:
-            self.send({"type": "request", "id": request_id, "kind": kind, "args": args})
+            self.send(frame)
             return await self._await_or_death(future, timeout)
         finally:
             self._replies.pop(request_id, None)
+
+    # -- kernel subshells ---------------------------------------------------------------
+
+    def open_subshell(self, tag: int, name: str = "") -> None:
+        """Give the sandbox subshell `tag` (a thread of its own); once per sandbox."""
+        if tag in self.subshells_open:
+            return
+        self.send({"type": "subshell", "action": "open", "subshell": tag, "name": name or str(tag)})
+        self._subshells_given.add(tag)
+        self.subshells_open.add(tag)
+
+    def close_subshell(self, tag: int) -> None:
+        """The subshell was deleted: its running cell is interrupted and its thread ends."""
+        if tag in self.subshells_open and self.alive:
+            with contextlib.suppress(SandboxDied):
+                self.send({"type": "subshell", "action": "close", "subshell": tag})
+        self.subshells_open.discard(tag)
+
+    def interrupt_subshells(self) -> None:
+        """KeyboardInterrupt in every subshell's running cell (signals reach only the main shell's)."""
+        for tag in list(self._subshell_cells):
+            with contextlib.suppress(SandboxDied):
+                self.send({"type": "subshell", "action": "interrupt", "subshell": tag})
+
+    async def subshell_execute(self, tag: int, request: dict[str, Any], wall: float | None) -> dict[str, Any]:
+        """Run a cell on subshell `tag`, beside the main shell's; return the worker's reply content.
+
+        wall: how long it may run. Past it the worker raises CellTimeout in the
+        subshell's thread; a thread that does not stop within the grace (it is
+        blocked in C code) takes the sandbox down with it, as a main shell's
+        cell that ignores its timeout does.
+        """
+        assert self._loop is not None
+        if tag in self._subshell_cells:
+            raise SandboxDied(f"subshell {tag} already runs a cell")  # the kernel runs one at a time per subshell
+        future = self._subshell_cells[tag] = self._loop.create_future()
+        try:
+            self.open_subshell(tag)
+            self.send({"type": "subshell_execute", "subshell": tag, **request, "limits": self.limits.to_json()})
+
+            async def overdue() -> None:
+                with contextlib.suppress(SandboxDied):
+                    self.send({"type": "subshell", "action": "timeout", "subshell": tag})
+                try:
+                    await self._await_or_death(future, self.subshell_grace())
+                except TimeoutError:
+                    self.death_reason = (
+                        f"ran a subshell's cell past its wall-clock limit of {format_duration(wall or 0)}, and the "
+                        "cell did not stop (it was blocked outside Python), so the sandbox was stopped"
+                    )
+                    self.kill()
+
+            return await self._await_or_death(future, wall, on_timeout=overdue)
+        finally:
+            self._subshell_cells.pop(tag, None)
+
+    def subshell_grace(self) -> float:
+        """How long a subshell's cell has to stop after its CellTimeout is raised."""
+        return 5.0
+
+    def _on_subshell_done(self, message: dict[str, Any]) -> None:
+        future = self._subshell_cells.get(message["subshell"])
+        if future is None or future.done():
+            self._out_of_sequence(f"a 'subshell_done' for subshell {message['subshell']}, which ran no cell")
+            return
+        future.set_result(message["reply"])
 
     async def restore(self, entries: dict[str, Any], *, replace: bool, timeout: float = 600) -> dict[str, Any]:
         """Load checkpoint entries into the namespace; the worker may open their chunks (and only those) meanwhile."""
@@ -699,6 +776,7 @@ class SandboxProcess(ABC):
             "input_request": forward,
             "magic": forward,
             "task": forward,
+            "subshell_done": self._on_subshell_done,
         }
 
     def _dispatch(self, message: dict[str, Any]) -> None:
@@ -706,6 +784,12 @@ class SandboxProcess(ABC):
         if handler is None:
             self._on_violation(VIOLATION.format(what=f"a {message['type']!r} frame on its frame pipe"))
             return
+        tag = message.get("subshell")
+        if tag is not None and tag not in self._subshells_given:
+            self._out_of_sequence(f"output for subshell {tag}, which it was never given")
+            return
+        if tag is not None and tag not in self.subshells_open and message["type"] != "subshell_done":
+            return  # what a deleted subshell's thread still said: nobody asked for it any more
         handler(message)
 
     def _out_of_sequence(self, what: str) -> None:

@@ -68,6 +68,11 @@ class Worker:
                 "bind": lambda args: tasks.bind(self.shell.user_ns, args),
             }
         )
+        from capsule_kernel.sandbox.worker_subshells import Subshells
+
+        self.subshells = Subshells(self)
+        self.shell.subshells = self.subshells
+        self.channel.to_subshells = self.subshells.take
         self.channel.start()
         self.flusher.start()
         # The user's IPython profile, as ipykernel applies it (worker_profile.py); failures go with "ready".
@@ -104,7 +109,7 @@ class Worker:
         handlers = {
             "execute": self.execute,
             "request": self.request,
-            "comm": self.comm,
+            "comm": self.comm_between_cells,
             "limits": self.update_limits,
         }
         while True:
@@ -186,29 +191,7 @@ class Worker:
         finally:
             self._interrupts_ignored()
         self.flusher.flush_all()
-        reply: dict[str, Any] = {"execution_count": shell.execution_count - 1}
-        error = shell.last_error
-        if result is not None and result.success and error is None:
-            reply["status"] = "ok"
-            try:
-                self._interrupts_raise()
-                reply["user_expressions"] = shell.user_expressions(message.get("user_expressions") or {})
-            except KeyboardInterrupt:
-                reply["user_expressions"] = {}
-            finally:
-                self._interrupts_ignored()
-        else:
-            if error is None:
-                # IPython shows some errors (UsageError) without a traceback.
-                exc = result and (result.error_before_exec or result.error_in_exec)
-                error = {
-                    "ename": type(exc).__name__ if exc else "Error",
-                    "evalue": str(exc or "the cell failed"),
-                    "traceback": [],
-                }
-            reply.update(status="error", user_expressions={}, **error)
-        reply["payload"] = shell.payload_manager.read_payload()
-        shell.payload_manager.clear_payload()
+        reply = self.reply_for(result, message.get("user_expressions") or {}, shell.execution_count - 1, main=True)
         self.flusher.flush_all()
         from ipykernel.jsonutil import json_clean
 
@@ -225,6 +208,36 @@ class Worker:
         self.channel.send(done)
         if plan:
             self.snapshots.take(count, plan, names)
+
+    def reply_for(self, result: Any, expressions: dict[str, str], count: int, *, main: bool = False) -> dict[str, Any]:
+        """The execute reply for a cell that ran (on the main shell, or on a subshell's thread)."""
+        shell = self.shell
+        reply: dict[str, Any] = {"execution_count": count}
+        error = shell.last_error
+        if result is not None and result.success and error is None:
+            reply["status"] = "ok"
+            try:
+                if main:
+                    self._interrupts_raise()
+                reply["user_expressions"] = shell.user_expressions(expressions)
+            except KeyboardInterrupt:
+                reply["user_expressions"] = {}
+            finally:
+                if main:
+                    self._interrupts_ignored()
+        else:
+            if error is None:
+                # IPython shows some errors (UsageError) without a traceback.
+                exc = result and (result.error_before_exec or result.error_in_exec)
+                error = {
+                    "ename": type(exc).__name__ if exc else "Error",
+                    "evalue": str(exc or "the cell failed"),
+                    "traceback": [],
+                }
+            reply.update(status="error", user_expressions={}, **error)
+        reply["payload"] = shell.payload_manager.read_payload()
+        shell.payload_manager.clear_payload()
+        return reply
 
     def _restore(self, args: dict[str, Any]) -> dict[str, Any]:
         """Load checkpoint entries; widgets among them work again (worker_shell.revive_comms)."""
@@ -247,7 +260,16 @@ class Worker:
         reply = self.requests.answer(message)
         self.channel.send({**reply, "content": json_clean(reply["content"])})
 
+    def comm_between_cells(self, message: dict[str, Any]) -> None:
+        """A comm message on the main shell: its callback may be interrupted like a cell."""
+        try:
+            self._interrupts_raise()
+            self.comm(message)
+        finally:
+            self._interrupts_ignored()
+
     def comm(self, message: dict[str, Any]) -> None:
+        """Hand a comm message to its comm (on the main thread, or on the subshell's it came on)."""
         from capsule_kernel.sandbox import frames
 
         msg = {
@@ -263,12 +285,9 @@ class Worker:
             # What the callback displays or prints belongs to this comm message (an Output widget keys on it).
             self.shell.serve_request(message["parent_header"])
         try:
-            self._interrupts_raise()
             handler(None, None, msg)
         except BaseException:  # noqa: BLE001 - a widget callback failing is the user's error, shown as such
             traceback.print_exc()
-        finally:
-            self._interrupts_ignored()
 
 
 def _move_soft_limits(limits: dict[str, Any]) -> None:

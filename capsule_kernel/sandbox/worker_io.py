@@ -22,8 +22,23 @@ from capsule_kernel.sandbox.inside.streams import FrameStream
 INTERRUPT_SIGNALS = {signal.SIGINT, signal.SIGUSR2, signal.SIGXCPU}
 
 # Messages the main thread waits for while a cell runs (input() and %capsule
-# replies) go to their own queue; everything else waits for the idle loop.
+# replies) go to their own queue; what is for a subshell goes to its thread at
+# once (worker_subshells); everything else waits for the idle loop.
 _REPLY_TYPES = {"input_reply", "magic_reply", "task_reply"}
+_SUBSHELL_TYPES = {"subshell", "subshell_execute"}
+# What a subshell's thread sends is filed under its subshell (streams are tagged by their buffers).
+_TAGGED_OUTPUTS = {"display", "clear_output", "execute_result", "error", "comm"}
+_THREAD = threading.local()
+
+
+def current_subshell() -> int | None:
+    """The subshell whose thread this is (worker_subshells), None on the main shell and other threads."""
+    return getattr(_THREAD, "subshell", None)
+
+
+def serve_subshell(tag: int) -> None:
+    """This thread is subshell `tag`'s from now on: what it sends is filed under it."""
+    _THREAD.subshell = tag
 
 
 class FrameChannel:
@@ -37,6 +52,8 @@ class FrameChannel:
         self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
         # Set (before the interrupt) once the kernel's end of the pipe closed: no cell starts after it.
         self.kernel_gone = threading.Event()
+        # Frames for a subshell's thread (worker_subshells.Subshells.take), handed over by the reader.
+        self.to_subshells: Any = None
         self._reader = threading.Thread(target=self._read_loop, name="capsule-frame-reader", daemon=True)
 
     def start(self) -> None:
@@ -56,6 +73,9 @@ class FrameChannel:
                 pass
 
     def send(self, message: dict[str, Any]) -> None:
+        tag = current_subshell()
+        if tag is not None and message["type"] in _TAGGED_OUTPUTS and "subshell" not in message:
+            message = {**message, "subshell": tag}
         frame = frames.encode(message)
         with self._write_lock:
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPT_SIGNALS)
@@ -84,6 +104,8 @@ class FrameChannel:
                 return
             if message["type"] in _REPLY_TYPES:
                 self.replies.put(message)
+            elif (message["type"] in _SUBSHELL_TYPES or "subshell" in message) and self.to_subshells is not None:
+                self.to_subshells(message)
             else:
                 self.inbox.put(message)
 
@@ -125,18 +147,50 @@ class StreamFlusher:
 
 
 class ProtocolStream(FrameStream):
-    """sys.stdout / sys.stderr of the worker: a FrameStream with a real descriptor and a flusher thread."""
+    """sys.stdout / sys.stderr of the worker: a FrameStream with a real descriptor and a flusher thread.
+
+    What a subshell's thread writes goes to a buffer of that subshell's, sent
+    tagged with it: the kernel shows it in the subshell's cell, never in the
+    main shell's, even when the flusher thread sends both.
+    """
 
     def __init__(self, name: str, channel: FrameChannel, flusher: StreamFlusher, fd: int) -> None:
         super().__init__(name, channel.send, threading.RLock())
+        self._channel = channel
         self._flusher = flusher
         self._fd = fd
+        self._subshells: dict[int, FrameStream] = {}
         flusher.streams.append(self)
+
+    def write(self, text: str) -> int:
+        tag = current_subshell()
+        if tag is None:
+            return super().write(text)
+        buffer = self._subshells.get(tag)
+        if buffer is None:
+            buffer = self._subshells[tag] = _SubshellBuffer(self.name, tag, self._channel, self._flusher)
+        return buffer.write(text)
+
+    def flush(self) -> None:
+        super().flush()
+        for buffer in list(self._subshells.values()):
+            buffer.flush()
 
     def fileno(self) -> int:
         # The real descriptor is a pipe the kernel forwards too, so code that
         # hands sys.stdout to a subprocess still reaches the notebook.
         return self._fd
+
+    def written(self, text: str) -> None:  # noqa: ARG002 - the hook's signature
+        self._flusher.wake()
+
+
+class _SubshellBuffer(FrameStream):
+    """A subshell's part of sys.stdout or sys.stderr: its frames carry the subshell's number."""
+
+    def __init__(self, name: str, tag: int, channel: FrameChannel, flusher: StreamFlusher) -> None:
+        super().__init__(name, lambda message: channel.send({**message, "subshell": tag}), threading.RLock())
+        self._flusher = flusher
 
     def written(self, text: str) -> None:  # noqa: ARG002 - the hook's signature
         self._flusher.wake()

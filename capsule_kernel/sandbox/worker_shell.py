@@ -13,6 +13,7 @@ import getpass
 import itertools
 import os
 import sys
+import threading
 import traceback
 from types import TracebackType
 from typing import Any
@@ -24,14 +25,14 @@ from ipykernel.zmqshell import ZMQInteractiveShell
 from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.error import StdinNotImplementedError, UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from traitlets import Any as AnyTrait
 from traitlets import Type
 
 from capsule_kernel.sandbox import frames
 from capsule_kernel.sandbox.kernel_facade import KernelFacade, parent_request
 from capsule_kernel.sandbox.limits import format_size
-from capsule_kernel.sandbox.worker_io import FrameChannel, StreamFlusher
+from capsule_kernel.sandbox.worker_io import FrameChannel, StreamFlusher, current_subshell
 
 
 class SandboxDisplayPublisher(DisplayPublisher):
@@ -58,10 +59,23 @@ class SandboxDisplayPublisher(DisplayPublisher):
 
 
 class SandboxDisplayHook(DisplayHook):
-    """The value of a cell's last expression, sent as execute_result."""
+    """The value of a cell's last expression, sent as execute_result (one in the making per thread: subshells)."""
 
     channel = AnyTrait()
     flusher = AnyTrait()
+    _local = AnyTrait()
+
+    @property
+    def _result(self) -> dict[str, Any]:
+        if self._local is None:
+            self._local = threading.local()
+        return getattr(self._local, "result", {})
+
+    @_result.setter
+    def _result(self, value: dict[str, Any]) -> None:
+        if self._local is None:
+            self._local = threading.local()
+        self._local.result = value
 
     def start_displayhook(self) -> None:
         self._result: dict[str, Any] = {"data": {}, "metadata": {}}
@@ -267,12 +281,26 @@ class CapsuleMagics(Magics):
     @line_cell_magic
     def capsule(self, line: str, cell: str | None = None) -> None:
         shell: SandboxShell = self.shell  # type: ignore[assignment]
+        shell.refuse_on_subshell("%capsule")
         shell.flusher.flush_all()
         request_id = next(self._ids)
         shell.channel.send({"type": "magic", "id": request_id, "line": line, "cell": cell})
         reply = shell.wait_reply("magic_reply", request_id)
         if not reply.get("ok"):
             raise UsageError(reply.get("error") or "%capsule failed")
+
+    @line_magic
+    def subshell(self, line: str) -> None:  # noqa: ARG002 - a magic's signature
+        """List the kernel's subshells, as ipykernel's %subshell does."""
+        shell: SandboxShell = self.shell  # type: ignore[assignment]
+        subshells = shell.subshells
+        ident = threading.current_thread().ident
+        print(f"subshell id: {subshells.name_of(ident) if subshells else None}")
+        print(f"thread id: {ident}")
+        print(f"main thread id: {threading.main_thread().ident}")
+        print(f"pid: {os.getpid()}")
+        print(f"thread count: {threading.active_count()}")
+        print(f"subshell list: {subshells.names() if subshells else []}")
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -307,8 +335,8 @@ class SandboxShell(ZMQInteractiveShell):
     flusher = AnyTrait()
     limits: dict[str, Any] = {}
     allow_stdin = False
-    last_error: dict[str, Any] | None = None
     quiet = False  # start-up code (the profile): errors are collected, not shown
+    subshells: Any = None  # worker_subshells.Subshells: %subshell lists them
 
     def __init__(self, *, channel: FrameChannel, flusher: StreamFlusher, **kwargs: Any) -> None:
         super().__init__(channel=channel, flusher=flusher, **kwargs)
@@ -318,6 +346,21 @@ class SandboxShell(ZMQInteractiveShell):
         self.set_custom_exc((MemoryError, OSError, RuntimeError), _explain_limit_error)
         self.register_magics(CapsuleMagics)
         self._reply_ids = itertools.count(1)
+
+    @property
+    def last_error(self) -> dict[str, Any] | None:
+        """The error the current thread's cell showed (the main shell's and each subshell's are apart)."""
+        return getattr(self.__dict__.get("_errors"), "error", None)
+
+    @last_error.setter
+    def last_error(self, value: dict[str, Any] | None) -> None:
+        self.__dict__.setdefault("_errors", threading.local()).error = value
+
+    @staticmethod
+    def refuse_on_subshell(what: str) -> None:
+        """What waits on the kernel's answer to the main shell's cell is not for a subshell's cell."""
+        if current_subshell() is not None:
+            raise UsageError(f"{what} is not available in a subshell; run it on the notebook's main shell")
 
     def set_parent(self, parent: dict[str, Any]) -> None:
         """The request being served (get_parent(), kernel.get_parent()); outputs are filed by the kernel."""
@@ -371,14 +414,17 @@ class SandboxShell(ZMQInteractiveShell):
 
     def capsule_task(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
         """A @task request to the kernel (capsule_kernel.tasks); blocks the cell until it answers."""
+        self.refuse_on_subshell("@task")
         self.flusher.flush_all()
         request_id = next(self._reply_ids)
         self.channel.send({"type": "task", "id": request_id, "action": action, "args": args})
         return self.wait_reply("task_reply", request_id)["content"]
 
     def request_input(self, prompt: str = "", password: bool = False) -> str:
+        what = "getpass" if password else "input"
+        if current_subshell() is not None:
+            raise StdinNotImplementedError(f"{what}() is not available in a subshell; use the notebook's main shell")
         if not self.allow_stdin:
-            what = "getpass" if password else "input"
             raise StdinNotImplementedError(f"{what}() was called, but this frontend does not support input requests.")
         self.flusher.flush_all()
         request_id = next(self._reply_ids)

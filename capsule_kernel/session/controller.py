@@ -45,15 +45,14 @@ from capsule_kernel.sandbox.wasm import WasmSandbox
 from capsule_kernel.session.durability import CellDurability
 from capsule_kernel.session.identity import frontend_notebook_path
 from capsule_kernel.session.ledger import NameLedger
-from capsule_kernel.session.relay import Relay
+from capsule_kernel.session.relay import Relay, sanitized_reply
+from capsule_kernel.session.subshells import Subshells
 from capsule_kernel.session.task_scheduler import TaskScheduler
 
 _REINTERRUPT_SECONDS = 1.0
 # A clean stop waits this long for the worker to take and report its last snapshot.
 _STOP_GRACE_SECONDS = 5.0
 SANDBOX_KINDS: dict[str, type[SandboxProcess]] = {"subprocess": SubprocessSandbox, "wasm": WasmSandbox}
-# What a reply may say of itself; everything else in it is rebuilt by the kernel.
-_REPLY_STATUSES = ("ok", "error", "aborted")
 
 
 @dataclass(frozen=True)
@@ -71,22 +70,6 @@ class Cell:
     raw_code: str | None = None
     # The execute_request's header: the sandbox's get_parent() (relay.header_for_sandbox).
     parent_header: dict[str, str] = field(default_factory=dict)
-
-
-def _sanitized(reply: dict[str, Any], count: int) -> dict[str, Any]:
-    """A sandbox's reply, with what the kernel owns (the count, the status vocabulary) set by the kernel."""
-    status = reply.get("status") if reply.get("status") in _REPLY_STATUSES else "error"
-    clean = {key: value for key, value in reply.items() if isinstance(key, str)}
-    clean.update(status=status, execution_count=count)
-    clean.setdefault("user_expressions", {})
-    clean.setdefault("payload", [])
-    if not isinstance(clean["payload"], list) or not isinstance(clean["user_expressions"], dict):
-        clean.update(payload=[], user_expressions={})
-    if status == "error":
-        clean.setdefault("ename", "Error")
-        clean.setdefault("evalue", "")
-        clean.setdefault("traceback", [])
-    return clean
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -131,6 +114,7 @@ class SessionController:
         self._profile_noted = False
         self._policy_files = PolicyFileWatch(Path.cwd(), default_home())
         self.tasks = TaskScheduler(self)
+        self.subshells = Subshells(self)
         self.last_checkpoint_at: int | None = None
         # The client's IPython configuration for the subprocess sandbox's shell (kernel.py sets it).
         self.ipython_config: dict[str, Any] = {}
@@ -466,8 +450,12 @@ class SessionController:
     # -- interrupts ---------------------------------------------------------------------
 
     def interrupt(self) -> None:
+        """The frontend's interrupt (from the control thread or a signal): the running cells stop."""
         if self.tasks.interrupt():
             return  # the stop button during a foreground task cancels the task
+        if self.subshells.running and self._loop is not None:
+            # Frames are written on the loop's thread only; the subshells' cells get theirs from there.
+            self._loop.call_soon_threadsafe(self.subshells.interrupt)
         sandbox = self.sandbox
         if sandbox is None or not self.cell_running:
             return
@@ -629,7 +617,7 @@ class SessionController:
         for attempt in range(2):
             try:
                 reply = await sandbox.execute(asdict(cell))
-                return _sanitized(reply, cell.execution_count)
+                return sanitized_reply(reply, cell.execution_count)
             except PreviousCellOverran as overran:
                 if attempt:
                     self._last_death = overran

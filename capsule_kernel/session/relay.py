@@ -46,6 +46,26 @@ def error_content(ename: str, evalue: str) -> dict[str, Any]:
     return {"ename": ename, "evalue": evalue, "traceback": [f"{_RED}{ename}{_RESET}: {evalue}"]}
 
 
+# What a reply may say of itself; everything else in it is rebuilt by the kernel.
+_REPLY_STATUSES = ("ok", "error", "aborted")
+
+
+def sanitized_reply(reply: dict[str, Any], count: int) -> dict[str, Any]:
+    """A sandbox's reply, with what the kernel owns (the count, the status vocabulary) set by the kernel."""
+    status = reply.get("status") if reply.get("status") in _REPLY_STATUSES else "error"
+    clean = {key: value for key, value in reply.items() if isinstance(key, str)}
+    clean.update(status=status, execution_count=count)
+    clean.setdefault("user_expressions", {})
+    clean.setdefault("payload", [])
+    if not isinstance(clean["payload"], list) or not isinstance(clean["user_expressions"], dict):
+        clean.update(payload=[], user_expressions={})
+    if status == "error":
+        clean.setdefault("ename", "Error")
+        clean.setdefault("evalue", "")
+        clean.setdefault("traceback", [])
+    return clean
+
+
 class Relay:
     """The kernel's iopub and stdin, as the session controller and its sandboxes use them."""
 
@@ -56,6 +76,7 @@ class Relay:
         self.outputs: Counter[str] = Counter()
         self.comms: dict[str, str] = {}
         self.controller: SessionController | None = None
+        self._uncounted = False  # publishing a subshell's output: not the main cell's
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "stream": lambda e: self.publish("stream", {"name": e["name"], "text": e["text"]}),
             "display": self._display,
@@ -79,7 +100,7 @@ class Relay:
     def publish_for(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any], **extra: Any) -> None:
         """Publish under a given parent (a background task's output belongs to the cell that started it)."""
         kernel = self.kernel
-        if parent is self.parent:
+        if parent is self.parent and not self._uncounted:
             self.outputs[msg_type] += 1
         kernel.session.send(kernel.iopub_socket, msg_type, content, parent, ident=kernel._topic(msg_type), **extra)
 
@@ -104,7 +125,21 @@ class Relay:
     # -- from a sandbox ------------------------------------------------------------------
 
     def on_event(self, event: dict[str, Any]) -> None:
-        self._handlers[event["type"]](event)
+        tag = event.get("subshell")
+        if tag is None:
+            self._handlers[event["type"]](event)
+            return
+        # A subshell's output (its number checked by the sandbox's reader): filed under the request it
+        # serves, numbered with its own count, and not counted among the main cell's outputs.
+        assert self.controller is not None
+        subshells = self.controller.subshells
+        if event["type"] == "execute_result":
+            event = {**event, "execution_count": subshells.count_of(tag)}
+        saved, self.parent, self._uncounted = self.parent, subshells.parent_of(tag), True
+        try:
+            self._handlers[event["type"]](event)
+        finally:
+            self.parent, self._uncounted = saved, False
 
     def on_event_for(self, event: dict[str, Any], parent: dict[str, Any]) -> None:
         """An output event of a task's sandbox, shown in the cell that ran the task (outputs only)."""
@@ -194,23 +229,25 @@ class Relay:
 
     # -- from the frontend ---------------------------------------------------------------
 
-    async def forward_comm(self, msg: dict[str, Any]) -> None:
+    async def forward_comm(self, msg: dict[str, Any], *, sandbox: Any = None, subshell: int | None = None) -> None:
         """A comm message from the frontend, to the sandbox that holds the comms.
 
         One that arrives while the sandbox is starting (a frontend opens the
         widget control comm as soon as it connects) waits for it. One that no
         sandbox can take is refused as ipykernel refuses an unknown target: a
         comm_open is answered with its comm_close, so the frontend does not
-        wait for an answer that never comes.
+        wait for an answer that never comes. One sent on a subshell
+        (JupyterLab sends widget messages so) is handled on that subshell's
+        thread in the sandbox at once, even while a cell runs.
         """
         controller = self.controller
         assert controller is not None
         msg_type = msg["header"]["msg_type"]
         content = msg["content"]
-        if not controller.cell_running:
+        if subshell is None and not controller.cell_running:
             self.parent = msg
             await controller.sandbox_started()
-        sandbox = controller.sandbox
+        sandbox = sandbox or controller.sandbox
         comm_id = str(content.get("comm_id"))
         if sandbox is None or not sandbox.alive:
             self.kernel.log.warning("refusing %s: the sandbox is not running", msg_type)
@@ -229,7 +266,9 @@ class Relay:
             "metadata": msg.get("metadata", {}),
             "buffers": frames.pack_buffers(buffers),
         }
-        if not controller.cell_running:
+        if subshell is not None:
+            frame["subshell"] = subshell
+        if subshell is not None or not controller.cell_running:
             frame["parent_header"] = header_for_sandbox(msg)  # the request the sandbox now serves
         with contextlib.suppress(SandboxDied):
             sandbox.send(frame)
