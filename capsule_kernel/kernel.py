@@ -14,6 +14,7 @@ Jupyter config file); policy.py layers them over capsule.toml and CAPSULE_*.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import signal
 import sys
 import time
@@ -31,6 +32,8 @@ from capsule_kernel.session.relay import header_for_sandbox
 from capsule_kernel.settings import sandbox_ipython_config
 
 _REQUEST_WAIT_SECONDS = 30.0
+# Set in the context of a comm message kernelbase dispatches while the main shell is busy.
+_CONCURRENT: contextvars.ContextVar[bool] = contextvars.ContextVar("capsule_concurrent_comm", default=False)
 # A subshell's request before any on the main shell (which begins the controller) waits this long for it.
 _BEGIN_WAIT_SECONDS = 30.0
 
@@ -107,6 +110,8 @@ class CapsuleKernel(Kernel):
         """
         if kwargs.get("subshell_id") is None:
             await self.controller.begin()
+        if kwargs.get("concurrent"):
+            _CONCURRENT.set(True)  # in the comm's own context copy (kernelbase.shell_main)
         await super().dispatch_shell(msg, *args, **kwargs)
 
     def _subshell_id(self) -> str | None:
@@ -163,22 +168,32 @@ class CapsuleKernel(Kernel):
         subshell_id = self._subshell_id()
         if subshell_id is not None:
             return await self._execute_on_subshell(subshell_id, code, silent, user_expressions or {}, started)
-        controller.relay.parent = self.get_parent("shell")
-        # Side tasks run outside this handler's context: remember who asked.
-        controller.relay.stdin_ident = self._get_shell_context_var(self._shell_parent_ident)
-        count = controller.next_count
-        cell = Cell(
-            code, silent, store_history, user_expressions or {}, allow_stdin, count,
-            parent_header=header_for_sandbox(controller.relay.parent),
-        )  # fmt: skip
-        try:
-            reply, meta = await controller.execute(cell)
-        except Exception as err:
-            self.log.exception("capsule kernel error while executing a cell")
-            reply = controller.relay.fail(count, "CapsuleKernelError", f"internal error in the capsule kernel: {err!r}")
-            meta = {"sandbox": "kernel", "mode": "error", "reason": "internal error"}
+        # Comm messages that came while the last cell ran are handled first, each under its own message;
+        # the lane keeps the others from changing whose outputs these are until the cell has ended.
+        relay = controller.relay
+        await relay.deliver_held_comms()
+        async with relay.lane:
+            relay.parent = self.get_parent("shell")
+            # Side tasks run outside this handler's context: remember who asked.
+            relay.stdin_ident = self._get_shell_context_var(self._shell_parent_ident)
+            count = controller.next_count
+            cell = Cell(
+                code, silent, store_history, user_expressions or {}, allow_stdin, count,
+                parent_header=header_for_sandbox(relay.parent),
+            )  # fmt: skip
+            try:
+                reply, meta = await controller.execute(cell)
+            except Exception as err:
+                self.log.exception("capsule kernel error while executing a cell")
+                reply = relay.fail(count, "CapsuleKernelError", f"internal error in the capsule kernel: {err!r}")
+                meta = {"sandbox": "kernel", "mode": "error", "reason": "internal error"}
+        if relay.held_comms:
+            # Those that came during the cell: now, even if no other request comes.
+            controller.side_task(relay.deliver_held_comms(), cell_scoped=False)
         if not silent and store_history:
             controller.next_count = count + 1
+        else:
+            reply["execution_count"] = count - 1  # as IPython answers: the last stored cell's number
         meta["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
         self._meta[self.get_parent("shell")["header"].get("msg_id")] = meta
         return reply
@@ -222,8 +237,18 @@ class CapsuleKernel(Kernel):
     # -- comms from the frontend -------------------------------------------------------
 
     async def _forward_comm(self, stream: Any, ident: Any, msg: dict[str, Any]) -> None:  # noqa: ARG002
+        """A frontend's comm message: to the sandbox, on its subshell or between the main shell's cells.
+
+        One that kernelbase dispatches beside a running handler (the main
+        shell is busy) is only handed over: kernelbase puts back the parent it
+        saw when the message came once this returns, and a long wait here would
+        put it back over the next request's (whose idle status then never
+        reaches the frontend under its own parent).
+        """
         subshell_id = msg["header"].get("subshell_id")
-        if subshell_id is None:
+        if subshell_id is None and _CONCURRENT.get():
+            self.controller.side_task(self.controller.relay.forward_comm(msg), cell_scoped=False)
+        elif subshell_id is None:
             await self.controller.relay.forward_comm(msg)
         else:
             await self._in_controller(self.controller.subshells.forward_comm(subshell_id, msg))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import queue
+
+from tests.harness import wait_until
 
 
 def test_int_slider_comm_round_trip(kernel):
@@ -44,6 +47,30 @@ def test_widget_callbacks_run_in_the_sandbox(kernel):
     )
     kernel.kc.shell_channel.send(msg)
     assert kernel.execute("seen").result_text == "[5]"
+
+
+def test_a_callbacks_output_belongs_to_its_comm_message_not_to_the_next_cell(kernel):
+    """The comm message is done (idle) only after its callbacks ran; what they print is never the next cell's.
+
+    Failed before the kernel waited for the sandbox to settle the message: the next
+    cell's execute_request went ahead, and the callback's print was filed under it.
+    """
+    result = kernel.execute(
+        "import ipywidgets as widgets, time\nslow = widgets.IntText(value=1)\n"
+        "def noisy(change):\n    time.sleep(0.3)\n    print('from the callback', change['new'])\n"
+        "slow.observe(noisy, names='value')\nslow"
+    )
+    (comm_id,) = _model_ids(result, "IntTextModel")
+    msg = _move(kernel, comm_id, 4)
+    heard: list[dict] = []
+    after = kernel.execute("print('the next cell')", on_any=heard.append)
+    assert after.stdout == "the next cell\n"
+    callback = [m for m in heard if m["msg_type"] == "stream" and "from the callback" in m["content"]["text"]]
+    assert [m["parent_header"]["msg_id"] for m in callback] == [msg["header"]["msg_id"]]
+    mine = [m for m in heard if m["parent_header"].get("msg_id") == msg["header"]["msg_id"]]
+    statuses = [m for m in mine if m["msg_type"] == "status"]
+    idle_at = heard.index(statuses[-1])
+    assert statuses[-1]["content"]["execution_state"] == "idle" and heard.index(callback[0]) < idle_at
 
 
 def test_tqdm_auto_is_a_widget_progress_bar(kernel):
@@ -115,11 +142,13 @@ def _model_ids(result, model_name: str) -> list[str]:
     ]
 
 
-def _move(kernel, comm_id: str, value: int) -> None:
+def _move(kernel, comm_id: str, value: int) -> dict:
+    """The frontend moves a widget: a comm_msg update (returned: its header names it)."""
     update = kernel.kc.session.msg(
         "comm_msg", {"comm_id": comm_id, "data": {"method": "update", "state": {"value": value}, "buffer_paths": []}}
     )
     kernel.kc.shell_channel.send(update)
+    return update
 
 
 def test_widgets_work_again_after_the_sandbox_dies(fresh_kernel):
@@ -181,3 +210,41 @@ def test_widgets_resumed_in_a_new_kernel_are_opened_again(fresh_kernel, tmp_path
     _move(second, slider_id, 8)
     # One object per model: the box holds the slider the name holds (each name is saved on its own).
     assert second.execute("slider.value, box.children[0] is slider").result_text == "(8, True)"
+
+
+def test_comm_messages_during_start_up_and_cells_keep_every_parent_apart(fresh_kernel):
+    """JupyterLab opens its widget comm while the sandbox starts and Run All sends cells at once.
+
+    Each cell's busy and idle carry its own parent (JupyterLab marks a cell done only
+    on its idle), and what a comm message's handling prints carries the comm's.
+    Failed before: the idle of the first cell came under the comm_open's parent, and
+    the comm_open's error under the comm_msg's.
+    """
+    kernel = fresh_kernel()
+    kc = kernel.kc
+    opened = kc.session.msg("comm_open", {"comm_id": "ctl", "target_name": "jupyter.widget.control", "data": {}})
+    kc.shell_channel.send(opened)
+    cells = [kc.execute("print('cell one')"), kc.execute("print('cell two')")]
+    message = kc.session.msg("comm_msg", {"comm_id": "ctl", "data": {"method": "request_states"}})
+    kc.shell_channel.send(message)
+    names = {opened["header"]["msg_id"]: "comm_open", message["header"]["msg_id"]: "comm_msg"}
+    names.update({cells[0]: "cell1", cells[1]: "cell2"})
+    seen: list[tuple[str, str, str]] = []
+
+    def idle_twice() -> bool:
+        try:
+            msg = kc.get_iopub_msg(timeout=0.1)
+        except queue.Empty:
+            return False
+        owner = names.get(msg["parent_header"].get("msg_id"), "?")
+        text = msg["content"].get("execution_state") or msg["content"].get("text", "")
+        seen.append((owner, msg["msg_type"], text))
+        return ("cell2", "status", "idle") in seen
+
+    wait_until(idle_twice, timeout=60, interval=0, what="the second cell's idle")
+    for cell in ("cell1", "cell2"):
+        assert (cell, "status", "busy") in seen and (cell, "status", "idle") in seen, seen
+    streams = {(owner, text) for owner, kind, text in seen if kind == "stream"}
+    assert ("cell1", "cell one\n") in streams and ("cell2", "cell two\n") in streams
+    assert ("comm_open", "No such comm target registered: jupyter.widget.control\n") in streams, streams
+    assert not [text for owner, text in streams if owner.startswith("cell") and "comm" in text]

@@ -66,6 +66,8 @@ class Worker:
                 "restore": self._restore,
                 "forget_digests": self._forget_digests,
                 "bind": lambda args: tasks.bind(self.shell.user_ns, args),
+                # Answered once everything sent before it on its thread was handled and its output flushed.
+                "settled": lambda args: {"status": "ok"},  # noqa: ARG005
             }
         )
         from capsule_kernel.sandbox.worker_subshells import Subshells

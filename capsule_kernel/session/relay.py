@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from capsule_kernel.session.controller import SessionController
 
 _INPUT_POLL_SECONDS = 0.01
+# How long a comm message's callbacks may run before the kernel goes on with the next request.
+_COMM_SETTLE_SECONDS = 60.0
 # What a task's sandbox may show in its cell (no comms, stdin or %capsule: a task has none).
 _TASK_OUTPUTS = frozenset({"stream", "display", "clear_output", "execute_result", "error"})
 _RED = "\x1b[0;31m"
@@ -77,6 +79,8 @@ class Relay:
         self.comms: dict[str, str] = {}
         self.controller: SessionController | None = None
         self._uncounted = False  # publishing a subshell's output: not the main cell's
+        self._lane: asyncio.Lock | None = None  # made on the controller's loop, when first needed
+        self.held_comms: list[dict[str, Any]] = []
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "stream": lambda e: self.publish("stream", {"name": e["name"], "text": e["text"]}),
             "display": self._display,
@@ -232,24 +236,51 @@ class Relay:
     async def forward_comm(self, msg: dict[str, Any], *, sandbox: Any = None, subshell: int | None = None) -> None:
         """A comm message from the frontend, to the sandbox that holds the comms.
 
-        One that arrives while the sandbox is starting (a frontend opens the
-        widget control comm as soon as it connects) waits for it. One that no
-        sandbox can take is refused as ipykernel refuses an unknown target: a
-        comm_open is answered with its comm_close, so the frontend does not
-        wait for an answer that never comes. One sent on a subshell
-        (JupyterLab sends widget messages so) is handled on that subshell's
-        thread in the sandbox at once, even while a cell runs.
+        One sent on a subshell (JupyterLab sends widget messages so) is
+        handled on that subshell's thread in the sandbox at once, even while a
+        cell runs. One on the main shell is handled between cells, as a
+        blocking cell makes ipykernel handle it: it waits for the cell to end
+        (``held_comms``), and cells wait for it (``lane``), so each one's
+        callbacks print under its own message, never under a cell's. One that
+        arrives while the sandbox is starting (a frontend opens the widget
+        control comm as soon as it connects) waits for it.
         """
         controller = self.controller
         assert controller is not None
+        if subshell is not None:
+            await self._deliver_comm(msg, sandbox or controller.sandbox, subshell)
+        elif controller.cell_running:
+            self.held_comms.append(msg)
+        else:
+            async with self.lane:
+                self.parent = msg
+                await controller.sandbox_started()
+                await self._deliver_comm(msg, controller.sandbox, None)
+
+    async def deliver_held_comms(self) -> None:
+        """The main shell's comm messages that came during a cell, in order, now that it has ended."""
+        assert self.controller is not None
+        async with self.lane:
+            while self.held_comms and not self.controller.cell_running:
+                msg = self.held_comms.pop(0)
+                self.parent = msg
+                await self._deliver_comm(msg, self.controller.sandbox, None)
+
+    @property
+    def lane(self) -> asyncio.Lock:
+        """Held by a main-shell comm message while the sandbox handles it, and by a cell until it is running."""
+        if self._lane is None:
+            self._lane = asyncio.Lock()
+        return self._lane
+
+    async def _deliver_comm(self, msg: dict[str, Any], sandbox: Any, subshell: int | None) -> None:
+        """Send one comm message to the sandbox and wait until its callbacks ran (or refuse it)."""
         msg_type = msg["header"]["msg_type"]
         content = msg["content"]
-        if subshell is None and not controller.cell_running:
-            self.parent = msg
-            await controller.sandbox_started()
-        sandbox = sandbox or controller.sandbox
         comm_id = str(content.get("comm_id"))
         if sandbox is None or not sandbox.alive:
+            # Refused as ipykernel refuses an unknown target: a comm_open is answered with its
+            # comm_close, so the frontend does not wait for an answer that never comes.
             self.kernel.log.warning("refusing %s: the sandbox is not running", msg_type)
             if msg_type == "comm_open":
                 self.publish_for("comm_close", {"comm_id": comm_id, "data": {}}, msg)
@@ -265,10 +296,14 @@ class Relay:
             "content": content,
             "metadata": msg.get("metadata", {}),
             "buffers": frames.pack_buffers(buffers),
+            "parent_header": header_for_sandbox(msg),  # the request the sandbox now serves
         }
         if subshell is not None:
             frame["subshell"] = subshell
-        if subshell is not None or not controller.cell_running:
-            frame["parent_header"] = header_for_sandbox(msg)  # the request the sandbox now serves
         with contextlib.suppress(SandboxDied):
             sandbox.send(frame)
+            # As ipykernel, the message is done (and idle published) once its callbacks ran: what they
+            # print belongs to it, not to the request that comes next, and a frontend that waits for
+            # idle before its next update (ipywidgets' throttle) waits for the sandbox.
+            with contextlib.suppress(TimeoutError):
+                await sandbox.request("settled", {}, timeout=_COMM_SETTLE_SECONDS, subshell=subshell)
