@@ -190,6 +190,20 @@ class KernelHarness:
                 return reply
         raise TimeoutError(f"no shell reply to {msg_id}")
 
+    def control(self, msg_type: str, content: dict[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict:
+        """Send a request on the control channel and return its reply."""
+        msg = self.kc.session.msg(msg_type, content or {})
+        self.kc.control_channel.send(msg)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                reply = self.kc.control_channel.get_msg(timeout=0.1)
+            except queue.Empty:
+                continue
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return reply
+        raise TimeoutError(f"no {msg_type} reply within {timeout} s")
+
     def sandbox_pid(self) -> int:
         """The host pid of the sandbox's worker (inside its PID namespace it has another)."""
         status = self.execute("%capsule status").texts()

@@ -19,23 +19,8 @@ from tests.harness import DEFAULT_TIMEOUT, ExecResult, KernelHarness, Message, p
 from tests.security.test_trust_boundary import FORGE
 
 
-def control(kernel: KernelHarness, msg_type: str, content: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Send a control request and return its reply."""
-    msg = kernel.kc.session.msg(msg_type, content or {})
-    kernel.kc.control_channel.send(msg)
-    deadline = time.monotonic() + DEFAULT_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            reply = kernel.kc.control_channel.get_msg(timeout=0.1)
-        except queue.Empty:
-            continue
-        if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
-            return reply
-    raise TimeoutError(f"no {msg_type} reply")
-
-
 def create(kernel: KernelHarness) -> str:
-    reply = control(kernel, "create_subshell_request")
+    reply = kernel.control("create_subshell_request")
     assert reply["msg_type"] == "create_subshell_reply"
     assert reply["content"]["status"] == "ok"
     assert isinstance(reply["content"]["subshell_id"], str)
@@ -101,13 +86,13 @@ def test_subshells_are_advertised_created_listed_and_deleted_as_the_spec_says(su
     kernel = subshell_kernel
     info = kernel.request("kernel_info")
     assert "kernel subshells" in info["content"]["supported_features"]
-    listed = control(kernel, "list_subshell_request")
+    listed = kernel.control("list_subshell_request")
     assert listed["msg_type"] == "list_subshell_reply"
     assert listed["content"] == {"status": "ok", "subshell_id": []}
     threads = int(run(kernel, "import threading; print(threading.active_count())", None).stdout)
     first, second = create(kernel), create(kernel)
     assert first != second
-    assert sorted(control(kernel, "list_subshell_request")["content"]["subshell_id"]) == sorted([first, second])
+    assert sorted(kernel.control("list_subshell_request")["content"]["subshell_id"]) == sorted([first, second])
     # Each subshell is a thread of the sandbox's worker, as of ipykernel's kernel process.
     wait_until(
         lambda: int(run(kernel, "print(threading.active_count())", None).stdout) == threads + 2,
@@ -117,10 +102,10 @@ def test_subshells_are_advertised_created_listed_and_deleted_as_the_spec_says(su
     assert f"subshell id: {first}" in shown
     assert first in shown.split("subshell list:")[1] and second in shown.split("subshell list:")[1]
     assert "subshell id: None" in plain(run(kernel, "%subshell", None).stdout)
-    deleted = control(kernel, "delete_subshell_request", {"subshell_id": first})
+    deleted = kernel.control("delete_subshell_request", {"subshell_id": first})
     assert deleted["msg_type"] == "delete_subshell_reply"
     assert deleted["content"]["status"] == "ok"
-    assert control(kernel, "list_subshell_request")["content"]["subshell_id"] == [second]
+    assert kernel.control("list_subshell_request")["content"]["subshell_id"] == [second]
     wait_until(
         lambda: int(run(kernel, "print(threading.active_count())", None).stdout) == threads + 1,
         what="the deleted subshell's thread to end",
@@ -239,7 +224,7 @@ def test_deleting_a_busy_subshell_stops_its_cell(subshell_kernel):
     subshell = create(kernel)
     execute(kernel, "laps = 0\nwhile True:\n    laps += 1", subshell)
     wait_until(lambda: "laps" in run(kernel, "print(list(globals()))", None).stdout, what="the loop to start")
-    assert control(kernel, "delete_subshell_request", {"subshell_id": subshell})["content"]["status"] == "ok"
+    assert kernel.control("delete_subshell_request", {"subshell_id": subshell})["content"]["status"] == "ok"
 
     def stopped() -> bool:
         first = run(kernel, "print(laps)", None).stdout
