@@ -149,7 +149,8 @@ def test_a_subshell_runs_beside_the_main_shell_in_the_same_namespace(subshell_ke
 def test_errors_displays_and_stop_on_error_stay_in_their_subshell(subshell_kernel):
     kernel = subshell_kernel
     subshell = create(kernel)
-    failing = execute(kernel, "import time; time.sleep(0.5); 1/0", subshell)
+    # Top-level await runs on the subshell's own loop, as in ipykernel's test of the same.
+    failing = execute(kernel, "import asyncio\nawait asyncio.sleep(0.5)\n1/0", subshell)
     aborted = execute(kernel, "print('never')", subshell)
     main = execute(kernel, "from IPython.display import display, HTML\ndisplay(HTML('<b>main</b>'))", None)
     results = collect_many(kernel, [failing, aborted, main])

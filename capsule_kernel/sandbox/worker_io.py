@@ -176,6 +176,12 @@ class ProtocolStream(FrameStream):
         for buffer in list(self._subshells.values()):
             buffer.flush()
 
+    def drop_subshell(self, tag: int) -> None:
+        """The subshell's thread has ended: send what it left, and forget its buffer."""
+        buffer = self._subshells.pop(tag, None)
+        if buffer is not None:
+            buffer.flush()
+
     def fileno(self) -> int:
         # The real descriptor is a pipe the kernel forwards too, so code that
         # hands sys.stdout to a subprocess still reaches the notebook.

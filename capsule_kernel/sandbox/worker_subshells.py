@@ -99,6 +99,8 @@ class SubshellThread:
 
                 traceback.print_exc()
         self.loop.close()
+        for stream in self.worker.flusher.streams:
+            stream.drop_subshell(self.tag)
 
     def _execute(self, message: dict[str, Any]) -> None:
         """One cell, as the main shell runs one (worker.Worker.execute), answered with subshell_done."""

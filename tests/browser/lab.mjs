@@ -443,6 +443,7 @@ try {
 
   // The Restart button, several times: an empty namespace each time, never a SandboxDied, never a hang.
   seen.restarts = [];
+  seen.restart_ms = [];
   await page.evaluate(() => {
     window.__capsuleRestarts = 0;
     window.jupyterapp.shell.currentWidget.sessionContext.statusChanged.connect((_, status) => {
@@ -453,9 +454,11 @@ try {
     await run(`before_restart_${i} = ${i}`);
     await (await toolbarButton("notebook:restart-kernel")).click();
     await page.locator(".jp-Dialog .jp-mod-accept").click();
+    const pressed = Date.now();
     await page.waitForFunction((n) => window.__capsuleRestarts >= n, i);
     await kernelIdle();
     const after = await run(`print('kept:', 'x' in dir() or 'before_restart_${i}' in dir())`);
+    seen.restart_ms.push(Date.now() - pressed); // from the dialog's Restart to the first cell's output
     seen.restarts.push(await cellText(after));
     await screenshot(`after-restart-${i}`);
   }
