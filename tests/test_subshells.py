@@ -323,3 +323,21 @@ def test_a_forged_subshell_done_answers_no_cell(subshell_kernel):
     assert "ran no cell" in attack.content["evalue"]
     assert kernel.execute("kept").result_text == "'before'"
     assert run(kernel, "2", subshell).content["execution_count"] == 2  # the count was not forged
+
+
+def test_what_a_subshell_changed_in_place_is_in_the_main_shells_next_checkpoint(subshell_kernel):
+    """A large value changed in place on a subshell is looked at by the next checkpoint, though no cell named it.
+
+    Failed before the kernel passed the subshell's names on: the checkpoint skipped
+    the unchanged-looking 8 MB array, and after a crash it came back all zeros.
+    """
+    kernel = subshell_kernel
+    subshell = create(kernel)
+    run(kernel, "import numpy as np\nbig = np.zeros(10**6)", None)
+    assert run(kernel, "%capsule log -n 1", None).status == "ok"  # big is checkpointed, zeros
+    assert run(kernel, "big[0] = 42.0", subshell).status == "ok"
+    run(kernel, "unrelated = 1", None)
+    assert run(kernel, "%capsule log -n 1", None).status == "ok"
+    died = run(kernel, "import os\nos._exit(1)", None)
+    assert died.error["ename"] == "SandboxDied"
+    assert run(kernel, "print(big[0], unrelated)", None).stdout == "42.0 1\n"

@@ -493,7 +493,7 @@ class SessionController:
         if magic_lines is not None:
             reply = await self._execute_magic_cell(code, magic_lines, count, cell.store_history and not cell.silent)
             return reply, {"sandbox": "kernel", "mode": "magic", "reason": "%capsule lines run in the kernel"}
-        plan = self._plan(code)
+        plan = self.plan_cell(code)
         reads = plan.reads | plan.mutates
         if self.routing_mode != "subprocess" and self.ledger.unknown(reads) and self._snapshots_in_flight():
             # Where a name lives and what it is decide the route: learn it from the snapshot in flight.
@@ -508,12 +508,18 @@ class SessionController:
                 "Run %capsule mode auto (such cells then go to the subprocess sandbox) or %capsule mode subprocess.",
             )
             return reply, meta
-        cell = replace(cell, snapshot_candidates=tuple(sorted(plan.reads | plan.mutates | plan.writes)))
+        names = plan.reads | plan.mutates | plan.writes
+        if decision.sandbox == "subprocess":
+            # What subshells' cells touched (a large value changed in place) is looked at too.
+            names |= self.subshells.touched
+        cell = replace(cell, snapshot_candidates=tuple(sorted(names)))
         if decision.sandbox == "wasm" and plan.transformed is not None:
             # No IPython inside: it gets %magics as the calls IPython would make (the analyzer's transform).
             cell = replace(cell, code=plan.transformed, raw_code=code)
         self.last_checkpoint_at = count
         reply = await self._execute_in_sandbox(cell, decision.sandbox, reads)
+        if decision.sandbox == "subprocess" and reply.get("status") == "ok" and not cell.silent:
+            self.subshells.touched -= set(cell.snapshot_candidates)  # this cell's checkpoint looks at them
         meta["checkpoint_at"] = self.last_checkpoint_at
         sandbox = self.sandboxes.get(decision.sandbox)
         if isinstance(sandbox, WasmSandbox) and sandbox.last_fuel is not None:
@@ -523,7 +529,7 @@ class SessionController:
     def _snapshots_in_flight(self) -> bool:
         return any(s.snapshots_in_flight for s in self.sandboxes.values())
 
-    def _plan(self, code: str) -> ExecutionPlan:
+    def plan_cell(self, code: str) -> ExecutionPlan:
         """The analyzer's plan; a bug in it must never cost the user the cell."""
         try:
             return self.analyzer.plan(code)

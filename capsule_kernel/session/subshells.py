@@ -16,7 +16,7 @@ rest there:
   protocol violation (SandboxProcess._dispatch);
 - each subshell counts its own cells from 1, as the JEP says, and its cells
   are not checkpointed on their own: the main shell's next checkpoint holds
-  what they changed.
+  what they changed (the names they touched are added to what it looks at).
 
 Subshells need IPython and threads, so they run in the subprocess sandbox
 only; under the Wasm mode a subshell's cell is refused with a clear error.
@@ -49,6 +49,9 @@ class Subshells:
         self.parents: dict[int, dict[str, Any]] = {}  # tag -> the request whose outputs it makes now
         self.counts: dict[int, int] = {}  # tag -> its last execution count
         self.running: set[int] = set()
+        # Names the subshells' cells read, wrote or changed in place: the main shell's next checkpoint
+        # looks at them (a large value changed in place is otherwise taken as unchanged).
+        self.touched: set[str] = set()
 
     def tag(self, subshell_id: str) -> int:
         if subshell_id not in self.tags:
@@ -95,6 +98,8 @@ class Subshells:
                       user_expressions: dict[str, str]) -> dict[str, Any]:  # fmt: skip
         """Run a subshell's cell; its reply, with the subshell's own execution count."""
         tag = self.tag(subshell_id)
+        plan = self.controller.plan_cell(code)
+        self.touched |= plan.reads | plan.mutates | plan.writes
         count = self.counts.get(tag, 0) + (0 if silent else 1)
         self.counts[tag] = count
         self.parents[tag] = parent
