@@ -43,6 +43,8 @@ from capsule_kernel.settings import DEFAULT_COALESCE_CELLS, DEFAULT_COALESCE_SEC
 EventHandler = Callable[[dict[str, Any]], None]
 
 STARTUP_TIMEOUT_SECONDS = 60.0
+# How long a subshell's cell has to stop after its CellTimeout is raised (it may be blocked in C).
+SUBSHELL_GRACE_SECONDS = 5.0
 # How long a dying sandbox may take to let its snapshot children finish.
 SNAPSHOT_PATIENCE_SECONDS = 60.0
 
@@ -574,7 +576,7 @@ class SandboxProcess(ABC):
                 with contextlib.suppress(SandboxDied):
                     self.send({"type": "subshell", "action": "timeout", "subshell": tag})
                 try:
-                    await self._await_or_death(future, self.subshell_grace())
+                    await self._await_or_death(future, SUBSHELL_GRACE_SECONDS)
                 except TimeoutError:
                     self.death_reason = (
                         f"ran a subshell's cell past its wall-clock limit of {format_duration(wall or 0)}, and the "
@@ -585,10 +587,6 @@ class SandboxProcess(ABC):
             return await self._await_or_death(future, wall, on_timeout=overdue)
         finally:
             self._subshell_cells.pop(tag, None)
-
-    def subshell_grace(self) -> float:
-        """How long a subshell's cell has to stop after its CellTimeout is raised."""
-        return 5.0
 
     def _on_subshell_done(self, message: dict[str, Any]) -> None:
         future = self._subshell_cells.get(message["subshell"])

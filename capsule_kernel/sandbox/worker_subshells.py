@@ -64,6 +64,7 @@ class SubshellThread:
         }
         self.thread = threading.Thread(target=self._run, name=f"capsule-subshell-{tag}", daemon=True)
         self.running = False
+        self.limits: dict[str, Any] = {}  # those of its current or last cell (a timeout names them)
 
     def start(self) -> None:
         self.thread.start()
@@ -190,7 +191,7 @@ class Subshells:
     def _timeout(self, tag: int, message: dict[str, Any]) -> None:  # noqa: ARG002 - an action's signature
         subshell = self.threads.get(tag)
         if subshell is not None:
-            stop = timeout_stop(getattr(subshell, "limits", {}))
+            stop = timeout_stop(subshell.limits)
             subshell.stop_cell(_stop_class(CellTimeout, str(stop)))
 
 

@@ -116,10 +116,10 @@ class Relay:
         """News from Capsule that is not a problem (stdout: shown as plain output, not as a warning)."""
         self.publish("stream", {"name": "stdout", "text": text})
 
-    def fail(self, count: int, ename: str, evalue: str) -> dict[str, Any]:
-        """Publish an error output and build the matching error reply."""
+    def fail(self, count: int, ename: str, evalue: str, parent: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Publish an error output (under the cell's parent, or the one given) and build the matching reply."""
         content = error_content(ename, evalue)
-        self.publish("error", content)
+        self.publish_for("error", content, self.parent if parent is None else parent)
         return {"status": "error", "execution_count": count, "user_expressions": {}, "payload": [], **content}
 
     def show(self, bundles: list[dict[str, str]]) -> None:
@@ -249,22 +249,21 @@ class Relay:
         assert controller is not None
         if subshell is not None:
             await self._deliver_comm(msg, sandbox or controller.sandbox, subshell)
-        elif controller.cell_running:
-            self.held_comms.append(msg)
-        else:
-            async with self.lane:
+            return
+        self.held_comms.append(msg)
+        if not controller.cell_running:
+            await self.deliver_held_comms()
+
+    async def deliver_held_comms(self) -> None:
+        """The main shell's comm messages not handled yet, in the order they came, between cells."""
+        controller = self.controller
+        assert controller is not None
+        async with self.lane:
+            while self.held_comms:
+                msg = self.held_comms.pop(0)
                 self.parent = msg
                 await controller.sandbox_started()
                 await self._deliver_comm(msg, controller.sandbox, None)
-
-    async def deliver_held_comms(self) -> None:
-        """The main shell's comm messages that came during a cell, in order, now that it has ended."""
-        assert self.controller is not None
-        async with self.lane:
-            while self.held_comms and not self.controller.cell_running:
-                msg = self.held_comms.pop(0)
-                self.parent = msg
-                await self._deliver_comm(msg, self.controller.sandbox, None)
 
     @property
     def lane(self) -> asyncio.Lock:

@@ -29,7 +29,7 @@ import itertools
 from typing import TYPE_CHECKING, Any
 
 from capsule_kernel.sandbox.process import SandboxDied, SandboxProcess
-from capsule_kernel.session.relay import error_content, header_for_sandbox, sanitized_reply
+from capsule_kernel.session.relay import header_for_sandbox, sanitized_reply
 
 if TYPE_CHECKING:
     from capsule_kernel.session.controller import SessionController
@@ -106,7 +106,7 @@ class Subshells:
         try:
             sandbox = await self._sandbox()
         except (SubshellUnavailable, SandboxDied, TimeoutError) as err:
-            return self._fail(parent, count, "SubshellUnavailable", str(err))
+            return self.controller.relay.fail(count, "SubshellUnavailable", str(err), parent)
         limits = sandbox.limits
         bounds = [limit for limit in (limits.timeout, limits.cpu) if limit]
         request = {
@@ -121,9 +121,9 @@ class Subshells:
         except SandboxDied as death:
             what = "CellTimeout" if death.timed_out else "SandboxDied"
             reason = sandbox.death_reason or death.reason
-            return self._fail(
-                parent, count, what, f"the sandbox process (pid {sandbox.pid}) {reason}. "
-                "The main shell's next cell starts a fresh sandbox with the last checkpoint.",
+            return self.controller.relay.fail(
+                count, what, f"the sandbox process (pid {sandbox.pid}) {reason}. "
+                "The main shell's next cell starts a fresh sandbox with the last checkpoint.", parent,
             )  # fmt: skip
         finally:
             self.running.discard(tag)
@@ -169,8 +169,3 @@ class Subshells:
         if controller.active_kind == "subprocess":
             return await controller.ready_sandbox()
         raise SubshellUnavailable("the subprocess sandbox is not running; run a cell on the notebook's main shell")
-
-    def _fail(self, parent: dict[str, Any], count: int, ename: str, evalue: str) -> dict[str, Any]:
-        content = error_content(ename, evalue)
-        self.controller.relay.publish_for("error", content, parent)
-        return {"status": "error", "execution_count": count, "user_expressions": {}, "payload": [], **content}
