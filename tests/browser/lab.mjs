@@ -166,6 +166,16 @@ async function run(code) {
   return index;
 }
 
+// Waits until the cell at index has finished (JupyterLab numbers it then) and the kernel is idle. The
+// kernel's status alone does not say it: a subshell console's idle makes the connection idle too.
+async function cellDone(index) {
+  await page.waitForFunction(
+    (i) => window.jupyterapp.shell.currentWidget.content.widgets[i].model.executionCount !== null,
+    index,
+  );
+  await kernelIdle();
+}
+
 // Runs the cell at index again and waits for it to finish.
 async function rerun(index) {
   await page.evaluate(async (i) => {
@@ -381,7 +391,7 @@ try {
   // The stop button on a loop that never ends: KeyboardInterrupt, the namespace kept.
   const looping = await start("spins = 0\nwhile True:\n    spins += 1");
   await (await toolbarButton("notebook:interrupt-kernel")).click();
-  await kernelIdle();
+  await cellDone(looping);
   seen.interrupted = await cellText(looping);
   const after = await run("print('spun', spins > 0, 'x is', x)");
   seen.after_interrupt = await cellText(after);
@@ -424,7 +434,7 @@ try {
   await page.screenshot({ path: path.join(cfg.guide_shots, "subshell-console.png") });
   await page.evaluate((id) => window.jupyterapp.shell.activateById(id), notebookPanel);
   await (await toolbarButton("notebook:interrupt-kernel")).click();
-  await kernelIdle();
+  await cellDone(counting);
   seen.loop_interrupted = await cellText(counting);
   // Closing the console deletes its subshell; the notebook's kernel goes on.
   await page.evaluate((id) => [...window.jupyterapp.shell.widgets("main")].find((w) => w.id === id).dispose(), consolePanel);
