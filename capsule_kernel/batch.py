@@ -249,7 +249,8 @@ class BatchRun:
         return cls(nb, hashes, session, resume)
 
     def environment(self) -> dict[str, str]:
-        return {**os.environ, "CAPSULE_SESSION": self.session}
+        # The notebook is the output path; each attempt is a session of it (so a resume may open the last).
+        return {**os.environ, "CAPSULE_SESSION": self.session, "CAPSULE_NOTEBOOK": self.session.rsplit("#", 1)[0]}
 
     def restore(self, client: Any) -> None:
         """Bring back the dead run's state, in this run's own session (its sandbox's IPython history is new)."""

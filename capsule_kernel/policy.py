@@ -27,7 +27,7 @@ from capsule_kernel.settings import KernelSettings
 log = logging.getLogger(__name__)
 
 # What a notebook may be allowed to widen beyond the operator's values.
-WIDENABLE = ("limits", "mode", "mounts", "network")
+WIDENABLE = ("limits", "mode", "mounts", "network", "session")
 # Narrow to wide: a notebook may always move left of the operator's mode.
 MODE_ORDER = ("wasm", "auto", "subprocess")
 
@@ -173,6 +173,20 @@ class Policy:
         raise PolicyRefused(
             f"{path} ({access}) is not within the operator's mounts (fs_access); a notebook may not add "
             'mounts (the operator can allow it with notebook_may_widen = ["mounts"])'
+        )
+
+    def check_session(self, name: str, owner: str | None, notebook: str) -> None:
+        """A notebook may switch into a session it created (or a new one); another's needs the operator's leave.
+
+        `owner` is the store's answer: None for a session no one has used,
+        "" for one whose owner row failed its MAC.
+        """
+        if owner is None or owner == notebook or name == notebook or "session" in self.widen:
+            return
+        whose = f"notebook {owner}" if owner else "a notebook this store cannot authenticate"
+        raise PolicyRefused(
+            f"session {name} belongs to {whose}, not to this one ({notebook}); a notebook may switch only "
+            'into sessions it created (the operator can allow it with notebook_may_widen = ["session"])'
         )
 
     def describe(self) -> list[list[str]]:

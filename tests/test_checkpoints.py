@@ -379,7 +379,11 @@ def test_session_can_be_named_at_run_time(fresh_kernel, home):
     assert "Checkpoints of session renamed" in log
     _kill_kernel(kernel)
     again = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "renamed"})
-    again.execute("%capsule resume")
+    # Another notebook (a fresh id) wrote it after switching in: only its id brings it back.
+    refused = again.execute("%capsule resume")
+    assert refused.status == "error" and "written by notebook session-" in refused.content["evalue"]
+    checkpoint_id = re.search(r"%capsule resume ([0-9a-f]{12})", refused.content["evalue"]).group(1)
+    again.execute(f"%capsule resume {checkpoint_id}")
     assert again.execute("before, after").result_text == "(1, 2)"
 
 

@@ -185,6 +185,7 @@ def _record(
         int(report.get("written", 0)),
         complete=bool(report.get("complete")),
         sandbox=record.name,
+        origin=record.origin or None,
     )
     store.prune(record.session, keep)
     return checkpoint.id, None

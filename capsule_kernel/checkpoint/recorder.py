@@ -68,6 +68,11 @@ class Checkpoints:
     """Checkpointing for one kernel; inert when the store cannot be opened."""
 
     keep: int | None = None  # checkpoints kept per session (retention)
+    # The notebook identity of this kernel and the session that is its own (session_identity, or
+    # VS Code's path from its start-up code). What it writes into any other session (after
+    # %capsule session) names the notebook, so the session's owner sees who switched in.
+    notebook: str | None = None
+    own_session: str | None = None
 
     def __init__(self, store: CheckpointStore | None, log: logging.Logger, problem: str | None = None) -> None:
         self.store = store
@@ -121,6 +126,10 @@ class Checkpoints:
         source = self._sources.get(count, "")
         return next((line for line in source.splitlines() if line.strip()), "")[:80]
 
+    def origin_for(self, session: str) -> str | None:
+        """What a checkpoint of `session` records as its origin: None in this kernel's own session."""
+        return None if session == self.own_session else self.notebook
+
     def register(self, sandbox: Any, session: str, kernel_id: str) -> None:
         """Note a sandbox that just started in the store's ledger: a later kernel adopts its journal from it."""
         if self.store is None or sandbox.spool is None or sandbox.name is None:
@@ -129,7 +138,15 @@ class Checkpoints:
         if sandbox.keeper_pid is not None:
             keeper = f"{sandbox.keeper_pid} {process_start(sandbox.keeper_pid) or ''}"
         record = SandboxRecord(
-            sandbox.name, session, sandbox.kind, kernel_id, os.getpid(), keeper, str(sandbox.spool), -1
+            sandbox.name,
+            session,
+            sandbox.kind,
+            kernel_id,
+            os.getpid(),
+            keeper,
+            str(sandbox.spool),
+            -1,
+            self.origin_for(session) or "",
         )
         try:
             self.store.register_sandbox(record)
@@ -138,7 +155,7 @@ class Checkpoints:
 
     def sandbox_session(self, sandbox: Any, session: str) -> None:
         if self.store is not None and sandbox is not None and sandbox.name is not None:
-            self.store.sandbox_session(sandbox.name, session)
+            self.store.sandbox_session(sandbox.name, session, self.origin_for(session) or "")
 
     async def adopt_orphans(self, promises: Any, wait_for: str | None = None) -> Adopted:
         """Record what dead kernels' sandboxes journaled after their kernel's last record (adoption.py)."""
@@ -193,6 +210,7 @@ class Checkpoints:
                 int(event.get("written", 0)),
                 complete=whole or bool(event.get("complete")),
                 sandbox=sandbox,
+                origin=self.origin_for(session),
             )
             prune_journal(spool, count)
             store.prune(session, self.keep)
@@ -266,7 +284,9 @@ class Checkpoints:
         """The restore is history too: a checkpoint equal to the target, marked restored."""
         if self.store is None:
             return None
-        return self.store.record(session, execution_count, code, {}, [], 0, status="restored", base=target)
+        return self.store.record(
+            session, execution_count, code, {}, [], 0, status="restored", base=target, origin=self.origin_for(session)
+        )
 
     def begin_afresh(self, session: str) -> None:
         """This kernel's namespace of `session` starts empty now (start without resume, restart).

@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     removed TEXT NOT NULL,
     size INTEGER NOT NULL,
     written INTEGER NOT NULL,
-    mac TEXT
+    mac TEXT,
+    origin TEXT
 );
 CREATE INDEX IF NOT EXISTS checkpoints_by_session ON checkpoints (session, seq);
 -- Snapshots that found nothing changed: the state after that cell is the checkpoint before it.
@@ -74,9 +75,24 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     keeper TEXT NOT NULL,
     spool TEXT NOT NULL,
     recorded_through INTEGER NOT NULL,
+    mac TEXT NOT NULL,
+    origin TEXT NOT NULL DEFAULT ''
+);
+-- Who may switch into a session with %capsule session: the notebook that created it (the
+-- frontend's or operator's name for a notebook owns the session of that name).
+CREATE TABLE IF NOT EXISTS sessions (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
     mac TEXT NOT NULL
 );
 """
+# Every checkpoint column, in the order the MAC covers them; `origin` (the notebook whose kernel
+# wrote the row) came later and is covered only when set, so older rows still authenticate.
+_CHECKPOINT_COLUMNS = (
+    "id, session, seq, parent, execution_count, first_line, created, status, entries, changed, removed, "
+    "size, written, origin, mac"
+)
+_SANDBOX_COLUMNS = "name, session, kind, kernel_id, kernel_pid, keeper, spool, recorded_through, origin, mac"
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,7 @@ class SandboxRecord:
     keeper: str  # "PID START" of its keeper process (keeper.py), or "" without one
     spool: str
     recorded_through: int
+    origin: str = ""  # as Checkpoint.origin: "" in its kernel's own session, else that kernel's notebook
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> Path:
@@ -109,7 +126,18 @@ def session_identity(environ: Mapping[str, str] | None = None) -> tuple[str, str
         return environ["JPY_SESSION_NAME"], "JPY_SESSION_NAME (the notebook's path)"
     if environ.get("CAPSULE_SESSION"):
         return environ["CAPSULE_SESSION"], "CAPSULE_SESSION"
-    return f"session-{uuid.uuid4().hex[:12]}", "fresh id (set CAPSULE_SESSION or %capsule session NAME to reuse)"
+    return f"session-{uuid.uuid4().hex[:12]}", "fresh id (set CAPSULE_SESSION to reuse the session later)"
+
+
+def notebook_identity(session: str, environ: Mapping[str, str] | None = None) -> str:
+    """Which notebook a kernel serves: the operator's CAPSULE_NOTEBOOK, else the session it starts in.
+
+    The batch runner names a run's notebook (its output path) apart from
+    each attempt's session, so a resumed run may switch into its dead
+    attempt's session: that session's owner is the same notebook.
+    """
+    environ = os.environ if environ is None else environ
+    return environ.get("CAPSULE_NOTEBOOK") or session
 
 
 @dataclass(frozen=True)
@@ -127,6 +155,18 @@ class Checkpoint:
     removed: list[str]
     size: int
     written: int
+    # None when the kernel that wrote it was in its own session; after a switch into another
+    # session (%capsule session), the notebook identity of that kernel: the session's own
+    # notebook resumes it only when asked for it by id.
+    origin: str | None = None
+
+    @property
+    def switched_in(self) -> bool:
+        return self.origin is not None
+
+    def foreign_to(self, notebook: str) -> bool:
+        """Written by another notebook that switched into this session: never loaded unasked."""
+        return self.switched_in and self.origin != notebook
 
     @property
     def unsaved(self) -> dict[str, str]:
@@ -163,6 +203,23 @@ def store_key(home: Path) -> bytes:
     return key
 
 
+def switched_in_by_another(checkpoint: Checkpoint, notebook: str) -> str | None:
+    """Why a checkpoint is not resumed unasked: another notebook wrote it after switching into this session.
+
+    Its values are that notebook's pickles; loading them runs its code in
+    this notebook's sandbox, with this notebook's files. Only a request by
+    the checkpoint's id brings it back.
+    """
+    if not checkpoint.foreign_to(notebook):
+        return None
+    return (
+        f"the newest checkpoint of session {checkpoint.session}, {checkpoint.id[:8]} (after cell "
+        f"[{checkpoint.execution_count}]), was written by notebook {checkpoint.origin} after it switched into "
+        "this session, so it is not loaded unasked (loading it runs that notebook's code here). If you trust "
+        f"it, ask for it by id: %capsule resume {checkpoint.id[:12]}"
+    )
+
+
 class CheckpointStore:
     """Checkpoints of every session, and the chunks they share; every row is authenticated (HMAC-SHA256)."""
 
@@ -188,6 +245,10 @@ class CheckpointStore:
         if "mac" not in columns:
             # A store from before rows were authenticated: its rows have no MAC and are refused.
             self._db.execute("ALTER TABLE checkpoints ADD COLUMN mac TEXT")
+        if "origin" not in columns:
+            self._db.execute("ALTER TABLE checkpoints ADD COLUMN origin TEXT")
+        if "origin" not in [row[1] for row in self._db.execute("PRAGMA table_info(sandboxes)")]:
+            self._db.execute("ALTER TABLE sandboxes ADD COLUMN origin TEXT NOT NULL DEFAULT ''")
         self._key = store_key(home)
 
     def close(self) -> None:
@@ -199,7 +260,9 @@ class CheckpointStore:
             return self._db.execute(sql, params).fetchall()
 
     def latest(self, session: str) -> Checkpoint | None:
-        rows = self._query("SELECT * FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT 1", (session,))
+        rows = self._query(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT 1", (session,)
+        )
         return self._row(rows[0]) if rows else None
 
     def latest_id(self, session: str) -> str | None:
@@ -215,7 +278,8 @@ class CheckpointStore:
 
     def history(self, session: str, limit: int | None = None) -> list[Checkpoint]:
         rows = self._query(
-            "SELECT * FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT ?", (session, limit or -1)
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE session = ? ORDER BY seq DESC LIMIT ?",
+            (session, limit or -1),
         )
         return [self._row(row) for row in reversed(rows)]
 
@@ -234,12 +298,12 @@ class CheckpointStore:
         with self._guard, self._db:
             self._write_sandbox(record)
 
-    def sandbox_session(self, name: str, session: str) -> None:
-        """Its reports belong to another session from now on (%capsule session)."""
+    def sandbox_session(self, name: str, session: str, origin: str = "") -> None:
+        """Its reports belong to another session from now on (%capsule session), written by `origin`."""
         with self._guard, self._db:
             record = self._sandbox(name)
             if record is not None:
-                self._write_sandbox(dataclasses.replace(record, session=session))
+                self._write_sandbox(dataclasses.replace(record, session=session, origin=origin))
 
     def forget_sandbox(self, name: str) -> None:
         with self._guard, self._db:
@@ -248,7 +312,7 @@ class CheckpointStore:
     def sandboxes(self) -> list[SandboxRecord]:
         """Every sandbox row that authenticates (a row without a valid MAC is dropped: never adopted)."""
         with self._guard:
-            rows = self._db.execute("SELECT * FROM sandboxes").fetchall()
+            rows = self._db.execute(f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes").fetchall()
         found = []
         for row in rows:
             record = self._verified_sandbox(row)
@@ -259,7 +323,7 @@ class CheckpointStore:
         return found
 
     def _sandbox(self, name: str) -> SandboxRecord | None:
-        rows = self._db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchall()
+        rows = self._db.execute(f"SELECT {_SANDBOX_COLUMNS} FROM sandboxes WHERE name = ?", (name,)).fetchall()
         return self._verified_sandbox(rows[0]) if rows else None
 
     def _verified_sandbox(self, row: tuple) -> SandboxRecord | None:
@@ -270,7 +334,10 @@ class CheckpointStore:
 
     def _write_sandbox(self, record: SandboxRecord) -> None:
         row = dataclasses.astuple(record)
-        self._db.execute("INSERT OR REPLACE INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?)", (*row, self._sandbox_mac(row)))
+        self._db.execute(
+            f"INSERT OR REPLACE INTO sandboxes ({_SANDBOX_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (*row, self._sandbox_mac(row)),
+        )
 
     def _advance(self, sandbox: str | None, execution_count: int) -> None:
         """Within the caller's transaction: the sandbox's reports up to this cell are recorded."""
@@ -310,13 +377,15 @@ class CheckpointStore:
         """
         if ref.isdigit():
             rows = self._query(
-                "SELECT * FROM checkpoints WHERE session = ? AND execution_count = ? ORDER BY seq DESC",
+                f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE session = ? AND execution_count = ? "
+                "ORDER BY seq DESC",
                 (session, int(ref)),
             )
             if rows:
                 return [self._row(row) for row in rows]
         rows = self._query(
-            "SELECT * FROM checkpoints WHERE session = ? AND id LIKE ? ORDER BY seq DESC", (session, ref + "%")
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE session = ? AND id LIKE ? ORDER BY seq DESC",
+            (session, ref + "%"),
         )
         return [self._row(row) for row in rows]
 
@@ -415,6 +484,7 @@ class CheckpointStore:
         base: Checkpoint | None = None,
         complete: bool = False,
         sandbox: str | None = None,
+        origin: str | None = None,
     ) -> Checkpoint:
         """Add a checkpoint on top of `base` (default: the session's latest).
 
@@ -422,6 +492,7 @@ class CheckpointStore:
         other name of the parent was removed (a snapshot that could not learn
         what its predecessor saved saves everything). `sandbox`: the ledger
         row of the sandbox that reported it advances in the same transaction.
+        `origin`: the notebook identity of the kernel whose sandbox made it.
         """
         with self._guard:
             parent = base if base is not None else self.latest(session)
@@ -454,6 +525,7 @@ class CheckpointStore:
                 removed=sorted(removed),
                 size=sum(entry.get("size", 0) for entry in entries.values()),
                 written=written,
+                origin=origin,
             )
             row = (
                 checkpoint.id,
@@ -469,10 +541,14 @@ class CheckpointStore:
                 json.dumps(checkpoint.removed),
                 checkpoint.size,
                 written,
+                origin,
             )
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("INSERT INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (*row, self._mac(row)))
+                self._db.execute(
+                    f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (*row, self._checkpoint_mac(row)),
+                )
                 self._advance(sandbox, execution_count)
             self._latest_ids[session] = checkpoint.id
             return checkpoint
@@ -490,6 +566,35 @@ class CheckpointStore:
                 (session, session, keep),
             )
             return cursor.rowcount
+
+    # -- who owns a session ------------------------------------------------------------------
+
+    def session_owner(self, name: str) -> str | None:
+        """The notebook that created the session; None for a session no one has used yet.
+
+        A session with checkpoints but no owner row (from before owners were
+        recorded) is its own notebook's; a row that fails its MAC names no
+        one, so no notebook may switch into that session.
+        """
+        rows = self._query("SELECT owner, mac FROM sessions WHERE name = ?", (name,))
+        if rows:
+            owner, mac = rows[0]
+            valid = isinstance(mac, str) and hmac.compare_digest(mac, self._mac(("session", name, owner)))
+            return owner if valid else ""
+        if self._query("SELECT 1 FROM checkpoints WHERE session = ? LIMIT 1", (name,)):
+            return name
+        return None
+
+    def claim_session(self, name: str, owner: str, *, replace: bool) -> str:
+        """Record `owner` as the session's (replace: whatever was there); return who owns it now."""
+        with self._guard, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            current = None if replace else self.session_owner(name)
+            if current is None:
+                mac = self._mac(("session", name, owner))
+                self._db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", (name, owner, mac))
+                return owner
+            return current
 
     def sessions(self) -> list[str]:
         return [row[0] for row in self._query("SELECT DISTINCT session FROM checkpoints")]
@@ -530,15 +635,20 @@ class CheckpointStore:
         return self._query("SELECT MAX(seq) FROM checkpoints WHERE session = ?", (session,))[0][0] or 0
 
     def _sandbox_mac(self, row: tuple) -> str:
-        return self._mac(("sandbox", *row))
+        *columns, origin = row
+        return self._mac(("sandbox", *columns, origin) if origin else ("sandbox", *columns))
 
     def _mac(self, row: tuple) -> str:
         """HMAC-SHA256 over every column of a row, in order, as JSON."""
         return hmac.new(self._key, json.dumps(list(row)).encode("utf-8"), hashlib.sha256).hexdigest()
 
+    def _checkpoint_mac(self, columns: tuple) -> str:
+        *before, origin = columns
+        return self._mac(tuple(columns) if origin is not None else tuple(before))
+
     def _row(self, row: tuple) -> Checkpoint:
         *columns, mac = row
-        if not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(tuple(columns))):
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, self._checkpoint_mac(tuple(columns))):
             cid, session, count = columns[0], columns[1], columns[4]
             raise CheckpointRefused(
                 f"checkpoint {str(cid)[:8]} (after cell [{count}]) of session {session} was refused: its row in "

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from capsule_kernel.checkpoint.store import Checkpoint, CheckpointRefused
+from capsule_kernel.checkpoint.store import Checkpoint, CheckpointRefused, switched_in_by_another
 from capsule_kernel.magics.parser import MagicHelp, MagicUsageError, parse, usage_text
 from capsule_kernel.policy import PolicyRefused
 from capsule_kernel.sandbox.limits import LIMIT_NAMES, LimitError, format_duration, format_size
@@ -170,7 +170,7 @@ async def cmd_log(ctx: MagicContext, args: Any) -> list[Bundle]:
                     changed or "-",
                     format_size(checkpoint.size) if checkpoint.size else "0 B",
                     _when(checkpoint.created),
-                    checkpoint.status,
+                    checkpoint.status + (f" (by {checkpoint.origin})" if checkpoint.switched_in else ""),
                     unsaved or "-",
                 ],
             )
@@ -189,6 +189,10 @@ async def cmd_log(ctx: MagicContext, args: Any) -> list[Bundle]:
         return [{"text/plain": f"{title}: none yet (one is taken after every successful cell)"}]
     headers = ["cell", "checkpoint", "first line", "changed", "size", "time", "status", "not saved"]
     return [_table(title, headers, rows)]
+
+
+def _by_id(checkpoint: Checkpoint, ref: str) -> bool:
+    return len(ref) >= 8 and checkpoint.id.startswith(ref)
 
 
 def _checkpoint(ctx: MagicContext, ref: str, command: str) -> Checkpoint:
@@ -210,7 +214,14 @@ def _checkpoint(ctx: MagicContext, ref: str, command: str) -> Checkpoint:
             f"(counts start again after a restart): {named}. Give the checkpoint id instead, "
             f"e.g. %capsule {command} {found[0].id[:8]}"
         )
-    return found[0]
+    checkpoint = found[0]
+    if checkpoint.foreign_to(ctx.notebook) and not _by_id(checkpoint, ref):
+        raise MagicUsageError(
+            f"%capsule {command}: checkpoint {checkpoint.id[:8]} ([{checkpoint.execution_count}]) was written by "
+            f"notebook {checkpoint.origin} after it switched into session {checkpoint.session}; loading it runs "
+            f"that notebook's code here, so only its id brings it back: %capsule {command} {checkpoint.id[:12]}"
+        )
+    return checkpoint
 
 
 def _when(created: float) -> str:
@@ -244,6 +255,8 @@ async def cmd_resume(ctx: MagicContext, args: Any) -> list[Bundle]:
     latest = _checkpoint(ctx, args.ref, "resume") if args.ref else store.latest(ctx.session_name)
     if latest is None:
         raise MagicUsageError(f"%capsule resume: session {ctx.session_name} has no checkpoint to resume from")
+    if not args.ref and (why := switched_in_by_another(latest, ctx.notebook)):
+        raise MagicUsageError(f"%capsule resume: {why}")
     shown = [{"text/plain": await ctx.resume(latest)}]
     lost = [] if args.ref else await ctx.lost_cells(latest)
     if lost:

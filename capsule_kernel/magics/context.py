@@ -25,6 +25,7 @@ class MagicContext(Protocol):
     active_kind: str
     mounts: list[dict[str, Any]]
     session_name: str
+    notebook: str  # this kernel's notebook identity (the frontend's or operator's, never a cell's)
     session_source: str
     cell_running: bool
     tasks: TaskScheduler

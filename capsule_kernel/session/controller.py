@@ -33,9 +33,15 @@ from typing import Any
 from capsule_kernel import magics
 from capsule_kernel.analyzer import Analyzer, ExecutionPlan
 from capsule_kernel.checkpoint.recorder import Checkpoints
-from capsule_kernel.checkpoint.store import CheckpointRefused, default_home, session_identity
+from capsule_kernel.checkpoint.store import (
+    CheckpointRefused,
+    default_home,
+    notebook_identity,
+    session_identity,
+    switched_in_by_another,
+)
 from capsule_kernel.magics.authority import Authority
-from capsule_kernel.policy import Policy
+from capsule_kernel.policy import Policy, PolicyRefused
 from capsule_kernel.policy_files import PolicyFileWatch
 from capsule_kernel.router import REFUSED, route
 from capsule_kernel.sandbox import crash_dump
@@ -84,7 +90,14 @@ class SessionController:
         self.relay = Relay(kernel)
         self.relay.controller = self
         self.session_name, self.session_source = session_identity()
+        # Which notebook this kernel serves, as its frontend or operator says (a cell never changes
+        # it): it owns the session it starts in, and may switch only into sessions it created.
+        self.notebook = notebook_identity(self.session_name)
+        # VS Code names the notebook only in start-up code it sends before the user's first cell.
+        self._frontend_may_name = self.session_source.startswith("fresh id")
         self.checkpoints = Checkpoints.open(self.log)
+        self.checkpoints.notebook, self.checkpoints.own_session = self.notebook, self.session_name
+        self._claim_own_session()
         self.checkpoints.keep = policy.settings.keep
         self.analyzer = Analyzer()
         self.authority = Authority()
@@ -165,6 +178,9 @@ class SessionController:
             return sandbox
         if latest is not None and self._left_by_restart(latest):
             latest = None  # the user's Restart chose an empty namespace: neither resumed nor offered
+        if latest is not None and (why := switched_in_by_another(latest, self.notebook)):
+            self._notices.append(f"Capsule: not resumed: {why}\n")
+            latest = None
         if latest is not None and self.policy.settings.auto_resume:
             try:
                 resumed = await self.resume(latest, sandbox)
@@ -357,10 +373,30 @@ class SessionController:
             f"Execution counts continue from [{checkpoint.execution_count + 1}]."
         )
 
+    def _claim_own_session(self) -> None:
+        """The frontend's (or operator's) name for this notebook owns the session of that name."""
+        store = self.checkpoints.store
+        if store is not None and not self.session_source.startswith("fresh id"):
+            try:
+                store.claim_session(self.session_name, self.notebook, replace=True)
+            except Exception:  # a store that cannot record owners refuses switches instead
+                self.log.exception("could not record the owner of session %s", self.session_name)
+
     async def switch_session(self, name: str, source: str) -> None:
-        """Checkpoints go to another session from now on, starting with a full one."""
+        """Checkpoints go to another session from now on, starting with a full one.
+
+        Only into a session this notebook created, or a new one (which it then
+        owns), unless the operator allows more (Policy.check_session).
+        """
         if name == self.session_name:
             return
+        store = self.checkpoints.store
+        if store is not None:
+            owner = store.claim_session(name, self.notebook, replace=False)
+            try:
+                self.policy.check_session(name, owner, self.notebook)
+            except PolicyRefused as err:
+                raise magics.MagicUsageError(f"%capsule session: {err}") from None
         await self.checkpoints_settled()  # what was reported so far belongs to the old session
         self.session_name, self.session_source = name, source
         # The other session's checkpoints are not this namespace's: the next one holds every name.
@@ -372,11 +408,24 @@ class SessionController:
             with contextlib.suppress(SandboxDied, TimeoutError):
                 await self.sandbox.request("forget_digests", {})
 
-    async def _adopt_frontend_session(self, code: str) -> None:
-        """VS Code names the notebook only in its start-up code: read from the source the frontend sent."""
-        path = frontend_notebook_path(code, Path.cwd())
-        if path and self.session_source.startswith("fresh id") and path != self.session_name:
+    async def _adopt_frontend_session(self, cell: Cell) -> None:
+        """VS Code names the notebook only in its start-up code: read from the source the frontend sent.
+
+        Only from a cell sent before the user's first one, and not stored in
+        history (VS Code's start-up code is sent that way): an agent's or a
+        user's cell that assigns __vsc_ipynb_file__ later names nothing.
+        """
+        if not self._frontend_may_name:
+            return
+        if cell.store_history and not cell.silent:
+            self._frontend_may_name = False
+            return
+        path = frontend_notebook_path(cell.code, Path.cwd())
+        if path and path != self.session_name:
+            self._frontend_may_name = False
+            self.notebook = self.checkpoints.notebook = self.checkpoints.own_session = path
             await self.switch_session(path, "__vsc_ipynb_file__ (VS Code's notebook path)")
+            self._claim_own_session()
             self._offer_resume()
 
     def _left_by_restart(self, latest: Any) -> bool:
@@ -392,6 +441,9 @@ class SessionController:
             self._notices.append(f"Capsule: {err}\n")
             return
         if latest is None or self._left_by_restart(latest):
+            return
+        if why := switched_in_by_another(latest, self.notebook):
+            self._notices.append(f"Capsule: {why}\n")
             return
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(latest.created))
         self._offer = (
@@ -477,7 +529,7 @@ class SessionController:
         code, count = cell.code, cell.execution_count
         task = magics.task_cell(code)
         if task is not None:
-            await self._adopt_frontend_session(code)
+            await self._adopt_frontend_session(cell)
             return await self._execute_task_cell(*task, count), {
                 "sandbox": "task",
                 "mode": "magic",
@@ -489,7 +541,7 @@ class SessionController:
         except magics.MagicUsageError as err:
             reply = self.relay.fail(count, "UsageError", str(err))
             return reply, {"sandbox": "kernel", "mode": "magic", "reason": "%%capsule cell"}
-        await self._adopt_frontend_session(code)
+        await self._adopt_frontend_session(cell)
         if magic_lines is not None:
             reply = await self._execute_magic_cell(code, magic_lines, count, cell.store_history and not cell.silent)
             return reply, {"sandbox": "kernel", "mode": "magic", "reason": "%capsule lines run in the kernel"}

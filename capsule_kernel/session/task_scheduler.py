@@ -18,6 +18,8 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
+import os
 import re
 import time
 from collections import deque
@@ -370,7 +372,7 @@ class TaskScheduler:
     async def submit(self, spec: TaskSpec) -> tuple[TaskRun, bool]:
         """A run for this spec: (run, cached). A key that already succeeded is answered from its record."""
         entries, digests = await self._inputs(spec)
-        key = spec.key(digests)
+        key = spec.key(digests, self.scope())
         live = self._by_key.get(key)
         if live is not None and live.future is not None and not live.future.done() and not spec.rerun:
             return live, False  # the same task is running now: it runs once
@@ -496,6 +498,19 @@ class TaskScheduler:
                 self.controller.side_task(self.bind_pending(), cell_scoped=False)
 
     # -- records ----------------------------------------------------------------------------
+
+    def scope(self) -> str:
+        """The view a task's record belongs to: a record answers (or is replaced) only within it."""
+        controller = self.controller
+        view = {
+            "notebook": controller.notebook,
+            "session": controller.session_name,
+            "cwd": os.getcwd(),
+            "mounts": controller.mounts,
+            "fs_access": controller.policy.settings.fs_access,
+            "ceiling": controller.policy.ceiling.to_json(),
+        }
+        return hashlib.sha256(json.dumps(view, sort_keys=True, default=str).encode()).hexdigest()
 
     def _record(self, key: str) -> TaskRecord | None:
         if self.records is None:
@@ -640,7 +655,7 @@ class TaskScheduler:
         """Run interrupted tasks again, in the background, as new attempts (after %capsule resume)."""
         names = []
         for record in self.interrupted():
-            spec = replace(TaskSpec.from_json(record.spec), background=True, rerun=True, given_key=record.key)
+            spec = replace(TaskSpec.from_json(record.spec), background=True, rerun=True, record_key=record.key)
             run, _ = await self.submit(spec)
             run.display_id = f"capsule-task-{run.key[:12]}-{int(time.time() * 1000)}"
             self._show_status(run, first=True)

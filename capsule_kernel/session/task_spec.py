@@ -58,18 +58,29 @@ class TaskSpec:
     bind: bool = True  # bind the result to NAME (a @task call returns it to its caller instead)
     refusal: str | None = None  # why the chosen sandbox cannot run it: the task fails as `refused`
     options: dict[str, Any] = field(default_factory=dict)  # as given, for the record
+    record_key: str | None = None  # a key already made (a record's, run again): used as it is
 
-    def key(self, input_digests: Mapping[str, str]) -> str:
-        """The task's identity: the same key means the same result."""
+    def key(self, input_digests: Mapping[str, str], scope: str) -> str:
+        """The task's identity: the same key means the same result.
+
+        `scope` is the notebook's view (TaskScheduler.scope): notebook,
+        session, working directory, mounts, the operator's policy. A record
+        answers only the view that made it, so one notebook never receives,
+        or replaces, another's result; `--id NAME` names a key within it.
+        """
+        if self.record_key:
+            return self.record_key
+        identity: dict[str, Any] = {"scope": scope}
         if self.given_key:
-            return self.given_key
-        identity = {
-            "name": self.name,
-            "body": self.body,
-            "kind": self.kind,
-            "mounts": [list(m) for m in self.mounts],
-            "inputs": dict(sorted(input_digests.items())),
-        }
+            identity["id"] = self.given_key
+        else:
+            identity |= {
+                "name": self.name,
+                "body": self.body,
+                "kind": self.kind,
+                "mounts": [list(m) for m in self.mounts],
+                "inputs": dict(sorted(input_digests.items())),
+            }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
     def to_json(self) -> dict[str, Any]:

@@ -419,8 +419,13 @@ def test_the_session_follows_the_frontends_source_not_the_cells_behaviour(fresh_
     kernel.execute("exec(\"__vsc_ipynb_file__ = 'victim.ipynb'\")")
     kernel.execute("x = 1")
     assert "victim.ipynb" not in kernel.execute("%capsule session").texts()
+    # After the user's first cell even VS Code's form names nothing: its start-up code comes first.
     kernel.execute("__vsc_ipynb_file__ = '/work/mine.ipynb'", silent=True)
-    assert "/work/mine.ipynb" in kernel.execute("%capsule session").texts()
+    assert "/work/mine.ipynb" not in kernel.execute("%capsule session").texts()
+    vscode = fresh_kernel(env={"CAPSULE_HOME": str(tmp_path / "home")})
+    vscode.execute("__vsc_ipynb_file__ = '/work/mine.ipynb'", silent=True)
+    vscode.execute("x = 1")
+    assert "/work/mine.ipynb" in vscode.execute("%capsule session").texts()
 
 
 def test_wasm_bytes_are_marked_by_the_kernel_not_the_guest(tmp_path):
