@@ -38,10 +38,12 @@ from typing import Any
 import nbformat
 
 from capsule_kernel.sandbox.limits import LimitError, parse_duration
+from capsule_kernel.untrusted_files import TrustedDirectory, UntrustedFile
 
 EXIT_OK = 0
 EXIT_CELL_ERROR = 1  # (2, a usage error, is argparse's)
 EXIT_KERNEL_DIED = 3
+EXIT_USAGE = 2  # as argparse's: the command cannot start as asked
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
 RECORD = "capsule"  # the key of Capsule's record in notebook and cell metadata
@@ -283,15 +285,26 @@ class BatchRun:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) one notebook; the exit code says how it ended."""
+    source = Path(args.notebook).resolve()
+    output = Path(args.output).resolve() if args.output else source.with_name(source.stem + ".out.ipynb")
+    # Opened now, before any sandbox runs: the sandbox may write this directory, so every later
+    # read and write of the output goes through this descriptor, never through a link it made.
+    with TrustedDirectory(output.parent) as directory:
+        return _run(args, source, output, directory)
+
+
+def _run(args: argparse.Namespace, source: Path, output: Path, directory: TrustedDirectory) -> int:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, DeadKernelError
 
-    source = Path(args.notebook).resolve()
-    output = Path(args.output).resolve() if args.output else source.with_name(source.stem + ".out.ipynb")
     parameters = dict(args.parameters or [])
     nb = nbformat.read(source, as_version=4)
     inject_parameters(nb, parameters)
-    previous = nbformat.read(output, as_version=4) if args.resume and output.exists() else None
+    try:
+        previous = read_output(directory, output.name) if args.resume else None
+    except (UntrustedFile, ValueError) as err:
+        print(f"capsule-kernel run: cannot resume from {output}: {err}", file=sys.stderr)
+        return EXIT_USAGE
     batch = BatchRun.prepare(nb, output, parameters, previous)
     env = batch.environment()
     if args.mode:
@@ -325,24 +338,41 @@ def run(args: argparse.Namespace) -> int:
                 client.execute_cell(cell, index)
                 failed = batch.record(index, replies.pop(index, {}), args.allow_errors)
                 progress.cell(index, "error" if failed else "ok", time.monotonic() - began, first_line)
-                nbformat.write(nb, output)
+                write_output(directory, output.name, nb)
                 if failed:
                     status = EXIT_CELL_ERROR
                     if not args.allow_errors:
                         break
     except DeadKernelError as err:
         progress.close()
-        nbformat.write(nb, output)
+        write_output(directory, output.name, nb)
         print(f"capsule-kernel run: the kernel died ({err}); run again with --resume to continue", file=sys.stderr)
         return EXIT_KERNEL_DIED
     except CellExecutionError as err:  # a timeout of a cell
         progress.close()
-        nbformat.write(nb, output)
+        write_output(directory, output.name, nb)
         print(f"capsule-kernel run: {err}", file=sys.stderr)
         return EXIT_CELL_ERROR
     progress.close()
-    nbformat.write(nb, output)
+    write_output(directory, output.name, nb)
     return status
+
+
+# The largest output notebook a resume reads back (a bigger one is refused, not read).
+MAX_OUTPUT_BYTES = 1 << 30
+
+
+def read_output(directory: TrustedDirectory, name: str) -> Any:
+    """The previous run's output notebook, if it is a regular file there (a link or a FIFO is refused)."""
+    if not directory.exists(name):
+        return None
+    return nbformat.reads(directory.read(name, MAX_OUTPUT_BYTES).decode("utf-8"), as_version=4)
+
+
+def write_output(directory: TrustedDirectory, name: str, nb: Any) -> None:
+    """The output notebook, replaced whole (never written through whatever the sandbox left at its name)."""
+    text = nbformat.writes(nb)
+    directory.write(name, (text if text.endswith("\n") else text + "\n").encode("utf-8"))
 
 
 def _kernel_line(client: Any, code: str) -> None:

@@ -19,13 +19,48 @@ import os
 from pathlib import Path
 from typing import Any
 
-import nbformat
 from nbclient.exceptions import CellExecutionError
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, logger
+from papermill.iorw import LocalHandler, papermill_io
 from papermill.utils import merge_kwargs, remove_args
 
-from capsule_kernel.batch import RECORD, BatchRun
+from capsule_kernel.batch import RECORD, BatchRun, read_output
+from capsule_kernel.untrusted_files import TrustedDirectory
+
+# The output directory of the run in progress, opened before its kernel started.
+_guarded: dict[str, Any] = {}
+
+
+def guard_output(output_path: Any) -> TrustedDirectory | None:
+    """Make papermill's own writes of OUT.ipynb go through a directory opened now, never through a link.
+
+    Papermill writes the output itself, after every cell and once more after
+    the engine returns, with iorw's LocalHandler (``open(path, "w")``, which
+    follows a link the sandbox may have put in the output's place). Papermill
+    offers no way to replace its local handler (a second "local" registration
+    loses to the first), so the engine gives the handler it uses a ``write``
+    that sends this one output path to ``TrustedDirectory`` (batch.py's way)
+    and every other path to papermill's own.
+    """
+    handler = papermill_io.get_handler(str(output_path))
+    if not isinstance(handler, LocalHandler):
+        return None  # s3://, gs:// ...: not a directory a sandbox writes
+    target = os.path.abspath(str(output_path))
+    previous = _guarded.pop("directory", None)
+    if previous is not None:
+        previous.close()
+    directory = TrustedDirectory(Path(target).resolve().parent)
+    _guarded["directory"] = directory
+
+    def write(buf: str, path: str) -> None:
+        if os.path.abspath(path) == target:
+            directory.write(Path(target).name, buf.encode("utf-8"))
+        else:
+            LocalHandler.write(handler, buf, path)
+
+    handler.write = write
+    return directory
 
 
 class CapsuleNotebookClient(PapermillNotebookClient):
@@ -70,9 +105,10 @@ class CapsuleEngine(NBClientEngine):
     def execute_notebook(cls, nb: Any, kernel_name: str, output_path: Any = None, **kwargs: Any) -> Any:
         cls._previous = None
         resume = os.environ.get("CAPSULE_RESUME", "").lower() in ("1", "true", "yes", "on")
-        if resume and output_path and Path(str(output_path)).exists():
-            previous = nbformat.read(str(output_path), as_version=4)
-            cls._previous = previous if RECORD in previous.get("metadata", {}) else None
+        directory = guard_output(output_path) if output_path else None
+        if resume and directory is not None:
+            previous = read_output(directory, Path(str(output_path)).name)
+            cls._previous = previous if previous is not None and RECORD in previous.get("metadata", {}) else None
         return super().execute_notebook(nb, kernel_name, output_path=output_path, **kwargs)
 
     @classmethod

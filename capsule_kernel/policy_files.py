@@ -20,6 +20,8 @@ import os
 import time
 from pathlib import Path
 
+from capsule_kernel.untrusted_files import MAX_CONFIG_BYTES, read_regular
+
 NAMES = ("capsule.toml", "pyproject.toml")
 _LEDGER = "distrusted-config.json"
 _MAX_ENTRIES = 1000
@@ -27,8 +29,9 @@ _RACY_NS = 2_000_000_000
 
 
 def _digest(path: Path) -> str | None:
+    """The file's hash; a link, a FIFO or a file over the config size has none (it is never read as config)."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return hashlib.sha256(read_regular(path, MAX_CONFIG_BYTES)).hexdigest()
     except OSError:
         return None
 
@@ -63,9 +66,13 @@ class PolicyFileWatch:
         for name in NAMES:
             path = self.directory / name
             try:
-                info = os.stat(path)
+                info = os.lstat(path)  # the name itself: a link the sandbox made is not followed
                 identity: tuple[int, ...] | None = (
-                    info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+                    info.st_dev,
+                    info.st_ino,
+                    info.st_size,
+                    info.st_mtime_ns,
+                    info.st_ctime_ns,
                 )
             except OSError:
                 identity = None

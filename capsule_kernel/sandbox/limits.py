@@ -287,12 +287,14 @@ def find_config_file(start: Path) -> tuple[Path, dict[str, Any]] | None:
     that a sandbox wrote (it may write the notebook's directory) is skipped:
     policy belongs to the operator, not to the code it governs.
     """
+    from capsule_kernel.untrusted_files import is_regular  # kernel side only: the guest shares this module
+
     for directory in (start, *start.parents):
         candidate = directory / "capsule.toml"
-        if candidate.is_file() and not written_by_a_sandbox(candidate):
+        if is_regular(candidate) and not written_by_a_sandbox(candidate):
             return candidate, _load_toml(candidate)
         candidate = directory / "pyproject.toml"
-        if candidate.is_file() and not written_by_a_sandbox(candidate):
+        if is_regular(candidate) and not written_by_a_sandbox(candidate):
             table = _load_toml(candidate).get("tool", {}).get("capsule")
             if isinstance(table, dict):
                 return candidate, table
@@ -300,10 +302,12 @@ def find_config_file(start: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
+    from capsule_kernel.untrusted_files import MAX_CONFIG_BYTES, read_regular
+
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError) as err:
+        # Opened once, no link followed, no FIFO waited on, no more than a config's size read.
+        return tomllib.loads(read_regular(path, MAX_CONFIG_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise LimitError(f"cannot read {path}: {err}") from None
 
 
