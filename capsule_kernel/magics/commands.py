@@ -405,19 +405,25 @@ async def cmd_mount(ctx: MagicContext, args: Any) -> list[Bundle]:
             "the subprocess sandbox also sees the working directory and a read-only system and Python.",
         ]
         return [_table("Mounts", ["path", "access"], rows or [["(none)", "-"]], notes)]
-    path = Path(args.path).expanduser().resolve()
     if args.remove:
+        path = Path(args.path).expanduser().resolve()
         before = len(ctx.mounts)
         ctx.mounts = [m for m in ctx.mounts if m["path"] != str(path)]
         if len(ctx.mounts) == before:
             raise MagicUsageError(f"%capsule mount --remove: {path} is not mounted")
+        ctx.held_mounts.release(path)
         text = f"Unmounted {path}."
     else:
-        if not path.is_dir():
-            raise MagicUsageError(f"%capsule mount: {path} is not a directory")
+        try:
+            # Opened now, no link followed: the check below and every later bind are of this directory.
+            path = ctx.held_mounts.hold(Path(args.path).expanduser())
+        except OSError as err:
+            raise MagicUsageError(f"%capsule mount: {args.path} is not a directory ({err})") from None
         try:
             ctx.policy.check_mount(path, bool(args.rw))
         except PolicyRefused as err:
+            if not any(m["path"] == str(path) for m in ctx.mounts):
+                ctx.held_mounts.release(path)
             raise MagicUsageError(f"%capsule mount: refused: {err}") from None
         ctx.mounts = [m for m in ctx.mounts if m["path"] != str(path)]
         ctx.mounts.append({"path": str(path), "writable": bool(args.rw)})

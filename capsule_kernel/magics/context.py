@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from capsule_kernel.checkpoint.recorder import Checkpoints
     from capsule_kernel.policy import Policy
+    from capsule_kernel.sandbox.held_mounts import HeldMounts
     from capsule_kernel.sandbox.limits import LimitSettings
     from capsule_kernel.sandbox.process import SandboxProcess
     from capsule_kernel.session.task_scheduler import TaskScheduler
@@ -24,6 +25,7 @@ class MagicContext(Protocol):
     routing_mode: str
     active_kind: str
     mounts: list[dict[str, Any]]
+    held_mounts: HeldMounts
     session_name: str
     notebook: str  # this kernel's notebook identity (the frontend's or operator's, never a cell's)
     session_source: str

@@ -115,6 +115,7 @@ class Bind:
 
     path: Path
     writable: bool = False
+    fd: int | None = None  # the O_PATH descriptor the kernel held since it checked the mount (held_mounts.py)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,9 @@ class LaunchFds:
             places.append(policy.spool)
         if policy.state is not None:
             places.append(policy.state)
+        for mount in policy.mounts:
+            if mount.fd is not None and mount.path not in self.paths:
+                self.paths[mount.path] = os.dup(mount.fd)  # bubblewrap closes what it binds: a copy
         for place in places:
             if place not in self.paths:
                 self.paths[place] = os.open(place, os.O_PATH)

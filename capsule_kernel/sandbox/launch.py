@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from capsule_kernel.sandbox import confinement, seccomp, workdir_acl
+from capsule_kernel.sandbox import confinement, held_mounts, seccomp, workdir_acl
 from capsule_kernel.sandbox import keeper as keeper_module
 from capsule_kernel.sandbox.cgroups import SandboxCgroup
 from capsule_kernel.sandbox.limits import format_size
@@ -146,8 +146,10 @@ class Launch:
         if access == "rw" and identity.switch:
             enforcement["workdir"] = f"{workdir}: " + workdir_acl.grant(workdir, identity.uid)
         program = seccomp.program()
+        # Each mount comes with the descriptor the kernel held since it checked it (held_mounts.py):
+        # the path is not resolved again here, where a sandbox may have changed what it names.
         mounts = tuple(
-            confinement.Bind(Path(str(m["path"])).resolve(), bool(m.get("writable"))) for m in sandbox.mounts
+            confinement.Bind(Path(str(m["path"])), bool(m.get("writable")), m.get("fd")) for m in sandbox.mounts
         )
         hidden = confinement.hidden_paths(Path(os.environ.get("HOME") or Path.home()), sandbox.hidden_paths())
         policy = confinement.Policy(
@@ -175,7 +177,9 @@ class Launch:
             )
         if identity.switch:
             for mount in mounts:  # like the working directory: an ACL entry lets the sandbox's uid in
-                workdir_acl.grant(mount.path, identity.uid, writable=mount.writable)
+                # Through the held descriptor: the ACL lands on the directory that was checked.
+                target = Path(held_mounts.fd_path(mount.fd)) if mount.fd is not None else mount.path
+                workdir_acl.grant(target, identity.uid, writable=mount.writable)
             # bubblewrap binds as the sandbox's uid: let it walk to what it binds.
             own = [place for place in (spool, state) if place is not None]
             for place in [*policy.python_paths, *(m.path for m in mounts), workdir, *own]:

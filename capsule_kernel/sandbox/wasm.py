@@ -37,13 +37,14 @@ class WasmSandbox(SandboxProcess):
     def __init__(self, limits: Limits, on_event: Any, *, mounts: list[dict[str, Any]] | None = None, **kwargs: Any):
         super().__init__(limits, on_event, **kwargs)
         self.mounts = list(mounts or [])
+        self._host_mounts: list[dict[str, Any]] = list(self.mounts)
         self.last_fuel: int | None = None
         self.total_fuel = 0
         self.python_version = "3.12 (WASI)"
 
     def extra_config(self) -> dict[str, Any]:
         return {
-            "mounts": self.mounts,
+            "mounts": self._host_mounts,
             "chunk_root": str(self.chunk_root) if self.chunk_root else None,
             "parent_pid": os.getpid(),
         }
@@ -60,6 +61,17 @@ class WasmSandbox(SandboxProcess):
         environ["CAPSULE_SANDBOX"] = "wasm"
         environ.pop("PYTHONSTARTUP", None)
         launch = Launch.plain(environ, str(self.cwd))
+        # The host preopens each mount through a copy of the descriptor the kernel held since it
+        # checked it (held_mounts.py), as /proc/self/fd/N: never by the path a sandbox may have changed.
+        self._host_mounts = []
+        for mount in self.mounts:
+            held = mount.get("fd")
+            if held is not None:
+                copy = os.dup(held)
+                os.set_inheritable(copy, True)
+                launch.fds.copies.append(copy)
+                mount = {**mount, "fd": copy}
+            self._host_mounts.append(mount)
         if self.chunk_root is not None:
             # The host writes its chunks into the store itself; its spool holds only its
             # report journal (frames.journal), for a kernel that dies before recording one.

@@ -302,7 +302,9 @@ class WasmHost:
         wasi.preopen_dir(str(library), _GUEST_ROOT, False)
         mounts = []
         for mount in self.config.get("mounts", []):
-            wasi.preopen_dir(mount["path"], mount["path"], bool(mount.get("writable")))
+            # The kernel's held descriptor when it sent one: the directory it checked, whatever the path is now.
+            host_path = f"/proc/self/fd/{int(mount['fd'])}" if mount.get("fd") is not None else mount["path"]
+            wasi.preopen_dir(host_path, mount["path"], bool(mount.get("writable")))
             mounts.append(f"{mount['path']} ({'rw' if mount.get('writable') else 'ro'})")
         self.enforcement["files"] = "Wasm: no host files but " + (", ".join(mounts) if mounts else "no mounts")
         self.enforcement["network"] = "Wasm: no sockets (and the host process has no network)"

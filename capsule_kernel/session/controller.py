@@ -44,7 +44,8 @@ from capsule_kernel.magics.authority import Authority
 from capsule_kernel.policy import Policy, PolicyRefused
 from capsule_kernel.policy_files import PolicyFileWatch
 from capsule_kernel.router import REFUSED, route
-from capsule_kernel.sandbox import crash_dump
+from capsule_kernel.sandbox import crash_dump, held_mounts
+from capsule_kernel.sandbox.held_mounts import HeldMounts
 from capsule_kernel.sandbox.process import PreviousCellOverran, SandboxDied, SandboxProcess
 from capsule_kernel.sandbox.subprocess import SubprocessSandbox
 from capsule_kernel.sandbox.wasm import WasmSandbox
@@ -107,7 +108,8 @@ class SessionController:
         self.sandboxes: dict[str, SandboxProcess] = {}
         self.active_kind = "subprocess"
         self.routing_mode = policy.mode
-        self.mounts: list[dict[str, Any]] = [dict(m) for m in policy.settings.fs_access]
+        self.held_mounts = HeldMounts()
+        self.mounts: list[dict[str, Any]] = self._hold_operator_mounts(policy.settings.fs_access)
         self.next_count = 1
         self.cell_running = False
         self.closing = False  # stop() has begun: no new sandbox starts
@@ -230,7 +232,7 @@ class SessionController:
             self.policy.limits.limits,
             self._event_handler(kind),
             chunk_root=self.checkpoints.chunk_root,
-            mounts=self.mounts,
+            mounts=self.bound_mounts(self.mounts),
             sandbox_settings=self.policy.settings.sandbox,
             coalesce=(self.policy.settings.coalesce, self.policy.settings.coalesce_cells),
             state_dir=self._sandbox_state_dir(),
@@ -372,6 +374,40 @@ class SessionController:
             f"Resumed session {self.session_name}: {outcome}. "
             f"Execution counts continue from [{checkpoint.execution_count + 1}]."
         )
+
+    def _hold_operator_mounts(self, declared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The operator's mounts, each opened now (held_mounts.py); one that cannot be is left out, and said."""
+        mounts = []
+        for mount in declared:
+            try:
+                resolved = self.held_mounts.hold(Path(str(mount["path"])))
+            except OSError as err:
+                # Said on the first cell, with the other configuration problems.
+                self.policy.problems.append(f"the fs_access mount {mount.get('path')} is not bound: {err}")
+                continue
+            mounts.append({**mount, "path": str(resolved)})
+        return mounts
+
+    def bound_mounts(self, mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Mounts as a sandbox launch binds them: each with the descriptor held since its check."""
+        bound = []
+        for mount in mounts:
+            fd = self.held_mounts.fd(mount["path"])
+            if fd is None:  # a task record's mount, run again by a later kernel: opened (and held) now
+                with contextlib.suppress(OSError):
+                    self.held_mounts.hold(Path(str(mount["path"])))
+                    fd = self.held_mounts.fd(mount["path"])
+            if fd is None:
+                continue
+            if not held_mounts.names_held(Path(str(mount["path"])), fd):
+                # bubblewrap binds at the path: where it names another file now, nothing is bound there.
+                self._notices.append(
+                    f"Capsule: the mount {mount['path']} is not bound in this sandbox: its path names another "
+                    "file than the directory that was checked (it was replaced, perhaps by a link)\n"
+                )
+                continue
+            bound.append({**mount, "fd": fd})
+        return bound
 
     def _claim_own_session(self) -> None:
         """The frontend's (or operator's) name for this notebook owns the session of that name."""

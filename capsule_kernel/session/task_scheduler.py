@@ -158,7 +158,7 @@ class TaskPool:
         from capsule_kernel.session.controller import SANDBOX_KINDS
 
         controller = self.controller
-        mounts = [*controller.mounts, *({"path": p, "writable": w} for p, w in spec.mounts)]
+        mounts = controller.bound_mounts([*controller.mounts, *({"path": p, "writable": w} for p, w in spec.mounts)])
         sandbox = SANDBOX_KINDS[spec.kind](
             spec.limits,
             events,
@@ -274,7 +274,13 @@ class TaskScheduler:
             "rerun": args.rerun,
         }
         spec = task_spec.build(
-            self.controller.policy, name=args.name, body=body, code=code, default_kind=default, options=options
+            self.controller.policy,
+            held=self.controller.held_mounts,
+            name=args.name,
+            body=body,
+            code=code,
+            default_kind=default,
+            options=options,
         )
         if not spec.inputs_explicit:
             spec = replace(spec, inputs=tuple(sorted(reads)))

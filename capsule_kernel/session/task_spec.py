@@ -22,6 +22,7 @@ from typing import Any
 from IPython.core.inputtransformer2 import TransformerManager
 
 from capsule_kernel.policy import Policy, PolicyRefused
+from capsule_kernel.sandbox.held_mounts import HeldMounts
 from capsule_kernel.sandbox.limits import LimitError, Limits, parse_count, parse_duration
 from capsule_kernel.settings import RETRYABLE_ERRORS, TASK_LIMITS, TaskSettings
 
@@ -131,6 +132,7 @@ def check_name(name: str) -> str:
 def build(
     policy: Policy,
     *,
+    held: HeldMounts | None = None,
     name: str,
     body: str,
     code: str,
@@ -178,10 +180,14 @@ def build(
     mounts = []
     for raw in options.get("mount") or ():
         path, _, access = str(raw).partition(":")
-        target = Path(path).expanduser().resolve()
         writable = access == "rw"
-        if access not in ("", "rw", "ro") or not target.is_dir():
+        if access not in ("", "rw", "ro"):
             raise TaskRefused(f"--mount {raw}: a host directory, optionally :rw or :ro")
+        try:
+            # Held open from now on: the task's launch binds this directory, whatever the path becomes.
+            target = held.hold(Path(path).expanduser()) if held is not None else Path(path).expanduser().resolve()
+        except OSError as err:
+            raise TaskRefused(f"--mount {raw}: a host directory, optionally :rw or :ro ({err})") from None
         try:
             policy.check_mount(target, writable)
         except PolicyRefused as err:

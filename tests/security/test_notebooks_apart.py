@@ -224,3 +224,73 @@ def test_another_notebook_cannot_replace_a_tasks_record_with_its_pickle(tmp_path
         assert not marker.exists()
     finally:
         victim.close()
+
+
+# -- a mount is bound as it was checked ------------------------------------------------------
+
+SWAP = (
+    "import os\nos.rename({sub!r}, {sub!r} + '.old')\nos.symlink({secret!r}, {sub!r})\n"
+    "os.path.islink({sub!r})"
+)
+PEEK = "import os\nsorted(os.listdir({sub!r})) if os.path.isdir({sub!r}) else 'absent'"
+
+
+def _mount_setting(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The operator lets the notebook write data/; data/sub holds ok.txt; secret/ is outside everything."""
+    cwd = tmp_path / "nb"
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "ok.txt").write_text("ok")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "secret.txt").write_text(SECRET)
+    cwd.mkdir()
+    (cwd / "capsule.toml").write_text(f'[fs_access]\nwrite = [{str(data)!r}]\n')
+    return cwd, data / "sub", secret
+
+
+def _not_revealed(result, secret_name: str = "secret.txt") -> None:
+    assert secret_name not in result.texts() and SECRET not in result.texts(), result.texts()
+
+
+def test_a_mount_swapped_for_a_link_after_its_check_is_not_bound_at_a_restart(fresh_kernel, tmp_path):
+    """A's %capsule mount holds; B, which may write data/ too, swaps data/sub; A's next sandbox binds A's."""
+    cwd, sub, secret = _mount_setting(tmp_path)
+    home = {"CAPSULE_HOME": str(tmp_path / "home")}
+    victim = fresh_kernel(env=home, cwd=cwd)
+    assert victim.execute(f"%capsule mount {sub}").status == "ok"
+    assert "ok.txt" in victim.execute(PEEK.format(sub=str(sub))).texts()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "capsule.toml").write_text((cwd / "capsule.toml").read_text())
+    attacker = fresh_kernel(env=home, cwd=other)
+    swapped = attacker.execute(SWAP.format(sub=str(sub), secret=str(secret)))
+    assert swapped.result_text == "True", swapped.texts()
+    victim.execute("%capsule restart")
+    peek = victim.execute(PEEK.format(sub=str(sub)))
+    _not_revealed(peek)
+    assert peek.status == "ok" and victim.km.is_alive()
+    # The path names another file now: that mount is left out of the new sandbox, and the notebook is told.
+    assert "is not bound in this sandbox" in victim.execute("1").texts() + peek.texts()
+
+
+@pytest.mark.parametrize("kind", ["subprocess", "wasm"])
+def test_a_task_mount_swapped_for_a_link_while_it_waits_is_not_bound(fresh_kernel, tmp_path, kind):
+    cwd, sub, secret = _mount_setting(tmp_path)
+    (cwd / "capsule.toml").write_text((cwd / "capsule.toml").read_text() + "\n[tasks]\nmax_parallel = 1\n")
+    gate = sub.parent / "go"
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(tmp_path / "home")}, cwd=cwd)
+    # The one slot is taken until the gate file appears; the second task waits for it, already checked.
+    kernel.execute(
+        "%%capsule task blocker --sandbox subprocess --background\n"
+        f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n1"
+    )
+    waiting = kernel.execute(
+        f"%%capsule task peek --sandbox {kind} --background --mount {sub}\n{PEEK.format(sub=str(sub))}"
+    )
+    assert waiting.status == "ok", waiting.texts()
+    kernel.execute(SWAP.format(sub=str(sub), secret=str(secret)))
+    kernel.execute(f"open({str(gate)!r}, 'w').close()")
+    done = kernel.execute("%capsule task wait peek", timeout=120)
+    _not_revealed(done)
+    _not_revealed(kernel.execute("peek"))
