@@ -34,6 +34,11 @@ _TASK_OUTPUTS = frozenset({"stream", "display", "clear_output", "execute_result"
 _RED = "\x1b[0;31m"
 _RESET = "\x1b[0m"
 
+# Comms a sandbox may hold open at once (widgets: one or a few per widget), and the longest id or
+# target name kept for each: the kernel's table of open comms is bounded whatever a sandbox sends.
+MAX_OPEN_COMMS = 10_000
+MAX_COMM_ID = 256
+
 
 def header_for_sandbox(msg: dict[str, Any]) -> dict[str, str]:
     """The header of the request being served, as the sandbox's get_parent() gives it (JSON, no key).
@@ -77,6 +82,8 @@ class Relay:
         self.stdin_ident: Any = b""
         self.outputs: Counter[str] = Counter()
         self.comms: dict[str, str] = {}
+        self._comms_full_said = False
+        self._prompting = False  # an input_request is open on the frontend's stdin channel
         self.controller: SessionController | None = None
         self._uncounted = False  # publishing a subshell's output: not the main cell's
         self._lane: asyncio.Lock | None = None  # made on the controller's loop, when first needed
@@ -91,7 +98,7 @@ class Relay:
             ),
             "error": lambda e: self.publish("error", {k: e[k] for k in ("ename", "evalue", "traceback")}),
             "comm": self._comm,
-            "input_request": lambda e: self._side(self._answer_input(e)),
+            "input_request": self._input_request,
             "magic": lambda e: self._side(self._answer_magic(e)),
             "task": lambda e: self._side(self._answer_task(e)),
         }
@@ -163,9 +170,16 @@ class Relay:
         if msg_type not in ("comm_open", "comm_msg", "comm_close"):
             return
         if msg_type == "comm_open":
-            self.comms[str(content.get("comm_id"))] = str(content.get("target_name", ""))
+            comm_id = str(content.get("comm_id"))[:MAX_COMM_ID]
+            if comm_id not in self.comms and len(self.comms) >= MAX_OPEN_COMMS:
+                # The kernel remembers every open comm (to reopen after a restart): a bounded table.
+                if not self._comms_full_said:
+                    self._comms_full_said = True
+                    self.note(f"Capsule: {MAX_OPEN_COMMS} comms are open; this sandbox's next comm_open is dropped\n")
+                return
+            self.comms[comm_id] = str(content.get("target_name", ""))[:MAX_COMM_ID]
         elif msg_type == "comm_close":
-            self.comms.pop(str(content.get("comm_id")), None)
+            self.comms.pop(str(content.get("comm_id"))[:MAX_COMM_ID], None)
         try:
             buffers = frames.unpack_buffers(event.get("buffers"))
         except frames.ProtocolError:
@@ -176,7 +190,26 @@ class Relay:
         assert self.controller is not None
         self.controller.side_task(coroutine, cell_scoped=True)
 
+    def _input_request(self, event: dict[str, Any]) -> None:
+        """One prompt at a time, as input() blocks its thread: a sandbox's flood of requests is dropped."""
+        if self._prompting:
+            # Answered at once with an empty line (no thread waits forever); nothing more is queued.
+            self.kernel.log.warning("an input_request while a prompt is open: answered with an empty line")
+            sandbox = self.controller.sandbox if self.controller is not None else None
+            if sandbox is not None:
+                with contextlib.suppress(SandboxDied):
+                    sandbox.send({"type": "input_reply", "id": event["id"], "value": ""})
+            return
+        self._prompting = True
+        self._side(self._answer_input(event))
+
     async def _answer_input(self, event: dict[str, Any]) -> None:
+        try:
+            await self._prompt(event)
+        finally:
+            self._prompting = False
+
+    async def _prompt(self, event: dict[str, Any]) -> None:
         """Relay input()/getpass from the sandbox to the frontend's stdin channel."""
         kernel = self.kernel
         assert self.controller is not None

@@ -43,6 +43,13 @@ STATUS_MIME_THROTTLE_SECONDS = 0.2
 _OUTPUT_TAIL_CHARS = 4000
 # Tasks a session may have queued or running at once (a cell submitting in a loop meets this).
 MAX_LIVE_TASKS = 1000
+# Bytes of task code (a @task call's pickled arguments are pasted into it) and of results the kernel
+# holds in memory for one session at once: a submission past it is refused in the cell. A task's
+# code is dropped when it ends, and its result's bytes once they are on disk (task-results/).
+MAX_HELD_TASK_BYTES = 256 * 1024 * 1024
+# Finished runs remembered in memory (their envelopes, for handles and %capsule tasks); older ones
+# are answered from the task records.
+MAX_FINISHED_RUNS = 2000
 # The options a @task call may give (no mounts: those are the notebook's own lines' to add).
 API_OPTIONS = ("sandbox", "timeout", "memory", "cpu", "fuel", "compute", "retries", "backoff", "retry_on", "id")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
@@ -76,6 +83,12 @@ class TaskRun:
     bound: bool = False
     last_shown: float = 0.0
     promise: str | None = None  # its durable promise (resonate-sdk), settled with the envelope
+    result_digest: str | None = None  # its result's bytes in task-results/, once saved (then not held)
+
+    def held_bytes(self) -> int:
+        """What of it the kernel holds in memory: its code until it ends, its result's bytes until saved."""
+        pickled = self.outcome.pickled if self.outcome is not None else None
+        return len(self.spec.code) + (len(pickled) if pickled is not None else 0)
 
     @property
     def name(self) -> str:
@@ -356,8 +369,9 @@ class TaskScheduler:
         outcome = run.outcome
         assert outcome is not None
         answer: dict[str, Any] = {"status": "ok", "envelope": outcome.envelope}
-        if outcome.pickled is not None:
-            answer["pickle"] = base64.b64encode(outcome.pickled).decode("ascii")
+        pickled = self._result_bytes(run)
+        if pickled is not None:
+            answer["pickle"] = base64.b64encode(pickled).decode("ascii")
             answer["made_in"] = outcome.made_in
         elif outcome.unbindable:
             answer["unbindable"] = outcome.unbindable
@@ -375,8 +389,39 @@ class TaskScheduler:
 
     # -- submitting -----------------------------------------------------------------------
 
+    def held_bytes(self) -> int:
+        return sum(run.held_bytes() for run in self._by_key.values())
+
+    def _result_bytes(self, run: TaskRun) -> bytes | None:
+        """A finished run's result bytes: held until saved, then read back from task-results/ when asked."""
+        if run.outcome is not None and run.outcome.pickled is not None:
+            return run.outcome.pickled
+        if run.result_digest is None or self.records is None:
+            return None
+        try:
+            return self.records.load_result(run.result_digest)
+        except (OSError, CheckpointRefused) as err:
+            self.controller.relay.note(f"Capsule: the result of task {run.name} cannot be read back: {err}\n")
+            return None
+
+    def _forget_finished(self) -> None:
+        """Keep at most MAX_FINISHED_RUNS finished runs in memory (the oldest go; their records stay)."""
+        finished = [key for key, run in self._by_key.items() if run.future is None or run.future.done()]
+        for key in finished[: max(0, len(finished) - MAX_FINISHED_RUNS)]:
+            run = self._by_key.pop(key)
+            if self.runs.get(run.name) is run:
+                del self.runs[run.name]
+
     async def submit(self, spec: TaskSpec) -> tuple[TaskRun, bool]:
         """A run for this spec: (run, cached). A key that already succeeded is answered from its record."""
+        held = self.held_bytes()
+        if held + len(spec.code) > MAX_HELD_TASK_BYTES:
+            raise TaskRefused(
+                f"task {spec.name}: its code and arguments ({format_size(len(spec.code))}) would take the tasks "
+                f"queued, running or unsaved past the kernel's {format_size(MAX_HELD_TASK_BYTES)} budget (held now: "
+                f"{format_size(held)}); wait for some to finish, or pass large data as a file in a mount"
+            )
+        self._forget_finished()
         entries, digests = await self._inputs(spec)
         key = spec.key(digests, self.scope())
         live = self._by_key.get(key)
@@ -388,12 +433,10 @@ class TaskScheduler:
             run = TaskRun(spec, key, entries, parent, state="succeeded")
             envelope = dict(record.envelope)
             envelope["execution"] = {**envelope["execution"], "cached": True}
-            pickled = None
-            if record.result:
-                with contextlib.suppress(OSError, CheckpointRefused):
-                    pickled = self.records.load_result(record.result) if self.records else None
             made_in = "wasm" if envelope["execution"]["sandbox"] == "wasm" else None
-            run.outcome = task_runner.Outcome(envelope, pickled, made_in)
+            # The result's bytes stay on disk until they are bound or waited for (_result_bytes).
+            run.outcome = task_runner.Outcome(envelope, None, made_in)
+            run.result_digest = record.result
             self.runs[spec.name] = run
             self._by_key[key] = run  # a @task handle finds it by its key
             return run, True
@@ -494,6 +537,10 @@ class TaskScheduler:
             with contextlib.suppress(OSError):
                 digest = self.records.save_result(run.outcome.pickled)
         self._save(run, state, envelope=envelope, result=digest)
+        # Its code (a call's arguments) and its result's bytes, once on disk, leave the kernel's memory.
+        run.spec = replace(run.spec, code="")
+        if digest is not None and run.outcome is not None:
+            run.result_digest, run.outcome.pickled = digest, None
         promises = self.controller.durability.promises
         if promises is not None and run.promise is not None:
             promises.task_settled(run.promise, envelope)
@@ -562,8 +609,9 @@ class TaskScheduler:
         envelope = outcome.envelope
         args: dict[str, Any] = {"name": run.name, "envelope": envelope}
         if envelope["success"]:
-            if outcome.pickled is not None:
-                args["pickle"] = base64.b64encode(outcome.pickled).decode("ascii")
+            pickled = self._result_bytes(run)
+            if pickled is not None:
+                args["pickle"] = base64.b64encode(pickled).decode("ascii")
                 args["made_in"] = outcome.made_in
             elif envelope["execution"].get("result_json"):
                 args["json"] = True

@@ -294,3 +294,49 @@ def test_a_task_mount_swapped_for_a_link_while_it_waits_is_not_bound(fresh_kerne
     done = kernel.execute("%capsule task wait peek", timeout=120)
     _not_revealed(done)
     _not_revealed(kernel.execute("peek"))
+
+
+# -- every table a sandbox can fill has a bound ------------------------------------------------
+
+
+def test_the_kernels_table_of_open_comms_is_bounded(fresh_kernel, tmp_path):
+    from capsule_kernel.session import relay
+
+    max_open = getattr(relay, "MAX_OPEN_COMMS", 10_000)
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(tmp_path / "home")}, cwd=tmp_path)
+    flood = kernel.execute(
+        "from comm import create_comm\n"
+        f"comms = [create_comm(target_name='t' * 4096) for _ in range({max_open + 50})]\n"
+        "len(comms)",
+        timeout=300,
+    )
+    assert flood.status == "ok", flood.texts()[-500:]
+    opened = flood.of_type("comm_open")
+    # The frontend received no more than the kernel keeps (iopub may drop some under the flood).
+    assert len(opened) <= max_open
+    assert "comm_open is dropped" in flood.texts()
+    assert kernel.execute("1 + 1").result_text == "2"
+
+
+def test_a_flood_of_forged_input_requests_opens_one_prompt(fresh_kernel, tmp_path):
+    """Each input_request frame once became a task polling stdin for ever: now one prompt is open at a time."""
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(tmp_path / "home")}, cwd=tmp_path)
+    prompts: list[dict] = []
+
+    def answer(request: dict) -> str:
+        prompts.append(request)
+        return "typed"
+
+    from tests.security.test_trust_boundary import FORGE
+
+    flood = kernel.execute(
+        FORGE
+        + "for i in range(2000):\n"
+        "    forge({'type': 'input_request', 'id': 10_000 + i, 'prompt': 'p', 'password': False})\n"
+        "value = input('real? ')\nprint(repr(value))",
+        stdin_answer=answer,
+        timeout=120,
+    )
+    assert flood.status == "ok", flood.texts()[-800:]
+    assert len(prompts) <= 2, len(prompts)
+    assert kernel.execute("1 + 1").result_text == "2"

@@ -13,6 +13,7 @@ import sqlite3
 import pytest
 
 from tests.harness import wait_until
+from tests.security.helpers import kernel_pid, status_field
 
 pytestmark = pytest.mark.slow
 
@@ -88,3 +89,36 @@ def test_a_task_interrupted_by_the_kernels_death_is_shown_and_resumed(fresh_kern
     second.execute("%capsule task wait late")
     assert second.execute("late").result_text == "15"
     assert "succeeded" in second.execute("%capsule tasks").texts()
+
+
+def test_queued_task_payloads_cannot_grow_the_kernel_without_bound(fresh_kernel, tmp_path):
+    """Forty 16 MiB @task calls held waiting: the kernel refuses past its budget and its peak stays bounded."""
+    (tmp_path / "capsule.toml").write_text("[tasks]\nmax_parallel = 1\n")
+    gate = tmp_path / "gate"
+    kernel = fresh_kernel(cwd=tmp_path)
+    kernel.execute("1")
+    pid = kernel_pid(kernel)
+    before = int(status_field(pid, "VmHWM").split()[0]) * 1024
+    flood = kernel.execute(
+        "import os\nfrom capsule_kernel.tasks import task\n"
+        "@task(sandbox='subprocess')\n"
+        f"def hold(blob):\n    import os, time\n    while not os.path.exists({str(gate)!r}):\n"
+        "        time.sleep(0.05)\n    return len(blob)\n"
+        "handles, refused = [], []\n"
+        "for i in range(40):\n"
+        "    try:\n        handles.append(hold.submit(os.urandom(16 * 2**20)))\n"
+        "    except Exception as err:\n        refused.append(str(err))\n"
+        "print(len(handles), len(refused), refused[:1])",
+        timeout=300,
+    )
+    assert flood.status == "ok", flood.texts()
+    accepted, refused = (int(n) for n in flood.stdout.split()[:2])
+    assert accepted >= 5 and refused >= 20, flood.stdout
+    assert "budget" in flood.stdout
+    grown = int(status_field(pid, "VmHWM").split()[0]) * 1024 - before
+    assert grown < 900 * 1024 * 1024, f"the kernel's peak grew by {grown / 2**20:.0f} MiB"
+    gate.touch()
+    # What was accepted still runs, and its results come back (read from disk once saved).
+    done = kernel.execute("[h.result() for h in handles[:2]]", timeout=300)
+    assert done.result_text == f"[{16 * 2**20}, {16 * 2**20}]", done.texts()
+    assert kernel.km.is_alive()
