@@ -262,3 +262,17 @@ def test_task_api_options_are_checked_by_the_kernel(fresh_kernel):
         "tasks._kernel('submit', {'name': 'x', 'payload': \"')\\nimport os\\n#\", 'options': {}})"
     )
     assert injected.status == "error" and "not base64" in injected.texts()
+
+
+def test_a_record_written_without_a_spec_keeps_the_stored_one(tmp_path):
+    """A queued task's code lives in its record (spilled): later state changes must not lose it."""
+    from capsule_kernel.checkpoint.task_records import TaskRecords
+
+    records = TaskRecords(tmp_path)
+    spec = {"name": "t", "code": "x = 1\n" * 1000}
+    records.put("k", session="s", name="t", state="queued", kernel="a", spec=spec)
+    records.put("k", session="s", name="t", state="running", kernel="a", spec=None)
+    records.put("k", session="s", name="t", state="succeeded", kernel="a", spec=None, envelope={"ok": True})
+    kept = records.get("k")
+    assert kept is not None and kept.spec == spec and kept.state == "succeeded"
+    records.close()

@@ -115,23 +115,33 @@ class TaskRecords:
         name: str,
         state: str,
         kernel: str,
-        spec: dict[str, Any],
+        spec: dict[str, Any] | None,
         envelope: dict[str, Any] | None = None,
         result: str | None = None,
     ) -> TaskRecord:
-        """Write the row for this key (insert or replace), authenticated."""
+        """Write the row for this key (insert or replace), authenticated.
+
+        `spec` None keeps the spec the row holds (checked against its MAC
+        first): a queued task's code lives there, not in the kernel's memory.
+        """
         assert state in STATES, state
         now = self.clock()
         with self._guard:
-            old = self._db.execute("SELECT created FROM tasks WHERE key = ?", (key,)).fetchone()
-            created = old[0] if old else now
+            old = self._db.execute("SELECT * FROM tasks WHERE key = ?", (key,)).fetchone()
+            created = old[8] if old else now
+            if spec is None:
+                if old is None:
+                    raise CheckpointRefused(f"the record of task {name!r} is gone; its spec cannot be kept")
+                spec_text = json.dumps(self._record(old).spec)
+            else:
+                spec_text = json.dumps(spec)
             columns = (
-                key, session, name, state, kernel, json.dumps(spec), json.dumps(envelope) if envelope else None,
+                key, session, name, state, kernel, spec_text, json.dumps(envelope) if envelope else None,
                 result, created, now,
             )  # fmt: skip
             row = (*columns, self._mac(columns))
             self._db.execute("INSERT OR REPLACE INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
-        return TaskRecord(key, session, name, state, kernel, spec, envelope, result, created, now)
+        return TaskRecord(key, session, name, state, kernel, json.loads(spec_text), envelope, result, created, now)
 
     # -- result bytes -----------------------------------------------------------------
 

@@ -84,11 +84,13 @@ class TaskRun:
     last_shown: float = 0.0
     promise: str | None = None  # its durable promise (resonate-sdk), settled with the envelope
     result_digest: str | None = None  # its result's bytes in task-results/, once saved (then not held)
+    code_bytes: int = 0  # its code's size until it ends (in memory, or spilled into its record)
+    spilled: bool = False  # its code is in its task record only; read back when it starts
 
     def held_bytes(self) -> int:
-        """What of it the kernel holds in memory: its code until it ends, its result's bytes until saved."""
+        """What of it the kernel keeps: its code until it ends, its result's bytes until saved."""
         pickled = self.outcome.pickled if self.outcome is not None else None
-        return len(self.spec.code) + (len(pickled) if pickled is not None else 0)
+        return self.code_bytes + (len(pickled) if pickled is not None else 0)
 
     @property
     def name(self) -> str:
@@ -452,7 +454,10 @@ class TaskScheduler:
             run.future = asyncio.ensure_future(self._refused(run, failure))
         else:
             run.future = asyncio.ensure_future(self._run(run, first_attempt=previous_attempts + 1))
-        self._save(run, "queued")
+        run.code_bytes = len(spec.code)
+        if self._save(run, "queued") and spec.code:
+            # Waiting for a slot, its code (a call's arguments) is on disk, in its record, not here.
+            run.spec, run.spilled = replace(spec, code=""), True
         return run, False
 
     async def _inputs(self, spec: TaskSpec) -> tuple[dict[str, Any], dict[str, str]]:
@@ -510,8 +515,22 @@ class TaskScheduler:
             self._save(run, state)
             self._show_status(run)
 
+        spec = run.spec
+        if run.spilled:
+            record = self._record(run.key)
+            code = record.spec.get("code") if record is not None else None
+            if not isinstance(code, str) or not code:
+                failure = Failure("refused", "its code could not be read back from its task record")
+                run.outcome = task_runner.Outcome(
+                    task_envelope.build(
+                        name=run.name, task_id=run.key, sandbox=spec.kind, attempts=[], started_at=time.time(),
+                        duration_ms=0, result=None, failure=failure, fuel=None, peak_memory=None,
+                    )
+                )  # fmt: skip
+                return  # _run's finally records it as failed
+            spec = replace(spec, code=code)  # in memory while it runs (counted in the budget throughout)
         run.outcome = await task_runner.run(
-            run.spec,
+            spec,
             task_id=run.key,
             inputs=run.inputs,
             take_sandbox=self.pool.take,
@@ -538,7 +557,7 @@ class TaskScheduler:
                 digest = self.records.save_result(run.outcome.pickled)
         self._save(run, state, envelope=envelope, result=digest)
         # Its code (a call's arguments) and its result's bytes, once on disk, leave the kernel's memory.
-        run.spec = replace(run.spec, code="")
+        run.spec, run.code_bytes = replace(run.spec, code=""), 0
         if digest is not None and run.outcome is not None:
             run.result_digest, run.outcome.pickled = digest, None
         promises = self.controller.durability.promises
@@ -574,9 +593,10 @@ class TaskScheduler:
             self.controller.relay.note(f"Capsule: {err}\n")
             return None
 
-    def _save(self, run: TaskRun, state: str, **extra: Any) -> None:
+    def _save(self, run: TaskRun, state: str, **extra: Any) -> bool:
+        """Write the run's record (a spilled run's spec, code included, stays as stored); True if written."""
         if self.records is None:
-            return
+            return False
         try:
             self.records.put(
                 run.key,
@@ -584,11 +604,13 @@ class TaskScheduler:
                 name=run.name,
                 state=state,
                 kernel=self.controller.kernel_id,
-                spec=run.spec.to_json(),
+                spec=None if run.spilled else run.spec.to_json(),
                 **extra,
             )
         except Exception as err:  # noqa: BLE001 - bookkeeping must never cost the task
             self.controller.log.warning("task record %s not written: %s", run.name, err)
+            return False
+        return True
 
     # -- binding results into the notebook ---------------------------------------------
 

@@ -116,7 +116,9 @@ def test_queued_task_payloads_cannot_grow_the_kernel_without_bound(fresh_kernel,
     assert accepted >= 5 and refused >= 20, flood.stdout
     assert "budget" in flood.stdout
     grown = int(status_field(pid, "VmHWM").split()[0]) * 1024 - before
-    assert grown < 900 * 1024 * 1024, f"the kernel's peak grew by {grown / 2**20:.0f} MiB"
+    # Accepted calls wait with their code in their task records, not in the kernel (about 170 MiB here, the
+    # frames being decoded in passing); with the budget but no spill the peak grew by about 470 MiB.
+    assert grown < 400 * 1024 * 1024, f"the kernel's peak grew by {grown / 2**20:.0f} MiB"
     gate.touch()
     # What was accepted still runs, and its results come back (read from disk once saved).
     done = kernel.execute("[h.result() for h in handles[:2]]", timeout=300)
