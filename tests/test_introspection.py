@@ -94,3 +94,29 @@ def test_comm_info_lists_comms_opened_in_the_sandbox(kernel):
     assert info["target_name"] == "capsule.test"
     kernel.execute("c.close()")
     assert kernel.request("comm_info", target_name="capsule.test")["content"]["comms"] == {}
+
+
+def test_completion_and_inspection_ask_the_sandbox_that_holds_the_name_after_a_mode_switch(fresh_kernel):
+    kernel = fresh_kernel()
+    kernel.execute("import collections")
+    assert kernel.execute("%capsule mode wasm").status == "ok"
+    kernel.execute("w = 1")
+    code = "collections.Ord"
+    matches = kernel.request("complete", code, len(code))["content"]["matches"]
+    assert "OrderedDict" in matches, matches  # as stock ipykernel offers
+    inspected = kernel.request("inspect", "collections", len("collections"))["content"]
+    assert inspected["found"], inspected
+
+
+def test_a_wasm_made_objects_dir_runs_only_in_wasm_when_completed_in_subprocess_mode(fresh_kernel):
+    kernel = fresh_kernel()
+    assert kernel.execute("%capsule mode wasm").status == "ok"
+    kernel.execute(
+        "import sys\nclass Probe:\n    def __dir__(self):\n        return ['ran_in_' + sys.platform]\nprobe = Probe()"
+    )
+    assert kernel.execute("%capsule mode subprocess").status == "ok"
+    kernel.execute("import os")  # the subprocess sandbox runs now
+    code = "probe.ran"
+    matches = kernel.request("complete", code, len(code))["content"]["matches"]
+    assert "probe.ran_in_linux" not in matches and "ran_in_linux" not in matches, matches
+    assert any("ran_in_wasi" in match for match in matches), matches

@@ -873,14 +873,23 @@ class SessionController:
     def introspection_kind(self, code: str) -> str:
         """Which sandbox completion and inspection ask: the one that holds the names the code refers to.
 
-        Under a single mode, that mode's sandbox (at once after %capsule mode).
-        In auto, the subprocess sandbox (the user's packages, IPython's whole
-        completer), unless every name the code mentions was last written by
-        a Wasm cell.
+        The sandbox that last wrote every name the code mentions, while it
+        runs (a name from before a %capsule mode switch lives in the other
+        sandbox until a cell reads it). Otherwise, under a single mode, that
+        mode's sandbox; in auto, the subprocess sandbox (the user's packages,
+        IPython's whole completer), unless every name was last written by a
+        Wasm cell.
         """
+        origins = {self.ledger.origins[name][0] for name in _IDENTIFIER.findall(code) if name in self.ledger.origins}
+        if len(origins) == 1:
+            (holder,) = origins
+            sandbox = self.sandboxes.get(holder)
+            if sandbox is not None and sandbox.ready:
+                # After a mode switch the names written before it live in the other sandbox: ask
+                # it (it answers from its own objects; nothing moves, nothing crosses).
+                return holder
         if self.routing_mode != "auto":
             return self.routing_mode
-        origins = {self.ledger.origins[name][0] for name in _IDENTIFIER.findall(code) if name in self.ledger.origins}
         return "wasm" if origins == {"wasm"} else "subprocess"
 
     async def ask(self, kind: str, args: dict[str, Any], fallback: dict[str, Any], timeout: float) -> dict[str, Any]:
