@@ -120,3 +120,19 @@ def test_a_wasm_made_objects_dir_runs_only_in_wasm_when_completed_in_subprocess_
     matches = kernel.request("complete", code, len(code))["content"]["matches"]
     assert "probe.ran_in_linux" not in matches and "ran_in_linux" not in matches, matches
     assert any("ran_in_wasi" in match for match in matches), matches
+
+
+def test_the_wasm_sandbox_completes_module_names_after_import_as_ipython_does(fresh_kernel):
+    kernel = fresh_kernel(env={"CAPSULE_MODE": "wasm"})
+    kernel.execute("x = 1")
+    reply = kernel.request("complete", "import o", len("import o"))["content"]
+    assert "os" in reply["matches"] and "object" not in reply["matches"], reply["matches"]
+    assert reply["cursor_start"] == len("import ")
+    typed = reply["metadata"]["_jupyter_types_experimental"]
+    assert {"text": "os", "type": "module"}.items() <= next(t for t in typed if t["text"] == "os").items()
+    dotted = kernel.request("complete", "import os.pa", len("import os.pa"))["content"]["matches"]
+    assert "os.path" in dotted, dotted
+    members = kernel.request("complete", "from collections import Ord", 27)["content"]["matches"]
+    assert "OrderedDict" in members, members
+    # Away from an import, names as before.
+    assert "object" in kernel.request("complete", "obj", 3)["content"]["matches"]

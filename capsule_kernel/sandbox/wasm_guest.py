@@ -45,6 +45,65 @@ _HIDDEN_NAMES = {"__name__", "__builtins__", "__doc__", "__loader__", "__spec__"
 _RED, _RESET = "\x1b[0;31m", "\x1b[0m"
 
 
+_IMPORT = re.compile(r"^\s*(?:import\s+(?:[\w.]+\s*,\s*)*|from\s+)[\w.]*$")
+_FROM_IMPORT = re.compile(r"^\s*from\s+([\w.]+)\s+import\s+(?:\w+\s*,\s*)*\w*$")
+
+
+def _module_names(prefix: str) -> list[str]:
+    """Importable module names starting with prefix (a package's submodules after its dot)."""
+    import importlib
+    import pkgutil
+
+    package, _, partial = prefix.rpartition(".")
+    if package:
+        try:
+            parent = importlib.import_module(package)
+        except Exception:  # noqa: BLE001 - nothing to complete
+            return []
+        names = [f"{package}.{module.name}" for module in pkgutil.iter_modules(getattr(parent, "__path__", None) or [])]
+        # A module's modules too (os.path), as IPython offers them.
+        names += [f"{package}.{name}" for name, value in vars(parent).items() if isinstance(value, types.ModuleType)]
+    else:
+        names = [*sys.builtin_module_names, *(module.name for module in pkgutil.iter_modules())]
+    hidden = not partial.startswith("_")
+    return [
+        name for name in names if name.startswith(prefix) and not (hidden and name.rpartition(".")[2].startswith("_"))
+    ]
+
+
+def _module_members(module_name: str, prefix: str) -> list[str]:
+    """What `from MODULE import PREFIX` may name: the module's public names and its submodules."""
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001 - nothing to complete
+        return []
+    names = set(dir(module)) | {name.rpartition(".")[2] for name in _module_names(module_name + ".")}
+    return [name for name in names if name.startswith(prefix) and (prefix.startswith("_") or not name.startswith("_"))]
+
+
+def _completion_type(match: str, namespace: dict[str, Any]) -> str:
+    """IPython's words for a match's kind: module, class, function, keyword, instance."""
+    import keyword
+
+    if keyword.iskeyword(match):
+        return "keyword"
+    head, *rest = match.split(".")
+    value: Any = namespace.get(head, getattr(builtins, head, None))
+    if value is None:
+        return "module" if head in sys.modules or not rest else "instance"
+    for part in rest:
+        value = getattr(value, part, None)
+    if isinstance(value, types.ModuleType):
+        return "module"
+    if isinstance(value, type):
+        return "class"
+    if callable(value):
+        return "function"
+    return "instance"
+
+
 class StdinNotImplementedError(RuntimeError):
     """input() in a cell whose frontend does not answer input requests."""
 
@@ -531,11 +590,18 @@ class Guest:
         return {"status": "ok"}
 
     def complete(self, code: str, cursor: int) -> dict[str, Any]:
-        """Names and attributes, as rlcompleter would (the WASI build lacks it: no readline)."""
+        """Names and attributes, as rlcompleter would (the WASI build lacks it: no readline); modules after import."""
         import keyword
 
         token = re.search(r"[\w.]*$", code[:cursor]).group(0)  # type: ignore[union-attr]
-        if "." in token:
+        line = code[:cursor].rpartition("\n")[2]
+        imported = _FROM_IMPORT.match(line)
+        if _IMPORT.match(line):
+            # As IPython's module completer: module names, not the namespace's (import o -> os, not object).
+            candidates = _module_names(token)
+        elif imported:
+            candidates = _module_members(imported.group(1), token)
+        elif "." in token:
             head, _, prefix = token.rpartition(".")
             try:
                 value = eval(head, self.namespace)
@@ -548,12 +614,25 @@ class Guest:
         else:
             names = set(self.namespace) | set(dir(builtins)) | set(keyword.kwlist)
             candidates = [name for name in names if name.startswith(token) and not name.startswith("__")]
+        matches = sorted(set(candidates))[:500]
+        start = cursor - len(token)
+        # The shape IPython gives JupyterLab: one typed entry per match.
+        typed = [
+            {
+                "start": start,
+                "end": cursor,
+                "text": match,
+                "type": _completion_type(match, self.namespace),
+                "signature": "",
+            }
+            for match in matches
+        ]
         return {
             "status": "ok",
-            "matches": sorted(set(candidates))[:500],
-            "cursor_start": cursor - len(token),
+            "matches": matches,
+            "cursor_start": start,
             "cursor_end": cursor,
-            "metadata": {},
+            "metadata": {"_jupyter_types_experimental": typed},
         }
 
     def inspect(self, code: str, cursor: int, detail_level: int) -> dict[str, Any]:
