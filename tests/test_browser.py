@@ -170,6 +170,7 @@ def test_a_user_session_in_jupyterlab(lab):
     assert "wasi" in seen["wasm_cell"]
     assert seen["completion_auto"]["source"] == "collections.OrderedDict", seen["completion_auto"]
     assert seen["completion_subprocess"]["source"] == "collections.defaultdict", seen["completion_subprocess"]
+    assert seen["completion_after_switch"]["source"] == "collections.OrderedDict", seen["completion_after_switch"]
     # A crash: the widget on the page still drives its restored object, whose observer runs.
     assert "SandboxDied" in seen["crash"] and "restored" in seen["crash"], seen["crash"]
     assert "after the crash [3] 3" in seen["after_crash"], seen["after_crash"]

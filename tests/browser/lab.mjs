@@ -450,6 +450,13 @@ try {
   const typing2 = await run("pass");
   seen.completion_subprocess = await tabComplete(typing2, "collections.defaultd", "defaultdict");
   await page.evaluate((i) => window.jupyterapp.shell.currentWidget.content.widgets[i].model.sharedModel.setSource(""), typing2);
+  // After a switch to Wasm, Tab on a name imported before it: the subprocess sandbox that holds it answers.
+  await run("%capsule mode wasm");
+  await run("w_after_switch = 1");
+  const typing3 = await run("pass");
+  seen.completion_after_switch = await tabComplete(typing3, "collections.Ord", "OrderedDict");
+  await page.evaluate((i) => window.jupyterapp.shell.currentWidget.content.widgets[i].model.sharedModel.setSource(""), typing3);
+  await run("%capsule mode subprocess");
 
   // The Restart button, several times: an empty namespace each time, never a SandboxDied, never a hang.
   seen.restarts = [];
