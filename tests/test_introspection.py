@@ -136,3 +136,20 @@ def test_the_wasm_sandbox_completes_module_names_after_import_as_ipython_does(fr
     assert "OrderedDict" in members, members
     # Away from an import, names as before.
     assert "object" in kernel.request("complete", "obj", 3)["content"]["matches"]
+
+
+def test_the_wasm_sandbox_completes_dict_keys_and_paths_as_ipython_does(fresh_kernel, tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "file_one.txt").write_text("1")
+    kernel = fresh_kernel(env={"CAPSULE_MODE": "wasm", "CAPSULE_NOTEBOOK_MAY_WIDEN": "mounts"})
+    assert kernel.execute(f"%capsule mount {data}").status == "ok"
+    kernel.execute("d = {'alpha': 1, 'beta': 2, 3: 'three'}")
+    for code, want in (("d['al", "alpha"), ('d["be', "beta")):
+        reply = kernel.request("complete", code, len(code))["content"]
+        assert reply["matches"] == [want] and reply["cursor_start"] == 3, reply
+        assert reply["metadata"]["_jupyter_types_experimental"][0]["type"] == "dict key"
+    code = f"open('{data}/"
+    reply = kernel.request("complete", code, len(code))["content"]
+    assert set(reply["matches"]) == {f"{data}/sub/", f"{data}/file_one.txt"}, reply
+    assert reply["cursor_start"] == len("open('")

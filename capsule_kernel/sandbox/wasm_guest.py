@@ -83,6 +83,37 @@ def _module_members(module_name: str, prefix: str) -> list[str]:
     return [name for name in names if name.startswith(prefix) and (prefix.startswith("_") or not name.startswith("_"))]
 
 
+_KEY = re.compile(r"(?P<head>[A-Za-z_][\w.]*)\[\s*(?P<quote>['\"])(?P<prefix>[^'\"]*)$")
+_QUOTED = re.compile(r"(?P<quote>['\"])(?P<prefix>[^'\"]*)$")
+
+
+def _dict_keys(head: str, prefix: str, namespace: dict[str, Any]) -> list[str]:
+    """The string keys of the mapping `head` names (looked up, never called) that start with prefix."""
+    value: Any = namespace.get(head.split(".")[0])
+    for part in head.split(".")[1:]:
+        value = getattr(value, part, None)
+    try:
+        keys = list(value.keys()) if hasattr(value, "keys") else []
+    except Exception:  # noqa: BLE001 - nothing to complete
+        return []
+    return [key for key in keys if isinstance(key, str) and key.startswith(prefix)]
+
+
+def _paths(prefix: str) -> list[str]:
+    """Files and directories (with a slash) the guest can see that start with prefix."""
+    directory, _, partial = prefix.rpartition("/")
+    try:
+        entries = os.listdir(directory or ".")
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if entry.startswith(partial) and (partial.startswith(".") or not entry.startswith(".")):
+            path = f"{directory}/{entry}" if directory else entry
+            found.append(path + "/" if os.path.isdir(path) else path)
+    return found
+
+
 def _completion_type(match: str, namespace: dict[str, Any]) -> str:
     """IPython's words for a match's kind: module, class, function, keyword, instance."""
     import keyword
@@ -596,6 +627,23 @@ class Guest:
         token = re.search(r"[\w.]*$", code[:cursor]).group(0)  # type: ignore[union-attr]
         line = code[:cursor].rpartition("\n")[2]
         imported = _FROM_IMPORT.match(line)
+        key = _KEY.search(line)
+        quoted = _QUOTED.search(line)
+        if key or quoted:
+            # Inside a string: a mapping's keys after d[', else paths, as IPython offers them.
+            prefix = (key or quoted).group("prefix")  # type: ignore[union-attr]
+            found = _dict_keys(key.group("head"), prefix, self.namespace) if key else _paths(prefix)
+            kind = "dict key" if key else "path"
+            start = cursor - len(prefix)
+            matches = sorted(set(found))[:500]
+            typed = [{"start": start, "end": cursor, "text": m, "type": kind, "signature": ""} for m in matches]
+            return {
+                "status": "ok",
+                "matches": matches,
+                "cursor_start": start,
+                "cursor_end": cursor,
+                "metadata": {"_jupyter_types_experimental": typed},
+            }
         if _IMPORT.match(line):
             # As IPython's module completer: module names, not the namespace's (import o -> os, not object).
             candidates = _module_names(token)
