@@ -19,6 +19,7 @@ larger than it looked. Trusted code reaches them only through this module:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -54,7 +55,7 @@ def read_regular(path: str | os.PathLike[str], limit: int, *, dir_fd: int | None
     try:
         fd = os.open(path, _READ, dir_fd=dir_fd)
     except OSError as err:
-        if err.errno == 40:  # ELOOP: the last component is a symbolic link
+        if err.errno == errno.ELOOP:  # O_NOFOLLOW: the last component is a symbolic link
             raise UntrustedFile(f"{path} is a symbolic link: not read") from None
         raise
     try:

@@ -114,6 +114,19 @@ def _paths(prefix: str) -> list[str]:
     return found
 
 
+def _completion_reply(candidates: list[str], start: int, cursor: int, type_of: Any) -> dict[str, Any]:
+    """A complete_reply as IPython gives JupyterLab: the matches, and one typed entry per match."""
+    matches = sorted(set(candidates))[:500]
+    typed = [{"start": start, "end": cursor, "text": m, "type": type_of(m), "signature": ""} for m in matches]
+    return {
+        "status": "ok",
+        "matches": matches,
+        "cursor_start": start,
+        "cursor_end": cursor,
+        "metadata": {"_jupyter_types_experimental": typed},
+    }
+
+
 def _completion_type(match: str, namespace: dict[str, Any]) -> str:
     """IPython's words for a match's kind: module, class, function, keyword, instance."""
     import keyword
@@ -634,16 +647,7 @@ class Guest:
             prefix = (key or quoted).group("prefix")  # type: ignore[union-attr]
             found = _dict_keys(key.group("head"), prefix, self.namespace) if key else _paths(prefix)
             kind = "dict key" if key else "path"
-            start = cursor - len(prefix)
-            matches = sorted(set(found))[:500]
-            typed = [{"start": start, "end": cursor, "text": m, "type": kind, "signature": ""} for m in matches]
-            return {
-                "status": "ok",
-                "matches": matches,
-                "cursor_start": start,
-                "cursor_end": cursor,
-                "metadata": {"_jupyter_types_experimental": typed},
-            }
+            return _completion_reply(found, cursor - len(prefix), cursor, lambda _: kind)
         if _IMPORT.match(line):
             # As IPython's module completer: module names, not the namespace's (import o -> os, not object).
             candidates = _module_names(token)
@@ -662,26 +666,9 @@ class Guest:
         else:
             names = set(self.namespace) | set(dir(builtins)) | set(keyword.kwlist)
             candidates = [name for name in names if name.startswith(token) and not name.startswith("__")]
-        matches = sorted(set(candidates))[:500]
-        start = cursor - len(token)
-        # The shape IPython gives JupyterLab: one typed entry per match.
-        typed = [
-            {
-                "start": start,
-                "end": cursor,
-                "text": match,
-                "type": _completion_type(match, self.namespace),
-                "signature": "",
-            }
-            for match in matches
-        ]
-        return {
-            "status": "ok",
-            "matches": matches,
-            "cursor_start": start,
-            "cursor_end": cursor,
-            "metadata": {"_jupyter_types_experimental": typed},
-        }
+        return _completion_reply(
+            candidates, cursor - len(token), cursor, lambda match: _completion_type(match, self.namespace)
+        )
 
     def inspect(self, code: str, cursor: int, detail_level: int) -> dict[str, Any]:
         import inspect

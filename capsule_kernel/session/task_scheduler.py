@@ -57,6 +57,15 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _LAUNCH_LIMITS = ("memory", "disk", "network", "files", "procs")
 
 
+def _never_ran(run: TaskRun, failure: Failure) -> task_runner.Outcome:
+    """The outcome of a task that failed before any attempt (refused, or its code unreadable)."""
+    envelope = task_envelope.build(
+        name=run.name, task_id=run.key, sandbox=run.spec.kind, attempts=[], started_at=time.time(),
+        duration_ms=0, result=None, failure=failure, fuel=None, peak_memory=None,
+    )  # fmt: skip
+    return task_runner.Outcome(envelope)
+
+
 def failure_text(envelope: dict[str, Any]) -> str:
     """The evalue of a TaskFailed (capsule_kernel.tasks.TaskFailed says the same in the notebook)."""
     error = envelope["error"]
@@ -480,11 +489,7 @@ class TaskScheduler:
         return entries, digests
 
     async def _refused(self, run: TaskRun, failure: Failure) -> None:
-        envelope = task_envelope.build(
-            name=run.name, task_id=run.key, sandbox=run.spec.kind, attempts=[], started_at=time.time(),
-            duration_ms=0, result=None, failure=failure, fuel=None, peak_memory=None,
-        )  # fmt: skip
-        run.outcome = task_runner.Outcome(envelope)
+        run.outcome = _never_ran(run, failure)
         self._finished(run)
 
     async def _run(self, run: TaskRun, first_attempt: int) -> None:
@@ -520,13 +525,8 @@ class TaskScheduler:
             record = self._record(run.key)
             code = record.spec.get("code") if record is not None else None
             if not isinstance(code, str) or not code:
-                failure = Failure("refused", "its code could not be read back from its task record")
-                run.outcome = task_runner.Outcome(
-                    task_envelope.build(
-                        name=run.name, task_id=run.key, sandbox=spec.kind, attempts=[], started_at=time.time(),
-                        duration_ms=0, result=None, failure=failure, fuel=None, peak_memory=None,
-                    )
-                )  # fmt: skip
+                unreadable = Failure("refused", "its code could not be read back from its task record")
+                run.outcome = _never_ran(run, unreadable)
                 return  # _run's finally records it as failed
             spec = replace(spec, code=code)  # in memory while it runs (counted in the budget throughout)
         run.outcome = await task_runner.run(
@@ -540,14 +540,9 @@ class TaskScheduler:
         )
 
     def _finished(self, run: TaskRun) -> None:
-        envelope = run.envelope
-        if envelope is None:  # cancelled before it started
-            envelope = task_envelope.build(
-                name=run.name, task_id=run.key, sandbox=run.spec.kind, attempts=[], started_at=time.time(),
-                duration_ms=0, result=None, failure=Failure("cancelled", "the task was cancelled before it started"),
-                fuel=None, peak_memory=None,
-            )  # fmt: skip
-            run.outcome = task_runner.Outcome(envelope)
+        if run.outcome is None:  # cancelled before it started
+            run.outcome = _never_ran(run, Failure("cancelled", "the task was cancelled before it started"))
+        envelope = run.outcome.envelope
         error = envelope["error"]
         state = "succeeded" if error is None else ("cancelled" if error["type"] == "cancelled" else "failed")
         run.state = state

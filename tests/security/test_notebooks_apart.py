@@ -88,10 +88,8 @@ def test_a_later_cell_naming_a_vscode_notebook_path_does_not_open_its_session(tm
         attacker.close()
 
 
-def test_a_checkpoint_switched_in_by_another_notebook_is_not_resumed_unasked(tmp_path):
-    """Even where the operator lets notebooks switch sessions, the owner never loads the other's pickle unasked."""
-    victim_env, victim_cwd = _victim_with_secret(tmp_path)
-    marker = victim_cwd / "pwned"
+def _attacker_switches_in(tmp_path: Path, victim_env: dict[str, str], marker: Path) -> dict[str, str]:
+    """Notebook B, allowed to switch sessions, leaves a checkpoint holding a reduce payload in A's session."""
     env, cwd = _notebook(tmp_path, "b", 'notebook_may_widen = ["session"]\n')
     attacker = start_kernel(env=env, cwd=cwd)
     try:
@@ -100,6 +98,14 @@ def test_a_checkpoint_switched_in_by_another_notebook_is_not_resumed_unasked(tmp
         _checkpointed(attacker, 2)
     finally:
         attacker.close()
+    return env
+
+
+def test_a_checkpoint_switched_in_by_another_notebook_is_not_resumed_unasked(tmp_path):
+    """Even where the operator lets notebooks switch sessions, the owner never loads the other's pickle unasked."""
+    victim_env, victim_cwd = _victim_with_secret(tmp_path)
+    marker = victim_cwd / "pwned"
+    env = _attacker_switches_in(tmp_path, victim_env, marker)
     assert not marker.exists()
     victim = start_kernel(env=victim_env, cwd=victim_cwd)
     try:
@@ -122,14 +128,7 @@ def test_auto_resume_does_not_load_a_checkpoint_another_notebook_switched_in(tmp
     victim_env, victim_cwd = _victim_with_secret(tmp_path)
     (victim_cwd / "capsule.toml").write_text("auto_resume = true\n")
     marker = victim_cwd / "pwned-auto"
-    env, cwd = _notebook(tmp_path, "b", 'notebook_may_widen = ["session"]\n')
-    attacker = start_kernel(env=env, cwd=cwd)
-    try:
-        attacker.execute(f"%capsule session {victim_env['JPY_SESSION_NAME']}")
-        attacker.execute(PAYLOAD.format(marker=str(marker)))
-        _checkpointed(attacker, 2)
-    finally:
-        attacker.close()
+    _attacker_switches_in(tmp_path, victim_env, marker)
     victim = start_kernel(env=victim_env, cwd=victim_cwd)
     try:
         notice = victim.execute("1").texts()
@@ -228,10 +227,7 @@ def test_another_notebook_cannot_replace_a_tasks_record_with_its_pickle(tmp_path
 
 # -- a mount is bound as it was checked ------------------------------------------------------
 
-SWAP = (
-    "import os\nos.rename({sub!r}, {sub!r} + '.old')\nos.symlink({secret!r}, {sub!r})\n"
-    "os.path.islink({sub!r})"
-)
+SWAP = "import os\nos.rename({sub!r}, {sub!r} + '.old')\nos.symlink({secret!r}, {sub!r})\nos.path.islink({sub!r})"
 PEEK = "import os\nsorted(os.listdir({sub!r})) if os.path.isdir({sub!r}) else 'absent'"
 
 
@@ -245,7 +241,7 @@ def _mount_setting(tmp_path: Path) -> tuple[Path, Path, Path]:
     secret.mkdir()
     (secret / "secret.txt").write_text(SECRET)
     cwd.mkdir()
-    (cwd / "capsule.toml").write_text(f'[fs_access]\nwrite = [{str(data)!r}]\n')
+    (cwd / "capsule.toml").write_text(f"[fs_access]\nwrite = [{str(data)!r}]\n")
     return cwd, data / "sub", secret
 
 
@@ -283,7 +279,8 @@ def test_a_task_mount_swapped_for_a_link_while_it_waits_is_not_bound(fresh_kerne
     # The one slot is taken until the gate file appears; the second task waits for it, already checked.
     kernel.execute(
         "%%capsule task blocker --sandbox subprocess --background\n"
-        f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n1"
+        f"import os, time\ndeadline = time.monotonic() + 120\n"
+        f"while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:\n    time.sleep(0.05)\n1"
     )
     waiting = kernel.execute(
         f"%%capsule task peek --sandbox {kind} --background --mount {sub}\n{PEEK.format(sub=str(sub))}"
@@ -330,8 +327,7 @@ def test_a_flood_of_forged_input_requests_opens_one_prompt(fresh_kernel, tmp_pat
     from tests.security.test_trust_boundary import FORGE
 
     flood = kernel.execute(
-        FORGE
-        + "for i in range(2000):\n"
+        FORGE + "for i in range(2000):\n"
         "    forge({'type': 'input_request', 'id': 10_000 + i, 'prompt': 'p', 'password': False})\n"
         "value = input('real? ')\nprint(repr(value))",
         stdin_answer=answer,

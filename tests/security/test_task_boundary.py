@@ -102,7 +102,8 @@ def test_queued_task_payloads_cannot_grow_the_kernel_without_bound(fresh_kernel,
     flood = kernel.execute(
         "import os\nfrom capsule_kernel.tasks import task\n"
         "@task(sandbox='subprocess')\n"
-        f"def hold(blob):\n    import os, time\n    while not os.path.exists({str(gate)!r}):\n"
+        f"def hold(blob):\n    import os, time\n    deadline = time.monotonic() + 240\n"
+        f"    while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:\n"
         "        time.sleep(0.05)\n    return len(blob)\n"
         "handles, refused = [], []\n"
         "for i in range(40):\n"
