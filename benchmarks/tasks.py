@@ -102,7 +102,7 @@ def fresh_wasm_instances(count: int) -> list[float]:
     """A new store and instance of python.wasm per task, running `print(x + 1)` (module compiled once, cached)."""
     import wasmtime
 
-    from capsule_kernel.sandbox import wasm_runtime
+    from capsule_kernel.wasm_host import runtime as wasm_runtime
 
     runtime = wasm_runtime.find_runtime()
     engine = wasmtime.Engine(wasm_runtime.engine_config())

@@ -61,7 +61,7 @@ def first_wasm_cell(cache: Path) -> float:
 
 
 def analyzer_cost(repeats: int = 200) -> dict[str, float]:
-    from capsule_kernel.analyzer import Analyzer
+    from capsule_kernel.kernel.analyzer import Analyzer
 
     lines = []
     for i in range(40):

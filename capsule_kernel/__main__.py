@@ -40,7 +40,7 @@ def main() -> None:
     harden()
     from ipykernel.kernelapp import IPKernelApp
 
-    from capsule_kernel.kernel import CapsuleKernel
+    from capsule_kernel.kernel.face import CapsuleKernel
 
     IPKernelApp.launch_instance(kernel_class=CapsuleKernel)
 

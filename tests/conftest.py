@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-from capsule_kernel.cli import build_kernelspec
+from capsule_kernel.client.cli import build_kernelspec
 from tests.harness import KernelHarness, start_kernel
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -53,7 +53,7 @@ class ResonateProtocolServer:
         self._loop.close()
 
     async def _main(self) -> None:
-        from capsule_kernel.checkpoint.promises import JournaledLocalConnection
+        from capsule_kernel.kernel.checkpoint.promises import JournaledLocalConnection
 
         self._stopping = asyncio.Event()
         backend = JournaledLocalConnection(self.db_path, pid="server", group="server")

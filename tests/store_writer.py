@@ -12,8 +12,8 @@ import random
 import sys
 from pathlib import Path
 
-from capsule_kernel.checkpoint import snapshot
-from capsule_kernel.checkpoint.store import CheckpointStore
+from capsule_kernel.inside import snapshot
+from capsule_kernel.kernel.checkpoint.store import CheckpointStore
 
 
 def main() -> None:

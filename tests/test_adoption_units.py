@@ -6,10 +6,10 @@ import asyncio
 import logging
 from pathlib import Path
 
-from capsule_kernel.checkpoint import snapshot
-from capsule_kernel.checkpoint.adoption import adopt_orphans
-from capsule_kernel.checkpoint.store import CheckpointStore, SandboxRecord
-from capsule_kernel.sandbox import frames
+from capsule_kernel.inside import snapshot
+from capsule_kernel.kernel.checkpoint.adoption import adopt_orphans
+from capsule_kernel.kernel.checkpoint.store import CheckpointStore, SandboxRecord
+from capsule_kernel.protocol import frames
 
 GONE_KERNEL = "capsule-4194000-0badc0de"  # a kernel pid near pid_max, which no process here has
 

@@ -12,11 +12,11 @@ import nbformat
 import psutil
 import pytest
 
-from capsule_kernel.checkpoint.store import CheckpointStore, default_home
+from capsule_kernel.kernel.checkpoint.store import CheckpointStore, default_home
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.slow
-CLI = [sys.executable, "-m", "capsule_kernel.cli", "run"]
+CLI = [sys.executable, "-m", "capsule_kernel.client.cli", "run"]
 
 
 def notebook(path: Path, sources: list[str], parameters: str | None = None) -> Path:

@@ -415,7 +415,7 @@ def test_retention_and_gc(fresh_kernel, home, tmp_path):
 
 def promises_in(db: Path, session: str) -> dict[int, object]:
     """Replay a promise journal (a kernel's capsule.sqlite, or the test server's), as a later kernel would."""
-    from capsule_kernel.checkpoint.promises import JournaledLocalConnection
+    from capsule_kernel.kernel.checkpoint.promises import JournaledLocalConnection
 
     connection = JournaledLocalConnection(db)
     try:

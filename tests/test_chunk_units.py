@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from capsule_kernel.checkpoint import chunks, snapshot
-from capsule_kernel.checkpoint.chunks import CHUNK_BYTES, ChunkError, HashingThreads
-from capsule_kernel.checkpoint.store import CheckpointStore
+from capsule_kernel.inside import snapshot
+from capsule_kernel.kernel.checkpoint.store import CheckpointStore
+from capsule_kernel.protocol import chunks
+from capsule_kernel.protocol.chunks import CHUNK_BYTES, ChunkError, HashingThreads
 
 
 def test_bytes_round_trip_through_parallel_reads(tmp_path):
@@ -94,7 +95,7 @@ def test_mapping_a_buffer_of_many_chunks_holds_one_file_open_at_a_time(tmp_path)
     script = f"""
 import os, resource
 from pathlib import Path
-from capsule_kernel.checkpoint import chunks
+from capsule_kernel.protocol import chunks
 chunks.CHUNK_BYTES = 65536
 chunks.MAP_AT_LEAST = 0
 data = os.urandom(65536 * 64 + 100)
@@ -284,7 +285,7 @@ def test_without_blake3_every_chunk_is_named_by_sha256(tmp_path, monkeypatch):
 
 
 def test_the_worker_keeps_the_latest_fingerprints_only(monkeypatch):
-    from capsule_kernel.sandbox import worker_snapshots
+    from capsule_kernel.inside.worker import snapshots as worker_snapshots
 
     monkeypatch.setattr(worker_snapshots, "MAX_FINGERPRINTS", 3)
     snapshots = worker_snapshots.Snapshotter(shell=None, channel=None, chunk_root=None, report_fd=None)
@@ -300,7 +301,7 @@ def test_preload_imports_the_fingerprint_hash_before_any_fork():
     pytest.importorskip("blake3", reason="blake3 is not installed: there is nothing to preload")
     script = (
         "import sys\n"
-        "from capsule_kernel.checkpoint import chunks\n"
+        "from capsule_kernel.protocol import chunks\n"
         "assert 'blake3' not in sys.modules, 'imported too early'\n"
         "chunks.preload()\n"
         "assert 'blake3' in sys.modules\n"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from capsule_kernel.checkpoint.chunks import chunk_path
-from capsule_kernel.checkpoint.store import CheckpointStore
-from capsule_kernel.sandbox import chunk_server, confinement, seccomp, workdir_acl
+from capsule_kernel.kernel.checkpoint.store import CheckpointStore
+from capsule_kernel.kernel.sandbox import chunk_server, confinement, seccomp, workdir_acl
+from capsule_kernel.protocol.chunks import chunk_path
 from tests.harness import wait_until
 
 
@@ -237,8 +237,8 @@ def test_a_malformed_chunk_request_ends_the_sandbox(tmp_path):
 
 
 def test_a_config_file_changed_during_a_cell_is_distrusted(tmp_path, monkeypatch):
-    from capsule_kernel.policy_files import PolicyFileWatch
-    from capsule_kernel.sandbox.limits import find_config_file
+    from capsule_kernel.kernel.limit_settings import find_config_file
+    from capsule_kernel.kernel.policy_files import PolicyFileWatch
 
     home = tmp_path / "home"
     work = tmp_path / "work"
@@ -264,8 +264,8 @@ def test_a_same_size_rewrite_with_its_old_mtime_is_still_seen(tmp_path, monkeypa
     """
     import time
 
-    from capsule_kernel import policy_files
-    from capsule_kernel.policy_files import PolicyFileWatch
+    from capsule_kernel.kernel import policy_files
+    from capsule_kernel.kernel.policy_files import PolicyFileWatch
 
     home, work = tmp_path / "home", tmp_path / "work"
     work.mkdir()
@@ -292,7 +292,7 @@ def test_a_same_size_rewrite_with_its_old_mtime_is_still_seen(tmp_path, monkeypa
 
 def test_a_file_changed_within_the_ctime_tick_is_hashed_again(tmp_path):
     """A ctime close to now may hide a second write in the same clock tick: such a file is always re-hashed."""
-    from capsule_kernel.policy_files import PolicyFileWatch
+    from capsule_kernel.kernel.policy_files import PolicyFileWatch
 
     work = tmp_path / "work"
     work.mkdir()

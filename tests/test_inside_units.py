@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from capsule_kernel.sandbox.inside.ledger import SnapshotLedger, clear_for_replace
-from capsule_kernel.sandbox.inside.requests import RequestTable
-from capsule_kernel.sandbox.inside.stops import CellTimeout, CPULimitExceeded, cpu_stop, timeout_stop
-from capsule_kernel.sandbox.inside.streams import FrameStream
+from capsule_kernel.inside.ledger import SnapshotLedger, clear_for_replace
+from capsule_kernel.inside.requests import RequestTable
+from capsule_kernel.inside.stops import CellTimeout, CPULimitExceeded, cpu_stop, timeout_stop
+from capsule_kernel.inside.streams import FrameStream
 
 
 def test_stops_name_the_limit_and_are_not_exceptions_user_code_catches():

@@ -33,7 +33,7 @@ def test_frames_are_json_not_pickles():
 
     import pytest
 
-    from capsule_kernel.sandbox import frames
+    from capsule_kernel.protocol import frames
 
     body = pickle.dumps({"type": "stream"})
     frame = frames.HEADER.pack(len(body)) + body

@@ -7,9 +7,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.sandbox.limits import default_limits
-from capsule_kernel.sandbox.subprocess import SubprocessSandbox
-from capsule_kernel.session.controller import Cell
+from capsule_kernel.kernel.sandbox.subprocess import SubprocessSandbox
+from capsule_kernel.kernel.session.controller import Cell
+from capsule_kernel.protocol.limits import default_limits
 
 
 def _sandbox(tmp_path: Path, events: list[dict[str, Any]]) -> SubprocessSandbox:

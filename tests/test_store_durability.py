@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from capsule_kernel.checkpoint import snapshot
-from capsule_kernel.checkpoint.store import CheckpointStore
+from capsule_kernel.inside import snapshot
+from capsule_kernel.kernel.checkpoint.store import CheckpointStore
 
 ROOT = Path(__file__).resolve().parent.parent
 KILLS = 50

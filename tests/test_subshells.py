@@ -215,7 +215,7 @@ def test_a_subshells_cell_blocked_past_its_limit_takes_the_sandbox_down_not_the_
 
 
 def _alive(pid: int) -> bool:
-    from capsule_kernel.sandbox.deaths import process_exists
+    from capsule_kernel.protocol.deaths import process_exists
 
     return process_exists(pid)
 

@@ -8,7 +8,7 @@ import time
 import jsonschema
 import pytest
 
-from capsule_kernel.session.task_envelope import schema
+from capsule_kernel.kernel.tasks.envelope import schema
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.slow
@@ -253,12 +253,12 @@ def test_task_api_options_are_checked_by_the_kernel(fresh_kernel):
     assert refused.status == "error" and "above the operator's" in refused.texts()
     # A forged frame asking for a mount or an unknown option is refused too.
     forged = kernel.execute(
-        "from capsule_kernel import tasks\n"
+        "from capsule_kernel.inside import tasks\n"
         "tasks._kernel('submit', {'name': 'x', 'payload': 'AA==', 'options': {'mount': ['/']}})"
     )
     assert forged.status == "error" and "unknown @task option" in forged.texts()
     injected = kernel.execute(
-        "from capsule_kernel import tasks\n"
+        "from capsule_kernel.inside import tasks\n"
         "tasks._kernel('submit', {'name': 'x', 'payload': \"')\\nimport os\\n#\", 'options': {}})"
     )
     assert injected.status == "error" and "not base64" in injected.texts()
@@ -266,7 +266,7 @@ def test_task_api_options_are_checked_by_the_kernel(fresh_kernel):
 
 def test_a_record_written_without_a_spec_keeps_the_stored_one(tmp_path):
     """A queued task's code lives in its record (spilled): later state changes must not lose it."""
-    from capsule_kernel.checkpoint.task_records import TaskRecords
+    from capsule_kernel.kernel.checkpoint.task_records import TaskRecords
 
     records = TaskRecords(tmp_path)
     spec = {"name": "t", "code": "x = 1\n" * 1000}

@@ -6,14 +6,14 @@ import os
 
 import pytest
 
-from capsule_kernel.analyzer import Analyzer
-from capsule_kernel.magics import MagicUsageError, capsule_lines
-from capsule_kernel.sandbox import frames
-from capsule_kernel.sandbox.deaths import describe_exit
-from capsule_kernel.sandbox.limits import (
+from capsule_kernel.kernel.analyzer import Analyzer
+from capsule_kernel.kernel.limit_settings import LimitSettings
+from capsule_kernel.kernel.magics import MagicUsageError, capsule_lines
+from capsule_kernel.protocol import frames
+from capsule_kernel.protocol.deaths import describe_exit
+from capsule_kernel.protocol.limits import (
     LimitError,
     Limits,
-    LimitSettings,
     format_duration,
     format_size,
     parse_count,

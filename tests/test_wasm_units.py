@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from capsule_kernel.analyzer import Analyzer
-from capsule_kernel.router import REFUSED, route
-from capsule_kernel.sandbox.limits import LimitError, parse_fuel
-from capsule_kernel.sandbox.wasm_runtime import RuntimeUnavailable, cache_key, find_runtime
+from capsule_kernel.kernel.analyzer import Analyzer
+from capsule_kernel.kernel.router import REFUSED, route
+from capsule_kernel.protocol.limits import LimitError, parse_fuel
+from capsule_kernel.wasm_host.runtime import RuntimeUnavailable, cache_key, find_runtime
 
 
 def test_default_runtime_is_the_pinned_package_data():

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow
 PLANT = r"""
 import os, stat
 from pathlib import Path
-from capsule_kernel.checkpoint import snapshot
-from capsule_kernel.sandbox import frames
+from capsule_kernel.inside import snapshot
+from capsule_kernel.protocol import frames
 spool = Path("/run/capsule/spool")
 journal = spool / frames.JOURNAL_DIR
 journal.mkdir(exist_ok=True)
@@ -82,7 +82,7 @@ def test_planted_journal_entries_are_not_believed_by_the_next_kernel(tmp_path):
 
 def test_a_cell_that_ignores_interrupts_does_not_outlive_its_dead_kernel_past_the_keepers_bound(tmp_path):
     """The sandbox may outlive its kernel to finish a snapshot, not to go on running a cell."""
-    from capsule_kernel.sandbox.launch import KEEPER_LINGER_SECONDS
+    from capsule_kernel.kernel.sandbox.launch import KEEPER_LINGER_SECONDS
 
     kernel = start_kernel(env={"CAPSULE_HOME": str(tmp_path / "home")}, cwd=tmp_path)
     try:

@@ -297,7 +297,7 @@ def test_a_task_mount_swapped_for_a_link_while_it_waits_is_not_bound(fresh_kerne
 
 
 def test_the_kernels_table_of_open_comms_is_bounded(fresh_kernel, tmp_path):
-    from capsule_kernel.session import relay
+    from capsule_kernel.kernel.session import relay
 
     max_open = getattr(relay, "MAX_OPEN_COMMS", 10_000)
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(tmp_path / "home")}, cwd=tmp_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from capsule_kernel.sandbox.deaths import process_exists
+from capsule_kernel.protocol.deaths import process_exists
 from tests.harness import start_kernel, wait_until
 from tests.security.helpers import kernel_pid, status_field
 
@@ -449,7 +449,7 @@ class Poison:
     def __init__(self):
         self.armed = True
     def __setstate__(self, state):
-        from capsule_kernel.sandbox import worker_shell
+        from capsule_kernel.inside.worker import shell as worker_shell
         worker_shell._RESTORED_COMMS.append(object())
         worker_shell.revive_comms = lambda *args: {
             "reconnected": ["W" * 1000] * 2000,

@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-CLI = [sys.executable, "-m", "capsule_kernel.cli", "run"]
+CLI = [sys.executable, "-m", "capsule_kernel.client.cli", "run"]
 USER_FILE = "# the user's own shell start-up file\n"
 
 

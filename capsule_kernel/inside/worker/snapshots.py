@@ -1,0 +1,466 @@
+"""Checkpointing INSIDE the subprocess sandbox: fork, serialize in the child.
+
+After a successful cell the worker forks. The child, a copy-on-write image of
+the namespace frozen at that instant, pickles what may have changed into the
+chunk store and reports a JSON manifest; the parent answers the kernel at
+once and runs the next cell while the child works (Redis saves the same
+way).
+
+Short cells that end while a snapshot is still running are not snapshotted
+one by one: they are deferred, and one coalesced snapshot covers them all, taken
+when the worker has been idle for IDLE_SECONDS, before any request that is
+not a cell, when the kernel's pipe closes, or, back to back, before the next
+cell once the oldest deferred cell is max_delay old or max_cells are
+deferred ([checkpoints] coalesce and coalesce_cells). So a program sending cells back to back pays for a snapshot
+about once a second instead of once a cell, and a crash loses at most the
+cells since the last snapshot that landed, which the kernel names (it
+knows which cells were deferred: "done" says so). A cell that ran longer is
+snapshotted as soon as it ends, with the deferred cells before it.
+
+A snapshot compares against the digests of the one before. A chained
+snapshot (forked while the one before still runs, waiting for its digests)
+is what a coalesced snapshot taken before that one has come back becomes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterable
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from capsule_kernel.inside import snapshot
+from capsule_kernel.inside.ledger import SnapshotLedger, clear_for_replace
+from capsule_kernel.inside.worker.channel import FrameChannel
+from capsule_kernel.protocol import chunks, frames
+from capsule_kernel.protocol.chunks import HashingThreads
+from capsule_kernel.protocol.deaths import process_exists
+
+_ABSENT = object()
+
+Plan = tuple[list[str], list[str], dict[str, int], dict[str, str]]
+# Each stands for a chunk of at least 1 MiB: 16384 cover 16 GiB of large values.
+MAX_FINGERPRINTS = 16384
+# Coalescing: a worker idle this long takes the deferred snapshot ...
+IDLE_SECONDS = 0.05
+# Only a cell that ran less than this is ever deferred.
+SHORT_CELL_SECONDS = 0.1
+# Snapshot children run at this niceness: on a busy CPU the cells that follow come first.
+SNAPSHOT_NICENESS = 10
+
+
+class Snapshotter:
+    idle_seconds = IDLE_SECONDS
+    # Back to back, a deferred cell waits at most this long, or this many cells, for its
+    # snapshot (the kernel's [checkpoints] coalesce and coalesce_cells settings).
+    max_delay = 1.0
+    max_cells = 64
+    def __init__(
+        self,
+        shell: Any,
+        channel: FrameChannel,
+        chunk_root: str | None,
+        report_fd: int | None,
+        source: chunks.ChunkSource | None = None,
+    ) -> None:
+        self.shell = shell
+        self.channel = channel
+        # Snapshots write new chunks into `chunk_root`, the sandbox's private
+        # spool, which the kernel empties into the store; restores read
+        # chunks from `source` (descriptors from the kernel), never the store.
+        self.source = source
+        # Snapshot children report to the kernel on their own pipe, so a
+        # snapshot in flight still lands if this worker dies meanwhile.
+        self.report_fd = report_fd
+        self.root = Path(chunk_root) if chunk_root else None
+        # Digests as of the last snapshot whose digests came back; ids at the latest fork.
+        self.ledger = SnapshotLedger()
+        # Fingerprints of recent large chunks -> their names (chunks.fingerprint).
+        self.fingerprints: dict[str, str] = {}
+        self._changed = threading.Condition()
+        self._unlearned = 0  # children whose digests have not come back
+        self._latest_pid = 0
+        self._chained_fd: int | None = None  # pipe to a child waiting for those digests
+        # Cells whose snapshot is deferred into the next coalesced one, the names they mention, since when.
+        self.deferred: list[int] = []
+        self._deferred_names: set[str] = set()
+        self._deferred_since = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def wait(self) -> None:
+        """Block until every snapshot has told us its digests."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._unlearned == 0)
+
+    @property
+    def busy(self) -> bool:
+        """A snapshot runs whose digests have not come back."""
+        return self._unlearned > 0
+
+    def after_cell(self, execution_count: int, candidates: list[str], ran: float) -> tuple[str, list[str], Plan | None]:
+        """What follows a good cell: ("take", names, plan), ("defer", [], None) or ("none", [], None).
+
+        A short cell (it ran under SHORT_CELL_SECONDS) that ends while a
+        snapshot runs, or after deferred cells, is deferred into the next
+        coalesced snapshot: it is cheap to run again should it be lost. Any
+        other cell is snapshotted at once (a person's pace: each cell its own
+        checkpoint), together with the cells deferred before it.
+        """
+        if self.root is None:
+            return "none", [], None
+        if (self.deferred or self.busy) and ran < SHORT_CELL_SECONDS:
+            self._defer(execution_count, candidates)
+            return "defer", [], None
+        names = sorted(self._deferred_names.union(candidates))
+        plan = self.plan(names)
+        if plan is None and self.deferred:
+            self._defer(execution_count, candidates)  # nothing changed; the deferred ones still need a word
+            return "defer", [], None
+        self.deferred, self._deferred_names = [], set()
+        return ("take", names, plan) if plan else ("none", [], None)
+
+    def _defer(self, execution_count: int, candidates: list[str]) -> None:
+        if not self.deferred:
+            self._deferred_since = time.monotonic()
+        self.deferred.append(execution_count)
+        self._deferred_names.update(candidates)
+
+    def overdue(self) -> bool:
+        """The deferred cells have waited long enough: snapshot them before the next cell."""
+        return len(self.deferred) >= self.max_cells or time.monotonic() - self._deferred_since >= self.max_delay
+
+    def flush(self) -> None:
+        """Take the coalesced snapshot of the deferred cells (between cells, in the worker's main thread).
+
+        It is named after the last of them; the kernel knows which cells it
+        covers. If nothing they touched changed, say so instead.
+        """
+        if not self.deferred:
+            return
+        with self._changed:
+            self._changed.wait_for(lambda: self._unlearned < 2)
+        last, names = self.deferred[-1], sorted(self._deferred_names)
+        self.deferred, self._deferred_names = [], set()
+        plan = self.plan(names)
+        if plan:
+            self.take(last, plan, names)
+        else:
+            assert self.root is not None
+            unchanged = {"type": "snapshot", "execution_count": last, "entries": {}, "removed": [], "written": 0}
+            with contextlib.suppress(OSError):
+                frames.journal(self.root, unchanged)
+            self.channel.send({"type": "snapshot_unchanged", "execution_count": last})
+
+    def forget(self) -> None:
+        """The next snapshot saves every name (a new session starts full)."""
+        self.flush()
+        self.wait()
+        self.ledger.forget()
+        self.fingerprints.clear()
+
+    def names(self) -> list[str]:
+        """The names a checkpoint of this namespace would hold."""
+        return snapshot.saveable_names(self.shell.user_ns, self._hidden())
+
+    def plan(self, candidates: list[str]) -> Plan | None:
+        """What the next snapshot must look at; None when nothing can have changed.
+
+        With a snapshot in flight the digests here may be one cell old; that
+        only ever adds names to look at (the chained child plans again with
+        the fresh ones), so None still means nothing changed.
+        """
+        if self.root is None:
+            return None
+        with self._changed:  # the collector thread merges digests under it
+            self._changed.wait_for(lambda: self._unlearned < 2)
+            return snapshot.changed_names(
+                self.shell.user_ns,
+                self._hidden(),
+                self.ledger.ids,
+                self.ledger.sizes,
+                self.ledger.digests,
+                candidates,
+            )
+
+    def take(self, execution_count: int, plan: Plan, candidates: list[str]) -> None:
+        """Fork; the child snapshots while this process serves on."""
+        namespace = self.shell.user_ns
+        _track_notebook_classes(namespace[name] for name in plan[0] if name in namespace)
+        chunks.preload()  # imported once (cached) in this process; children inherit it
+        read_fd, write_fd = os.pipe()
+        state_read, state_write = os.pipe()
+        # Under the lock, so a collector cannot pass on digests (and close the
+        # pipe) between deciding to chain and the fork; the child never
+        # touches this lock.
+        with self._changed:
+            chained = self._unlearned > 0
+            if chained:
+                self._chained_fd = state_write
+            worker_pid = os.getpid()
+            with warnings.catch_warnings():
+                # fork with threads: the child starts its own (HashingThreads) and uses no inherited lock
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:
+                os.close(read_fd)
+                os.close(state_write)
+                if not chained:
+                    os.close(state_read)
+                    state_read = -1
+                # The child's copies of digests/sizes are frozen by the fork.
+                known = (self.ledger.ids, self.ledger.digests, self.ledger.sizes)
+                chain = (state_read, worker_pid, self._latest_pid)
+                self._child(namespace, execution_count, candidates, known, chain, write_fd)
+            self._unlearned += 1
+            self._latest_pid = pid
+            self.ledger.ids = plan[2]
+        os.close(write_fd)
+        os.close(state_read)
+        if not chained:
+            os.close(state_write)
+        self.channel.send({"type": "snapshot_started", "execution_count": execution_count, "pid": pid})
+        threading.Thread(target=self._collect, args=(pid, read_fd), name="capsule-snapshot", daemon=True).start()
+
+    def _child(
+        self,
+        namespace: dict[str, Any],
+        execution_count: int,
+        candidates: list[str],
+        known: tuple[dict[str, int], dict[str, str], dict[str, int]],
+        chain: tuple[int, int, int],
+        digest_fd: int,
+    ) -> None:
+        """Plan and take one snapshot; `chain` is (pipe to wait on or -1, the worker's pid, the previous child's)."""
+        known_ids, digests, sizes = known
+        state_fd, worker_pid, predecessor = chain
+        status = 1
+        learned: dict[str, Any] = {}
+        removed: list[str] = []
+        fingerprints: dict[str, str] = {}
+        try:
+            # Background work: the next cells (the worker, the kernel) come first on a busy CPU.
+            with contextlib.suppress(OSError):
+                os.nice(SNAPSHOT_NICENESS)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for signum in (signal.SIGUSR2, signal.SIGXCPU):
+                signal.signal(signum, signal.SIG_DFL)
+            # Locks of the parent's threads may be held: never print or use the channel here.
+            sys.stdout = sys.stderr = io.StringIO()
+            self.channel.close_after_fork()
+            assert self.root is not None
+            complete = False
+            if state_fd >= 0:
+                # Chained: wait for the previous snapshot's outcome.
+                state = _wait_for_frame(state_fd, worker_pid)
+                if state is None:
+                    # The worker died before passing it on: what the store
+                    # holds is unknown, so save every name and say the list
+                    # is whole (names missing from it were deleted). Report
+                    # after the previous snapshot, which is recorded first.
+                    state, complete = {"ok": False}, True
+                    _wait_until_gone(predecessor)
+                digests, sizes = state.get("digests", {}), state.get("sizes", {})
+                if not state.get("ok"):
+                    known_ids = {}  # it failed: compare everything
+            # Planned here, not in the parent: these are the digests as of the fork (or the chain).
+            plan = snapshot.changed_names(
+                namespace, self._hidden(), known_ids, sizes, digests, candidates
+            )
+            todo, removed, _, aliases = plan if plan else ([], [], {}, {})
+            previous = {name: digests[name] for name in todo if name in digests}
+            with HashingThreads() as pool:
+                result = snapshot.take(
+                    namespace, todo, previous, self.root, pool.map, aliases, self.fingerprints, durable=False
+                )
+            report = {
+                "type": "snapshot",
+                "execution_count": execution_count,
+                "entries": result["entries"],
+                "removed": removed,
+                "written": result["written"],
+                "complete": complete,
+            }
+            learned = {name: [entry.get("digest"), entry.get("size", 0)] for name, entry in result["entries"].items()}
+            fingerprints = result["fingerprints"]
+            status = 0
+        except BaseException as err:  # noqa: BLE001 - report, never raise, in a forked child
+            report = {
+                "type": "snapshot_failed",
+                "execution_count": execution_count,
+                "reason": f"{type(err).__name__}: {err}",
+            }
+        try:
+            if status == 0:
+                # First in the journal: if the kernel dies now, the next kernel adopts it from there.
+                with contextlib.suppress(OSError):
+                    frames.journal(self.root, report)
+            if self.report_fd is not None:
+                frames.write_frame(self.report_fd, report)
+            outcome = {"ok": status == 0, "digests": learned, "removed": removed, "fingerprints": fingerprints}
+            _write_all(digest_fd, json.dumps(outcome).encode())
+            # Close before exiting: tearing down a large copy-on-write address
+            # space takes a while, and the parent only needs the digests.
+            os.close(digest_fd)
+        finally:
+            os._exit(status)
+
+    def _collect(self, pid: int, read_fd: int) -> None:
+        """Learn the new digests from the child, pass them on to a chained child, reap it."""
+        forward, state, result = None, b"", {}
+        try:
+            result = self._read_digests(read_fd)
+        finally:
+            with self._changed:
+                ok = self._learn(result, pid)
+                self._unlearned -= 1
+                forward, self._chained_fd = self._chained_fd, None
+                if forward is not None:
+                    state = frames.encode(
+                        {"type": "digests", "ok": ok, "digests": self.ledger.digests, "sizes": self.ledger.sizes}
+                    )
+                self._changed.notify_all()
+        if forward is not None:
+            try:
+                _write_all(forward, state)
+            except OSError:
+                pass  # the chained child died: its own report says so
+            finally:
+                os.close(forward)
+        os.waitpid(pid, 0)
+
+    @staticmethod
+    def _read_digests(read_fd: int) -> dict[str, Any]:
+        with os.fdopen(read_fd, "rb") as pipe:
+            raw = pipe.read()
+        try:
+            return json.loads(raw or b"{}")
+        except ValueError:
+            return {}
+
+    def _learn(self, result: dict[str, Any], pid: int) -> bool:
+        """Merge one child's digests (called under the lock); False if it failed."""
+        if not result.get("ok"):
+            if pid == self._latest_pid:
+                self.ledger.ids = {}  # compare everything next time
+            return False
+        self.ledger.learn(result["digests"], result["removed"])
+        self._remember_fingerprints(result.get("fingerprints") or {})
+        return True
+
+    def _remember_fingerprints(self, seen: dict[str, str]) -> None:
+        """Keep the latest MAX_FINGERPRINTS; a forgotten one costs a SHA-256, never correctness."""
+        for key, digest in seen.items():
+            self.fingerprints.pop(key, None)
+            self.fingerprints[key] = digest
+        for key in list(islice(self.fingerprints, max(0, len(self.fingerprints) - MAX_FINGERPRINTS))):
+            del self.fingerprints[key]
+
+    def _hidden(self) -> set[str]:
+        """Names not saved: IPython's and the profile's start-up names, while they still hold what they held.
+
+        The rule of IPython's %who: a hidden name rebound by a cell is the user's again.
+        """
+        namespace = self.shell.user_ns
+        return {name for name, value in self.shell.user_ns_hidden.items() if namespace.get(name, _ABSENT) is value}
+
+    def restore(self, entries: dict[str, Any], replace: bool) -> dict[str, Any]:
+        """Load a checkpoint into the namespace; report what could not be."""
+        self.flush()
+        self.wait()
+        assert self.source is not None
+        namespace = self.shell.user_ns
+        source = self.source
+        if replace:
+            clear_for_replace(namespace, self.names(), entries)
+        with HashingThreads() as pool:
+            restored, failed = snapshot.load_all(
+                entries, namespace, lambda entry: snapshot.load(entry, source, pool.map, namespace), merge=not replace
+            )
+        self.ledger.restored(entries, restored, namespace, replace=replace)
+        return {"restored": sorted(restored), "failed": failed}
+
+
+def _track_notebook_classes(values: Iterable[Any]) -> None:
+    """Give classes defined in the notebook their cloudpickle tracker id here, before the fork.
+
+    cloudpickle pickles such classes by value with a random id it keeps per
+    process; made in each snapshot child, the id (and so the digest of the
+    class and of every instance) would change every cell, and unchanged
+    values would be saved again and listed as changed. Looks at the values
+    and, for plain containers, their first elements.
+    """
+    from cloudpickle import cloudpickle as internals
+
+    track = getattr(internals, "_get_or_create_tracker_id", None)
+    by_reference = getattr(internals, "_should_pickle_by_reference", None)
+    if track is None or by_reference is None:
+        return
+    seen: set[int] = set()
+
+    def visit(value: Any) -> None:
+        kind = value if isinstance(value, type) else type(value)
+        if id(kind) in seen:
+            return
+        seen.add(id(kind))
+        try:
+            if not by_reference(kind):
+                track(kind)
+        except Exception:  # noqa: BLE001 - best effort; a miss costs a re-save, not correctness
+            pass
+
+    for value in values:
+        visit(value)
+        if isinstance(value, list | tuple | set | frozenset):
+            for item in list(islice(value, 1000)):
+                visit(item)
+        elif isinstance(value, dict):
+            for item in list(islice(value.values(), 1000)):
+                visit(item)
+
+
+def _wait_for_frame(fd: int, parent: int) -> dict[str, Any] | None:
+    """One frame from the parent; None if the parent is gone.
+
+    Not read to end-of-file: a snapshot child forked meanwhile may hold a
+    copy of the pipe's write end, and EOF would never come. While waiting,
+    check now and then that the worker that forked us still lives.
+    """
+    decoder = frames.FrameDecoder()
+    while True:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if not ready:
+            if os.getppid() != parent:
+                return None
+            continue
+        block = os.read(fd, 1 << 20)
+        if not block:
+            return None
+        messages = decoder.feed(block)
+        if messages:
+            return messages[0]
+
+
+def _wait_until_gone(pid: int, timeout: float = 60.0) -> None:
+    """Poll until a process has exited (or is a zombie); give up after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while process_exists(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
