@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -29,94 +28,33 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.kernel.sandbox import chunk_server, crash_dump
+from capsule_kernel.kernel.sandbox import chunk_server
+from capsule_kernel.kernel.sandbox.channel import FrameChannel
 from capsule_kernel.kernel.sandbox.launch import ConfinementRequired, Launch, memory_enforcement
+from capsule_kernel.kernel.sandbox.pipes import (  # noqa: F401 - the names callers import from here
+    SNAPSHOT_PATIENCE_SECONDS,
+    STARTUP_TIMEOUT_SECONDS,
+    SUBSHELL_GRACE_SECONDS,
+    VIOLATION,
+    EventHandler,
+    PreviousCellOverran,
+    SandboxDied,
+    _nonblocking,
+    _Pipe,
+    _ReportPipe,
+    read_available,
+)
+from capsule_kernel.kernel.sandbox.reaping import SandboxReaping
 from capsule_kernel.kernel.settings import DEFAULT_COALESCE_CELLS, DEFAULT_COALESCE_SECONDS, SandboxSettings
 from capsule_kernel.protocol import frames
 from capsule_kernel.protocol.chunks import entry_chunks
-from capsule_kernel.protocol.deaths import describe_exit, process_exists
-from capsule_kernel.protocol.limits import Limits, format_duration, format_size
-
-EventHandler = Callable[[dict[str, Any]], None]
-
-STARTUP_TIMEOUT_SECONDS = 60.0
-# How long a subshell's cell has to stop after its CellTimeout is raised (it may be blocked in C).
-SUBSHELL_GRACE_SECONDS = 5.0
-# How long a dying sandbox may take to let its snapshot children finish.
-SNAPSHOT_PATIENCE_SECONDS = 60.0
+from capsule_kernel.protocol.limits import Limits, format_duration
 
 
-class SandboxDied(Exception):
-    """The worker process ended while the kernel was waiting on it."""
-
-    def __init__(self, reason: str, *, timed_out: bool = False, violation: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.timed_out = timed_out
-        self.violation = violation
-
-
-class PreviousCellOverran(SandboxDied):
-    """The sandbox never took the new cell: the cell before it kept it busy past its own limit.
-
-    The time is charged to that earlier cell (``previous``), not to the cell
-    that was waiting; the sandbox was stopped, and the waiting cell may run
-    in a fresh one.
-    """
-
-    def __init__(self, reason: str, previous: int | None) -> None:
-        super().__init__(reason)
-        self.previous = previous
-
-
-# What the user reads when a sandbox sent something outside the frame vocabulary.
-VIOLATION = "broke the protocol (it sent {what}), so it was stopped"
-
-
-@dataclass
-class _ReportPipe:
-    fd: int
-    decoder: frames.FrameDecoder
-
-
-@dataclass
-class _Pipe:
-    """A raw output pipe of the sandbox (fd-level writes: C code, faulthandler, shell commands)."""
-
-    fd: int
-    name: str
-    decoder: codecs.IncrementalDecoder
-    # Text after the last line end: held back until its line ends, or RAW_LINE_WAIT_SECONDS pass.
-    pending: str = ""
-    timer: asyncio.TimerHandle | None = None
-
-
-# A writer that emits a line in pieces (faulthandler writes a frame's line in several
-# writes) is read in pieces; holding a partial line this long keeps each line in one
-# stream message, while a prompt or a progress bar without a line end still shows.
-RAW_LINE_WAIT_SECONDS = 0.1
-
-
-def read_available(fd: int) -> bytes | None:
-    """What a readable non-blocking pipe holds: None if nothing yet, b"" at its end."""
-    try:
-        return os.read(fd, 1 << 16)
-    except BlockingIOError:
-        return None
-    except OSError:
-        return b""
-
-
-def _nonblocking(fd: int) -> None:
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-
-
-class SandboxProcess(ABC):
+class SandboxProcess(FrameChannel, SandboxReaping, ABC):
     """One sandbox process: start it, run cells in it, bury it.
 
     ``on_event`` receives every output frame (stream, display, error, comm,
@@ -407,10 +345,10 @@ class SandboxProcess(ABC):
     def start_patience(self) -> float:
         """How long past the previous cell's deadline the sandbox may take to pick the next cell up."""
 
-    def _cell_taken(self) -> None:  # noqa: B027 - an optional hook: the Wasm host needs nothing here
+    def _cell_taken(self) -> None:
         """The sandbox said ``started``: the cell before has given it up."""
 
-    def _cell_running(self) -> None:  # noqa: B027 - an optional hook
+    def _cell_running(self) -> None:
         """The cell's budget starts now (after its ``started``)."""
 
     def _on_violation(self, reason: str) -> None:
@@ -589,13 +527,6 @@ class SandboxProcess(ABC):
         finally:
             self._subshell_cells.pop(tag, None)
 
-    def _on_subshell_done(self, message: dict[str, Any]) -> None:
-        future = self._subshell_cells.get(message["subshell"])
-        if future is None or future.done():
-            self._out_of_sequence(f"a 'subshell_done' for subshell {message['subshell']}, which ran no cell")
-            return
-        future.set_result(message["reply"])
-
     async def restore(self, entries: dict[str, Any], *, replace: bool, timeout: float = 600) -> dict[str, Any]:
         """Load checkpoint entries into the namespace; the worker may open their chunks (and only those) meanwhile."""
         serving = self._chunks.serving(entry_chunks(entries)) if self._chunks else contextlib.nullcontext()
@@ -659,342 +590,3 @@ class SandboxProcess(ABC):
 
     # -- reading --------------------------------------------------------------------
 
-    def _on_frames_readable(self) -> None:
-        assert self._from_worker is not None
-        data = read_available(self._from_worker)
-        if data is None:
-            return
-        if not data:
-            self._on_eof()
-            return
-        try:
-            messages = self._decoder.feed(data)
-        except frames.ProtocolError as err:
-            self._on_violation(VIOLATION.format(what=err))
-            self._on_eof()
-            return
-        for message in messages:
-            if self.death_reason is not None and self.process_ended:
-                break  # stopped for an earlier frame of this read: believe nothing after it
-            self._dispatch(message)
-
-    def _on_reports_readable(self) -> None:
-        reports = self._reports
-        assert reports is not None and self._loop is not None
-        data = read_available(reports.fd)
-        if data is None:
-            return
-        if not data:
-            self._forget_fd(reports.fd)
-            self._reports = None
-            return
-        try:
-            messages = reports.decoder.feed(data)
-        except frames.ProtocolError as err:
-            # Written by the sandbox's snapshot children: a broken report is the sandbox breaking the protocol.
-            self._forget_fd(reports.fd)
-            self._reports = None
-            self._give_up_in_flight()
-            self._on_violation(VIOLATION.format(what=f"{err} on its snapshot report pipe"))
-            return
-        for message in messages:
-            count = message["execution_count"]
-            announced = self.snapshots_in_flight.pop(count, None) is not None
-            if not announced:
-                self._reported_early.add(count)  # read before the frame that announces it
-            # Which cells this snapshot holds, reckoned here from the kernel's own bookkeeping: a
-            # coalesced one its deferred cells; one a "done" announced only its cell (a cell that
-            # is not stored in history shares its count with the next, which may be deferred).
-            if count in self._covers:
-                message["covers"] = self._covers.pop(count)
-            else:
-                message["covers"] = [count] if announced else self._take_covers(count)
-            # Where the report's new chunks are, and whose it is: set here, on the
-            # trusted side, over anything the report itself says.
-            message["spool"] = self.spool
-            message["sandbox"] = self.name
-            self.on_event(message)
-
-    async def snapshots_settled(self, timeout: float) -> None:
-        """Wait until every snapshot this worker started has reported or died, and deferred ones were taken.
-
-        A live worker takes the coalesced snapshot of deferred cells once it
-        is idle; a dead one never will: those cells are lost (lost_cells).
-        """
-        deadline = self.clock() + timeout
-        while (self.snapshots_in_flight or self.deferred) and self.clock() < deadline:
-            if self.deferred and not self.snapshots_in_flight and self.process_ended:
-                self._lost.extend(self.deferred)
-                self.deferred = []
-                break
-            if self.snapshots_in_flight and self._reports is None:
-                # Every writer has gone: whatever was written has been read.
-                self._give_up_in_flight()
-                continue
-            for count, pid in list(self.snapshots_in_flight.items()):
-                if pid == 0 and not self.process_ended:
-                    continue  # the worker has not forked it yet
-                if not process_exists(pid):
-                    # Gone: its report, if it wrote one, is in the pipe now.
-                    self._on_reports_readable()
-                    if self.snapshots_in_flight.pop(count, None) is not None:
-                        self._lost.extend(self._covers.pop(count, [count]))
-            await asyncio.sleep(0.01)
-
-    def lost_cells(self) -> list[int]:
-        """Cells that ended well but whose state no snapshot of this sandbox will ever hold (it died first)."""
-        return sorted(set(self._lost))
-
-    def _give_up_in_flight(self) -> None:
-        for count in self.snapshots_in_flight:
-            self._lost.extend(self._covers.pop(count, [count]))
-        self.snapshots_in_flight.clear()
-
-    def _take_covers(self, count: int) -> list[int]:
-        """The cells a snapshot named after `count` holds: it, and all deferred up to it."""
-        covers = [cell for cell in self.deferred if cell < count] + [count]
-        self.deferred = [cell for cell in self.deferred if cell > count]
-        return covers
-
-    def _frame_handlers(self) -> dict[str, Callable[[dict[str, Any]], None]]:
-        """What the kernel does with each frame a sandbox may send it (frames.FRAMES says which)."""
-        forward = self.on_event
-        return {
-            "ready": self._on_ready,
-            "started": self._on_started,
-            "done": self._on_done,
-            "reply": self._on_reply,
-            "snapshot_started": self._on_snapshot_started,
-            "snapshot_unchanged": self._on_snapshot_unchanged,
-            "stream": forward,
-            "display": forward,
-            "clear_output": forward,
-            "execute_result": forward,
-            "error": forward,
-            "comm": forward,
-            "input_request": forward,
-            "magic": forward,
-            "task": forward,
-            "subshell_done": self._on_subshell_done,
-        }
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        handler = self._handlers.get(message["type"])
-        if handler is None:
-            self._on_violation(VIOLATION.format(what=f"a {message['type']!r} frame on its frame pipe"))
-            return
-        tag = message.get("subshell")
-        if tag is not None and tag not in self._subshells_given:
-            self._out_of_sequence(f"output for subshell {tag}, which it was never given")
-            return
-        if tag is not None and tag not in self.subshells_open and message["type"] != "subshell_done":
-            return  # what a deleted subshell's thread still said: nobody asked for it any more
-        handler(message)
-
-    def _out_of_sequence(self, what: str) -> None:
-        self._on_violation(VIOLATION.format(what=f"{what}, out of sequence"))
-
-    def _on_ready(self, message: dict[str, Any]) -> None:
-        if self._ready is None or self._ready.done():
-            self._out_of_sequence("a second 'ready'")
-            return
-        self._ready.set_result(message)
-
-    def _on_started(self, message: dict[str, Any]) -> None:
-        if self._started is None or self._started.done() or message["execution_count"] != self._cell_count:
-            self._out_of_sequence("a 'started' for no cell it was given")
-            return
-        self._cell_taken()
-        self._started.set_result(True)
-
-    def _on_done(self, message: dict[str, Any]) -> None:
-        if self._done is None or self._done.done() or self._started is None or not self._started.done():
-            self._out_of_sequence("a 'done' while no cell of its ran")
-            return
-        snapshot = message.get("snapshot")
-        if snapshot is not None and snapshot != self._cell_count:
-            self._out_of_sequence(f"a 'done' announcing a snapshot of cell [{snapshot}]")
-            return
-        # Everything the cell wrote to its raw descriptors is already in the
-        # pipes: forward it now, so that it precedes the execute_reply.
-        self.drain_raw_output()
-        if message.get("deferred"):
-            if snapshot is not None:
-                self._out_of_sequence("a 'done' both announcing and deferring a snapshot")
-                return
-            self.deferred.append(self._cell_count)
-        self.last_done_deferred = bool(message.get("deferred"))
-        self.last_done_snapshot = snapshot
-        if snapshot is not None and snapshot not in self._reported_early:
-            self.snapshots_in_flight[snapshot] = 0  # its pid follows
-        self._reported_early.discard(snapshot)
-        self._done.set_result(message["reply"])
-
-    def _on_reply(self, message: dict[str, Any]) -> None:
-        request_id = message.get("id")
-        if not isinstance(request_id, int) or not 0 < request_id <= self._next_request:
-            self._out_of_sequence("a 'reply' to a request the kernel never made")
-            return
-        future = self._replies.get(request_id)
-        if future is not None and not future.done():
-            future.set_result(message["content"])
-
-    def _on_snapshot_started(self, message: dict[str, Any]) -> None:
-        count = message["execution_count"]
-        pid = self.host_pid_of_child(message["pid"])
-        if count in self.deferred:
-            # A coalesced snapshot: it holds every deferred cell up to this one.
-            self._covers[count] = self._take_covers(count)
-            self.snapshots_in_flight[count] = pid
-            return
-        if count in self._reported_early and count != self.last_done_snapshot:
-            self._reported_early.discard(count)  # a coalesced snapshot whose report was read first
-            return
-        if count != self.last_done_snapshot:
-            self._out_of_sequence(f"a 'snapshot_started' for cell [{count}], which announced none")
-            return
-        if count in self.snapshots_in_flight:  # else its report was read already
-            self.snapshots_in_flight[count] = pid
-
-    def host_pid_of_child(self, pid: int) -> int:
-        """The host pid of a process the worker forked, from the pid it reported (its own view).
-
-        The kernel checks whether a snapshot child still lives by its pid; a
-        sandbox in a PID namespace names it by a number that means another
-        process (or none) on the host. -1 when it cannot be found (gone already).
-        """
-        return pid
-
-    def _on_snapshot_unchanged(self, message: dict[str, Any]) -> None:
-        """The deferred cells up to this one changed nothing: recorded as an empty snapshot of it."""
-        count = message["execution_count"]
-        if count not in self.deferred:
-            self._out_of_sequence(f"a 'snapshot_unchanged' for cell [{count}], which was not deferred")
-            return
-        covers = self._take_covers(count)
-        self.on_event(
-            {"type": "snapshot", "execution_count": count, "entries": {}, "removed": [], "written": 0,
-             "covers": covers, "spool": self.spool, "sandbox": self.name}
-        )  # fmt: skip
-
-    def _on_raw_output(self, pipe: _Pipe) -> None:
-        data = read_available(pipe.fd)
-        if data is None:
-            return
-        assert self._loop is not None
-        if not data:
-            self._loop.remove_reader(pipe.fd)
-            self._emit_raw(pipe, everything=True)
-            return
-        pipe.pending += pipe.decoder.decode(data)
-        self._emit_raw(pipe)
-
-    def _emit_raw(self, pipe: _Pipe, *, everything: bool = False) -> None:
-        """Send the whole lines read so far (all of it with everything); hold a partial line back a moment."""
-        if pipe.timer is not None:
-            pipe.timer.cancel()
-            pipe.timer = None
-        text = pipe.pending
-        cut = len(text) if everything else max(text.rfind("\n"), text.rfind("\r")) + 1
-        pipe.pending = text[cut:]
-        if cut:
-            self.on_event({"type": "stream", "name": pipe.name, "text": text[:cut]})
-        if pipe.pending and self._loop is not None:
-            pipe.timer = self._loop.call_later(RAW_LINE_WAIT_SECONDS, self._flush_raw, pipe)
-
-    def _flush_raw(self, pipe: _Pipe) -> None:
-        pipe.timer = None
-        self._emit_raw(pipe, everything=True)
-
-    def drain_raw_output(self) -> None:
-        for pipe in self._pipes:
-            chunks = []
-            while data := read_available(pipe.fd):
-                chunks.append(data)
-            pipe.pending += pipe.decoder.decode(b"".join(chunks))
-            self._emit_raw(pipe, everything=True)
-
-    def _on_eof(self) -> None:
-        assert self._loop is not None
-        if self._from_worker is not None:
-            self._loop.remove_reader(self._from_worker)
-        self._reaped()
-
-    def _forget_fd(self, fd: int) -> None:
-        """Stop watching fd, then close it (in that order: never close a watched fd).
-
-        Closing first leaves the loop's selector holding a key for a number
-        the next pipe reuses; add_reader on that pipe then only swaps the
-        key's callback and never arms epoll for it, so the next sandbox's
-        frames go unread (its ``ready`` never arrives). The worker's frame
-        pipe is still watched whenever the sandbox is killed before its end
-        of file has been read.
-        """
-        assert self._loop is not None
-        self._loop.remove_reader(fd)
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-    def _reaped(self) -> asyncio.Future:
-        """The one task that buries this worker; every caller shares it."""
-        if self._reap_task is None:
-            assert self._loop is not None
-            self._reap_task = self._loop.create_task(self._reap())
-        return self._reap_task
-
-    async def _reap(self) -> None:
-        """Collect the exit status, forward last words, release everything."""
-        if self.process is None or self._exited is None:
-            return
-        # The sandbox's supervisor lets snapshot children finish before the
-        # sandbox ends (they report on their own pipe): wait for them too.
-        patience = SNAPSHOT_PATIENCE_SECONDS if self.snapshots_in_flight else 5.0
-        deadline = self.clock() + patience
-        while self.process.poll() is None and self.clock() < deadline:
-            await asyncio.sleep(0.01)
-        if self.process.poll() is None:
-            self.kill()
-            self.process.wait()
-        self.drain_raw_output()
-        self.crash_dump = crash_dump.read_dump(self.spool)
-        if self.death_reason is None:
-            self.death_reason = self._cause_of_death()
-        assert self._loop is not None
-        for pipe in self._pipes:
-            self._forget_fd(pipe.fd)
-        self._pipes = []
-        for fd in (self._to_worker, self._from_worker):
-            if fd is not None:
-                self._forget_fd(fd)
-        self._to_worker = self._from_worker = None
-        if self._lifeline is not None:
-            os.close(self._lifeline)
-            self._lifeline = None
-        if self._chunks is not None:
-            self._chunks.close()
-            self._chunks = None
-        self._exited.set()
-        if self._launched is not None:
-            launch = self._launched
-            # The cgroup can go once its last process has fully exited (a moment after the kill).
-            deadline = self.clock() + 2.0
-            launch.discard(keep_spool=True)
-            while launch.cgroup is not None and self.clock() < deadline:
-                await asyncio.sleep(0.02)
-                launch.discard(keep_spool=True)
-            # The last reports may still be being adopted from the spool.
-            self._loop.call_later(SNAPSHOT_PATIENCE_SECONDS, launch.remove_spool)
-
-    def _cause_of_death(self) -> str:
-        assert self.process is not None
-        code = self.process.returncode
-        if self._launched is not None and self._launched.confined and code is not None and 128 < code <= 128 + 64:
-            code = -(code - 128)  # bubblewrap's init reports a signal as 128 + its number
-        cgroup = self._cgroup
-        if cgroup is not None and cgroup.oom_kills() > 0 and self.limits.memory:  # its own cgroup: counts from 0
-            return (
-                f"was killed for exceeding the sandbox memory limit of {format_size(self.limits.memory)} "
-                "(memory: every process of the sandbox and its /tmp files together); "
-                "raise it with %capsule limits --memory SIZE"
-            )
-        return describe_exit(code, self.limits)

@@ -1,0 +1,248 @@
+"""The sandbox's frames as the kernel reads them: one handler table, sequence checks, the snapshot reports.
+
+A part of SandboxProcess (a mixin over its state): every frame is checked
+against protocol/frames.py before a handler sees it; a frame out of sequence
+or outside the vocabulary stops the sandbox (VIOLATION).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from capsule_kernel.kernel.sandbox.pipes import (
+    VIOLATION,
+    read_available,
+)
+from capsule_kernel.protocol import frames
+from capsule_kernel.protocol.deaths import process_exists
+
+
+class FrameChannel:
+    """Reading the frame and report pipes; a handler per frame type."""
+
+    def _on_subshell_done(self, message: dict[str, Any]) -> None:
+        future = self._subshell_cells.get(message["subshell"])
+        if future is None or future.done():
+            self._out_of_sequence(f"a 'subshell_done' for subshell {message['subshell']}, which ran no cell")
+            return
+        future.set_result(message["reply"])
+
+    def _on_frames_readable(self) -> None:
+        assert self._from_worker is not None
+        data = read_available(self._from_worker)
+        if data is None:
+            return
+        if not data:
+            self._on_eof()
+            return
+        try:
+            messages = self._decoder.feed(data)
+        except frames.ProtocolError as err:
+            self._on_violation(VIOLATION.format(what=err))
+            self._on_eof()
+            return
+        for message in messages:
+            if self.death_reason is not None and self.process_ended:
+                break  # stopped for an earlier frame of this read: believe nothing after it
+            self._dispatch(message)
+
+    def _on_reports_readable(self) -> None:
+        reports = self._reports
+        assert reports is not None and self._loop is not None
+        data = read_available(reports.fd)
+        if data is None:
+            return
+        if not data:
+            self._forget_fd(reports.fd)
+            self._reports = None
+            return
+        try:
+            messages = reports.decoder.feed(data)
+        except frames.ProtocolError as err:
+            # Written by the sandbox's snapshot children: a broken report is the sandbox breaking the protocol.
+            self._forget_fd(reports.fd)
+            self._reports = None
+            self._give_up_in_flight()
+            self._on_violation(VIOLATION.format(what=f"{err} on its snapshot report pipe"))
+            return
+        for message in messages:
+            count = message["execution_count"]
+            announced = self.snapshots_in_flight.pop(count, None) is not None
+            if not announced:
+                self._reported_early.add(count)  # read before the frame that announces it
+            # Which cells this snapshot holds, reckoned here from the kernel's own bookkeeping: a
+            # coalesced one its deferred cells; one a "done" announced only its cell (a cell that
+            # is not stored in history shares its count with the next, which may be deferred).
+            if count in self._covers:
+                message["covers"] = self._covers.pop(count)
+            else:
+                message["covers"] = [count] if announced else self._take_covers(count)
+            # Where the report's new chunks are, and whose it is: set here, on the
+            # trusted side, over anything the report itself says.
+            message["spool"] = self.spool
+            message["sandbox"] = self.name
+            self.on_event(message)
+
+    async def snapshots_settled(self, timeout: float) -> None:
+        """Wait until every snapshot this worker started has reported or died, and deferred ones were taken.
+
+        A live worker takes the coalesced snapshot of deferred cells once it
+        is idle; a dead one never will: those cells are lost (lost_cells).
+        """
+        deadline = self.clock() + timeout
+        while (self.snapshots_in_flight or self.deferred) and self.clock() < deadline:
+            if self.deferred and not self.snapshots_in_flight and self.process_ended:
+                self._lost.extend(self.deferred)
+                self.deferred = []
+                break
+            if self.snapshots_in_flight and self._reports is None:
+                # Every writer has gone: whatever was written has been read.
+                self._give_up_in_flight()
+                continue
+            for count, pid in list(self.snapshots_in_flight.items()):
+                if pid == 0 and not self.process_ended:
+                    continue  # the worker has not forked it yet
+                if not process_exists(pid):
+                    # Gone: its report, if it wrote one, is in the pipe now.
+                    self._on_reports_readable()
+                    if self.snapshots_in_flight.pop(count, None) is not None:
+                        self._lost.extend(self._covers.pop(count, [count]))
+            await asyncio.sleep(0.01)
+
+    def lost_cells(self) -> list[int]:
+        """Cells that ended well but whose state no snapshot of this sandbox will ever hold (it died first)."""
+        return sorted(set(self._lost))
+
+    def _give_up_in_flight(self) -> None:
+        for count in self.snapshots_in_flight:
+            self._lost.extend(self._covers.pop(count, [count]))
+        self.snapshots_in_flight.clear()
+
+    def _take_covers(self, count: int) -> list[int]:
+        """The cells a snapshot named after `count` holds: it, and all deferred up to it."""
+        covers = [cell for cell in self.deferred if cell < count] + [count]
+        self.deferred = [cell for cell in self.deferred if cell > count]
+        return covers
+
+    def _frame_handlers(self) -> dict[str, Callable[[dict[str, Any]], None]]:
+        """What the kernel does with each frame a sandbox may send it (frames.FRAMES says which)."""
+        forward = self.on_event
+        return {
+            "ready": self._on_ready,
+            "started": self._on_started,
+            "done": self._on_done,
+            "reply": self._on_reply,
+            "snapshot_started": self._on_snapshot_started,
+            "snapshot_unchanged": self._on_snapshot_unchanged,
+            "stream": forward,
+            "display": forward,
+            "clear_output": forward,
+            "execute_result": forward,
+            "error": forward,
+            "comm": forward,
+            "input_request": forward,
+            "magic": forward,
+            "task": forward,
+            "subshell_done": self._on_subshell_done,
+        }
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        handler = self._handlers.get(message["type"])
+        if handler is None:
+            self._on_violation(VIOLATION.format(what=f"a {message['type']!r} frame on its frame pipe"))
+            return
+        tag = message.get("subshell")
+        if tag is not None and tag not in self._subshells_given:
+            self._out_of_sequence(f"output for subshell {tag}, which it was never given")
+            return
+        if tag is not None and tag not in self.subshells_open and message["type"] != "subshell_done":
+            return  # what a deleted subshell's thread still said: nobody asked for it any more
+        handler(message)
+
+    def _out_of_sequence(self, what: str) -> None:
+        self._on_violation(VIOLATION.format(what=f"{what}, out of sequence"))
+
+    def _on_ready(self, message: dict[str, Any]) -> None:
+        if self._ready is None or self._ready.done():
+            self._out_of_sequence("a second 'ready'")
+            return
+        self._ready.set_result(message)
+
+    def _on_started(self, message: dict[str, Any]) -> None:
+        if self._started is None or self._started.done() or message["execution_count"] != self._cell_count:
+            self._out_of_sequence("a 'started' for no cell it was given")
+            return
+        self._cell_taken()
+        self._started.set_result(True)
+
+    def _on_done(self, message: dict[str, Any]) -> None:
+        if self._done is None or self._done.done() or self._started is None or not self._started.done():
+            self._out_of_sequence("a 'done' while no cell of its ran")
+            return
+        snapshot = message.get("snapshot")
+        if snapshot is not None and snapshot != self._cell_count:
+            self._out_of_sequence(f"a 'done' announcing a snapshot of cell [{snapshot}]")
+            return
+        # Everything the cell wrote to its raw descriptors is already in the
+        # pipes: forward it now, so that it precedes the execute_reply.
+        self.drain_raw_output()
+        if message.get("deferred"):
+            if snapshot is not None:
+                self._out_of_sequence("a 'done' both announcing and deferring a snapshot")
+                return
+            self.deferred.append(self._cell_count)
+        self.last_done_deferred = bool(message.get("deferred"))
+        self.last_done_snapshot = snapshot
+        if snapshot is not None and snapshot not in self._reported_early:
+            self.snapshots_in_flight[snapshot] = 0  # its pid follows
+        self._reported_early.discard(snapshot)
+        self._done.set_result(message["reply"])
+
+    def _on_reply(self, message: dict[str, Any]) -> None:
+        request_id = message.get("id")
+        if not isinstance(request_id, int) or not 0 < request_id <= self._next_request:
+            self._out_of_sequence("a 'reply' to a request the kernel never made")
+            return
+        future = self._replies.get(request_id)
+        if future is not None and not future.done():
+            future.set_result(message["content"])
+
+    def _on_snapshot_started(self, message: dict[str, Any]) -> None:
+        count = message["execution_count"]
+        pid = self.host_pid_of_child(message["pid"])
+        if count in self.deferred:
+            # A coalesced snapshot: it holds every deferred cell up to this one.
+            self._covers[count] = self._take_covers(count)
+            self.snapshots_in_flight[count] = pid
+            return
+        if count in self._reported_early and count != self.last_done_snapshot:
+            self._reported_early.discard(count)  # a coalesced snapshot whose report was read first
+            return
+        if count != self.last_done_snapshot:
+            self._out_of_sequence(f"a 'snapshot_started' for cell [{count}], which announced none")
+            return
+        if count in self.snapshots_in_flight:  # else its report was read already
+            self.snapshots_in_flight[count] = pid
+
+    def host_pid_of_child(self, pid: int) -> int:
+        """The host pid of a process the worker forked, from the pid it reported (its own view).
+
+        The kernel checks whether a snapshot child still lives by its pid; a
+        sandbox in a PID namespace names it by a number that means another
+        process (or none) on the host. -1 when it cannot be found (gone already).
+        """
+        return pid
+
+    def _on_snapshot_unchanged(self, message: dict[str, Any]) -> None:
+        """The deferred cells up to this one changed nothing: recorded as an empty snapshot of it."""
+        count = message["execution_count"]
+        if count not in self.deferred:
+            self._out_of_sequence(f"a 'snapshot_unchanged' for cell [{count}], which was not deferred")
+            return
+        covers = self._take_covers(count)
+        self.on_event(
+            {"type": "snapshot", "execution_count": count, "entries": {}, "removed": [], "written": 0,
+             "covers": covers, "spool": self.spool, "sandbox": self.name}
+        )  # fmt: skip
