@@ -8,7 +8,8 @@ from pathlib import Path
 
 from capsule_kernel.inside import snapshot
 from capsule_kernel.kernel.checkpoint.adoption import adopt_orphans
-from capsule_kernel.kernel.checkpoint.store import CheckpointStore, SandboxRecord
+from capsule_kernel.kernel.checkpoint.rows import SandboxRecord
+from capsule_kernel.kernel.checkpoint.store import CheckpointStore
 from capsule_kernel.protocol import frames
 
 GONE_KERNEL = "capsule-4194000-0badc0de"  # a kernel pid near pid_max, which no process here has

@@ -12,7 +12,8 @@ import nbformat
 import psutil
 import pytest
 
-from capsule_kernel.kernel.checkpoint.store import CheckpointStore, default_home
+from capsule_kernel.kernel.checkpoint.home import default_home
+from capsule_kernel.kernel.checkpoint.store import CheckpointStore
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.slow

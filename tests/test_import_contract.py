@@ -147,7 +147,7 @@ def test_no_import_cycles():
     assert not cycles, f"import cycles: {cycles}"
 
 
-# What the Wasm guest imports as it is (wasm_host.host.guest_library ships these files).
+# What the Wasm guest imports as it is (wasm_host.library.guest_library ships these files).
 SHIPPED = {
     name
     for name in MODULES
@@ -181,7 +181,7 @@ def test_protocol_is_stdlib_only():
 
 def test_the_guest_library_ships_what_the_guest_imports(tmp_path):
     """Every shared module is in the guest's library, so the guest never carries a copy of its own."""
-    from capsule_kernel.wasm_host.host import guest_library
+    from capsule_kernel.wasm_host.library import guest_library
 
     library = guest_library(tmp_path)
     for module in SHIPPED:

@@ -102,7 +102,8 @@ def plan_resume(previous: Any, nb: Any, hashes: list[str]) -> Resume:
     itself restored, ``base``); every cell of that session in the prefix
     must be held by it, or the prefix is shortened.
     """
-    from capsule_kernel.kernel.checkpoint.store import CheckpointStore, default_home
+    from capsule_kernel.kernel.checkpoint.home import default_home
+    from capsule_kernel.kernel.checkpoint.store import CheckpointStore
 
     old = {cell.get("metadata", {}).get(RECORD, {}).get("hash"): cell for cell in previous.cells}
     bases = dict(previous.get("metadata", {}).get(RECORD, {}).get("bases", {}))

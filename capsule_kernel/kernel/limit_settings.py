@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.kernel.checkpoint.store import default_home
+from capsule_kernel.kernel.checkpoint.home import default_home
 from capsule_kernel.kernel.policy_files import distrusted
 from capsule_kernel.kernel.untrusted_files import MAX_CONFIG_BYTES, is_regular, read_regular
 from capsule_kernel.protocol.limits import (

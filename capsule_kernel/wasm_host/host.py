@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import queue
-import shutil
 import signal
-import struct
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +33,16 @@ from capsule_kernel.protocol import chunks, frames
 from capsule_kernel.protocol.limits import STOP_GRACE_SECONDS, format_duration, format_size
 from capsule_kernel.wasm_host import runtime as wasm_runtime
 from capsule_kernel.wasm_host import self_limits as host_limits
+from capsule_kernel.wasm_host.guest_frames import UNLIMITED_FUEL, GuestFrames
+from capsule_kernel.wasm_host.library import guest_library
+from capsule_kernel.wasm_host.stopper import Stopper
+from capsule_kernel.wasm_host.wasi_calls import ShadowedWasi
 
-# WASI errno values (wasi_snapshot_preview1).
-_SUCCESS, _BADF, _CANCELED, _INVAL, _SPIPE, _TIMEDOUT = 0, 8, 11, 28, 70, 73
-_UNLIMITED_FUEL = 1 << 62
 WASM_MEMORY_CEILING = 4 * 1024**3  # wasm32 addresses at most 4 GiB
 TRAP_EXIT_CODE = 86
 # Fuel one CPU second of host work counts as (half the rate of pure Wasm computation
 # here, so a computing cell always meets its fuel limit first, deterministically).
 FUEL_PER_HOST_CPU_SECOND = 200_000_000
-_CPU_POLL_SECONDS = 0.02
 # A guest frame larger than this (but for snapshot data, bounded by the guest's memory) breaks the channel.
 _GUEST_FRAME_FLOOR = 128 * 1024 * 1024
 
@@ -58,138 +54,7 @@ class GuestViolation(Exception):
 _GUEST_ROOT = "/capsule"
 
 
-def guest_library(cache: Path) -> Path:
-    """The guest's read-only library: our pure-Python modules, cloudpickle and the shims.
-
-    Copied once per version of their sources into the cache, since a WASI
-    preopen exposes whole directories and the site-packages around these
-    files must stay out of the guest's reach.
-    """
-    import cloudpickle
-
-    package = Path(__file__).resolve().parents[1]
-    # The package's __init__ and the public tasks alias, protocol/ and inside/ (never inside/worker/,
-    # which needs the real CPython): the guest imports these as they are, from their own files.
-    shipped = [package / "__init__.py", package / "tasks.py"]
-    shipped += sorted((package / "protocol").glob("*.py")) + sorted((package / "inside").glob("*.py"))
-    shipped += sorted((package / "inside" / "wasm_guest").glob("*.py"))
-    files: dict[str, Path] = {f"capsule_kernel/{path.relative_to(package)}": path for path in shipped}
-    shims = package / "inside" / "wasm_guest" / "shims"
-    for path in sorted(shims.rglob("*.py")):
-        files[str(path.relative_to(shims))] = path
-    cloudpickle_dir = Path(cloudpickle.__file__).parent
-    for path in sorted(cloudpickle_dir.glob("*.py")):
-        files[f"cloudpickle/{path.name}"] = path
-    hasher = hashlib.sha256()
-    for name, source in sorted(files.items()):
-        hasher.update(name.encode())
-        hasher.update(source.read_bytes() if source else b"")
-    target = cache / f"guest-{hasher.hexdigest()[:16]}"
-    if target.is_dir():
-        return target
-    staging = cache / f".guest-{os.getpid()}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    for name, source in files.items():
-        destination = staging / name
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        destination.write_bytes(source.read_bytes() if source else b"")
-    try:
-        os.rename(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)  # another kernel won the race
-    return target
-
-
-class Stopper:
-    """Deadlines and interrupts, watched from a thread while the guest computes.
-
-    The soft stop is delivered at the guest's next call to the host (its
-    print, sleep or input raise KeyboardInterrupt or CellTimeout and the
-    namespace lives). A cell that makes no such call within the grace period
-    is stopped hard: one epoch increment, armed as the store's deadline.
-    """
-
-    def __init__(self, engine: Any, wake_guest: Any) -> None:
-        self.engine = engine
-        self.wake_guest = wake_guest
-        self.lock = threading.Condition()
-        self.in_cell = False
-        self.deadline: float | None = None
-        self.hard_stop_at: float | None = None
-        self.pending: str | None = None  # "interrupt" or "timeout", not yet delivered
-        self.reason: str | None = None  # why the current cell is being stopped
-        self.stopped_hard: str | None = None
-        self.sleep_wake = threading.Event()
-        # The CPU the cell may spend, counting what the host does for it inside host
-        # calls (WASI reads from mounts): fuel counts Wasm instructions only.
-        self.main_clock = time.pthread_getcpuclockid(threading.get_ident())
-        self.cpu_start = 0.0
-        self.cpu_budget: float | None = None
-        self.cpu_reason = ""
-        threading.Thread(target=self._watch, name="capsule-wasm-stopper", daemon=True).start()
-
-    def begin_cell(self, timeout: float | None, cpu_budget: float | None = None, cpu_reason: str = "") -> None:
-        """Called on the main thread as the guest takes a cell: the cell's clocks start here."""
-        with self.lock:
-            self.in_cell = True
-            self.pending = self.reason = None
-            self.hard_stop_at = None
-            self.deadline = time.monotonic() + timeout if timeout else None
-            self.cpu_start = time.clock_gettime(self.main_clock)
-            self.cpu_budget, self.cpu_reason = cpu_budget, cpu_reason
-            self.sleep_wake.clear()
-            self.lock.notify()
-
-    def end_cell(self) -> None:
-        with self.lock:
-            self.in_cell = False
-            self.deadline = self.hard_stop_at = None
-            self.pending = None
-            self.lock.notify()
-
-    def interrupt(self) -> None:
-        with self.lock:
-            if not self.in_cell:
-                return
-            self._stop_soft("interrupt")
-
-    def take_pending(self) -> str | None:
-        with self.lock:
-            why, self.pending = self.pending, None
-            if why is None and self.hard_stop_at is None:
-                self.sleep_wake.clear()
-            return why
-
-    def _stop_soft(self, why: str) -> None:
-        self.pending = self.reason = why
-        if self.hard_stop_at is None:
-            self.hard_stop_at = time.monotonic() + STOP_GRACE_SECONDS
-        self.sleep_wake.set()
-        self.wake_guest()
-        self.lock.notify()
-
-    def _watch(self) -> None:
-        with self.lock:
-            while True:
-                now = time.monotonic()
-                if self.in_cell and self.deadline is not None and now >= self.deadline:
-                    self.deadline = None
-                    self._stop_soft("timeout")
-                if self.in_cell and self.hard_stop_at is not None and now >= self.hard_stop_at:
-                    self.hard_stop_at = None
-                    self.stopped_hard = self.reason or "interrupt"
-                    self.engine.increment_epoch()
-                if self.in_cell and self.cpu_budget is not None and self.stopped_hard is None:
-                    if time.clock_gettime(self.main_clock) - self.cpu_start >= self.cpu_budget:
-                        self.stopped_hard = "cpu"
-                        self.engine.increment_epoch()
-                times = [t for t in (self.deadline, self.hard_stop_at) if t is not None and self.in_cell]
-                if self.in_cell and self.cpu_budget is not None and self.stopped_hard is None:
-                    times.append(now + _CPU_POLL_SECONDS)
-                self.lock.wait(max(0.0, min(times) - now) if times else None)
-
-
-class WasmHost:
+class WasmHost(ShadowedWasi, GuestFrames):
     def __init__(self, config: dict[str, Any]) -> None:
         import wasmtime
 
@@ -279,7 +144,7 @@ class WasmHost:
         memory = min(self.limits.get("memory") or WASM_MEMORY_CEILING, WASM_MEMORY_CEILING)
         store.set_limits(memory_size=memory)
         self.enforcement["memory"] = f"enforced: Wasm linear memory capped at {format_size(memory)}"
-        store.set_fuel(_UNLIMITED_FUEL)
+        store.set_fuel(UNLIMITED_FUEL)
         store.set_epoch_deadline(1)
         wasi = wasmtime.WasiConfig()
         library = guest_library(wasm_runtime.cache_dir())
@@ -325,125 +190,6 @@ class WasmHost:
 
     # -- shadowed WASI calls -------------------------------------------------------------
 
-    def _cancel_errno(self) -> int | None:
-        """The errno that tells the guest to stop its cell, if a stop is pending."""
-        if not self.in_cell:
-            return None
-        why = self.stopper.take_pending()
-        if why is None:
-            return None
-        return _CANCELED if why == "interrupt" else _TIMEDOUT
-
-    @staticmethod
-    def _iovecs(caller: Any, memory: Any, iovs: int, count: int) -> list[tuple[int, int]]:
-        raw = memory.read(caller, iovs, iovs + 8 * count)
-        return [struct.unpack_from("<II", raw, 8 * i) for i in range(count)]
-
-    def _fd_pread(self, caller: Any, fd: int, iovs: int, iovs_len: int, offset: int, nread: int) -> int:  # noqa: ARG002
-        if fd != 0:
-            return _SPIPE  # positional reads are the channel's; files are read sequentially
-        if (cancel := self._cancel_errno()) is not None:
-            return cancel
-        if self.from_guest.pending_bytes:
-            # Waiting for the kernel with a frame half written: the channel is out of step for good.
-            self._violation("an unfinished frame, then waited for the kernel")
-        while not self.to_guest:
-            if self.phase == "done":
-                # The guest asks for its next frame: the cell is over, truly (a forged
-                # "done" followed by more work never gets here). Its clocks stop now.
-                self._cell_idle()
-            message = self.inbox.get()
-            if message is None:
-                message = {"type": "eof"}
-            if message["type"] == "_wake":
-                if (cancel := self._cancel_errno()) is not None:
-                    return cancel
-                continue
-            message = self.kernel_handlers[message["type"]](caller, message)
-            if message is not None:
-                self.to_guest += frames.encode(message)
-        memory = caller["memory"]
-        given = 0
-        for pointer, length in self._iovecs(caller, memory, iovs, iovs_len):
-            piece = bytes(self.to_guest[:length])
-            memory.write(caller, piece, pointer)
-            del self.to_guest[: len(piece)]
-            given += len(piece)
-            if not self.to_guest:
-                break
-        memory.write(caller, struct.pack("<I", given), nread)
-        return _SUCCESS
-
-    def _fd_pwrite(self, caller: Any, fd: int, iovs: int, iovs_len: int, offset: int, nwritten: int) -> int:  # noqa: ARG002
-        if fd != 1:
-            return _SPIPE
-        if (cancel := self._cancel_errno()) is not None:
-            return cancel
-        memory = caller["memory"]
-        data = b"".join(
-            memory.read(caller, pointer, pointer + length)
-            for pointer, length in self._iovecs(caller, memory, iovs, iovs_len)
-        )
-        try:
-            messages = self.from_guest.feed(data)
-        except frames.ProtocolError as err:
-            self._violation(str(err))
-        for message in messages:
-            self.guest_handlers[message["type"]](caller, message)
-        memory.write(caller, struct.pack("<I", len(data)), nwritten)
-        return _SUCCESS
-
-    @staticmethod
-    def _clock_now(clock_id: int) -> int | None:
-        if clock_id == 0:
-            return time.time_ns()
-        if clock_id == 1:
-            return time.monotonic_ns()
-        if clock_id in (2, 3):
-            return time.process_time_ns() if clock_id == 2 else time.thread_time_ns()
-        return None
-
-    def _clock_time_get(self, caller: Any, clock_id: int, precision: int, result: int) -> int:  # noqa: ARG002
-        now = self._clock_now(clock_id)
-        if now is None:
-            return _INVAL
-        caller["memory"].write(caller, struct.pack("<Q", now), result)
-        return _SUCCESS
-
-    def _poll_oneoff(self, caller: Any, subscriptions: int, events: int, count: int, nevents: int) -> int:
-        """time.sleep and select: clocks wait (up to the deadline), descriptors are always ready."""
-        memory = caller["memory"]
-        raw = memory.read(caller, subscriptions, subscriptions + 48 * count)
-        soonest: float | None = None
-        clocks, ready = [], []
-        for i in range(count):
-            userdata, tag = struct.unpack_from("<QB", raw, 48 * i)
-            if tag == 0:
-                clock_id, timeout, _, flags = struct.unpack_from("<I4xQQH", raw, 48 * i + 16)
-                if flags & 1:  # an absolute time on that clock
-                    timeout = max(0, timeout - (self._clock_now(clock_id) or 0))
-                seconds = timeout / 1e9
-                clocks.append((seconds, userdata))
-                soonest = seconds if soonest is None else min(soonest, seconds)
-            else:
-                ready.append((userdata, tag))
-        if soonest is not None and not ready:
-            stop = self.stopper
-            if stop.sleep_wake.wait(soonest) and self.in_cell and stop.pending:
-                # End the sleep; the reason goes out at the guest's next channel call.
-                return _CANCELED if stop.pending == "interrupt" else _TIMEDOUT
-        out = bytearray()
-        for userdata, tag in ready:
-            out += struct.pack("<QHBxxxxxQHxxxxxx", userdata, _SUCCESS, tag, 0, 0)
-        # Descriptors answer at once; otherwise we slept until the soonest clock.
-        due = 0.0 if ready else (soonest or 0.0)
-        for seconds, userdata in clocks:
-            if seconds <= due:
-                out += struct.pack("<QHBxxxxxQHxxxxxx", userdata, _SUCCESS, 0, 0, 0)
-        memory.write(caller, bytes(out), events)
-        memory.write(caller, struct.pack("<I", len(out) // 32), nevents)
-        return _SUCCESS
-
     # -- frames in both directions ------------------------------------------------------
 
     def _violation(self, what: str) -> None:
@@ -463,7 +209,7 @@ class WasmHost:
         wasmtime = self.wasmtime
         self.limits = dict(message.get("limits", self.limits))
         self.fuel_budget = self.limits.get("fuel")
-        fuel = self.fuel_budget or _UNLIMITED_FUEL
+        fuel = self.fuel_budget or UNLIMITED_FUEL
         wasmtime.Store.set_fuel(caller, fuel)
         self.fuel_at_start = fuel
         self.last_fuel = None
@@ -490,7 +236,7 @@ class WasmHost:
         return seconds * 2 if reason.startswith("its fuel") else seconds, reason
 
     def _deliver_request(self, caller: Any, message: dict[str, Any]) -> dict[str, Any]:
-        self.wasmtime.Store.set_fuel(caller, _UNLIMITED_FUEL)
+        self.wasmtime.Store.set_fuel(caller, UNLIMITED_FUEL)
         self.wasmtime.Store.set_epoch_deadline(caller, 1)
         if message.get("kind") == "restore":
             message = self._with_restore_bytes(message)
@@ -517,108 +263,6 @@ class WasmHost:
         return {**message, "args": args}
 
     # -- what the guest sends, and when it may -------------------------------------------
-
-    def _forward(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
-        self.send(message)
-
-    def _guest_ready(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
-        if self.ready_sent:
-            self._violation("a second 'ready'")
-        self.ready_sent = True
-        self.send({"type": "ready", "python": message["python"], "enforcement": self.enforcement, "pid": os.getpid()})
-
-    def _guest_cell_start(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
-        """Fuel is reported from here (the cell's own code, not the guest's parsing); budgets ignore it."""
-        if self.phase == "running" and self.fuel_at_start == (self.fuel_budget or _UNLIMITED_FUEL):
-            self.fuel_at_start = self.wasmtime.Store.get_fuel(caller)
-
-    def _guest_cell_end(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
-        """The cell's code has finished; the snapshot follows, once, with an allowance of its own.
-
-        A forged mark gains at most that allowance once per cell (another
-        budget as large as the cell's), never unlimited fuel; the deadline
-        stays armed until the guest is idle.
-        """
-        if self.phase != "running":
-            return  # a repeated mark: believed for nothing
-        self.phase = "ended"
-        left = self.wasmtime.Store.get_fuel(caller)
-        self.last_fuel = max(0, min(self.fuel_at_start - left, self.fuel_at_start))
-        if self.fuel_budget:
-            self.wasmtime.Store.set_fuel(caller, min(left + self.fuel_budget, _UNLIMITED_FUEL))
-
-    def _guest_snapshot(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
-        if self.phase != "ended" or message["execution_count"] != self.cell or self.snapshot_sent is not None:
-            self._violation("a 'snapshot_data' frame out of sequence")
-        self.snapshot_sent = self.cell
-        self._store_snapshot(message)
-
-    def _guest_snapshot_failed(self, caller: Any, message: dict[str, Any]) -> None:  # noqa: ARG002
-        if self.phase != "ended" or message["execution_count"] != self.cell:
-            self._violation("a 'snapshot_failed' frame out of sequence")
-        self.snapshot_sent = self.cell
-        self._report(message)
-
-    def _guest_done(self, caller: Any, message: dict[str, Any]) -> None:
-        if self.phase not in ("running", "ended"):
-            self._violation("a 'done' while no cell ran")
-        if self.phase == "running":
-            self._guest_cell_end(caller, message)
-        self.phase = "done"
-        fuel, self.last_fuel = self.last_fuel, None
-        self.send({"type": "done", "reply": message["reply"], "snapshot": self.snapshot_sent, "fuel_consumed": fuel})
-
-    def _cell_idle(self) -> None:
-        self.stopper.end_cell()
-        self.in_cell = False
-        self.phase = "idle"
-
-    def _report(self, report: dict[str, Any]) -> None:
-        """Snapshot reports go on the report pipe, as the subprocess sandbox's snapshot children write them.
-
-        A snapshot is journaled in the spool first (frames.journal): if the
-        kernel dies before recording it, the next kernel adopts it.
-        """
-        if self.spool is not None and report["type"] == "snapshot":
-            with contextlib.suppress(OSError):
-                frames.journal(self.spool, report)
-        if self.report_fd is not None:
-            with contextlib.suppress(OSError):
-                frames.write_frame(self.report_fd, report)
-
-    def _store_snapshot(self, message: dict[str, Any]) -> None:
-        """Write the guest's pickles as chunks (never unpickled here) and report like a fork child."""
-        count = message.get("execution_count")
-        if self.chunk_root is None:
-            self._report({"type": "snapshot_failed", "execution_count": count, "reason": "checkpoints are off"})
-            return
-        entries, written = {}, 0
-        try:
-            for name, entry in dict(message.get("entries", {})).items():
-                entry = dict(entry)
-                if "data" not in entry:
-                    entries[name] = entry
-                    continue
-                data = base64.b64decode(entry.pop("data"))
-                buffers = [base64.b64decode(b) for b in entry.pop("buffer_data", [])]
-                # Chunk names come from the guest: hash the bytes here instead.
-                entry.pop("pickle", None)
-                entry.pop("buffers", None)
-                entries[name], new_bytes = chunks.write_entry(self.chunk_root, entry, data, buffers)
-                written += new_bytes
-        except (OSError, ValueError) as err:
-            self._report(
-                {"type": "snapshot_failed", "execution_count": count, "reason": f"{type(err).__name__}: {err}"}
-            )
-            return
-        report = {
-            "type": "snapshot",
-            "execution_count": count,
-            "entries": entries,
-            "removed": list(message.get("removed", [])),
-            "written": written,
-        }
-        self._report(report)
 
     # -- running ----------------------------------------------------------------------
 

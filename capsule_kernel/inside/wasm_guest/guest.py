@@ -19,10 +19,8 @@ from __future__ import annotations
 import ast
 import base64
 import builtins
-import errno
 import linecache
 import os
-import re
 import sys
 import time
 import traceback
@@ -32,192 +30,21 @@ from typing import Any
 from capsule_kernel.inside import snapshot, tasks
 from capsule_kernel.inside.ledger import SnapshotLedger, clear_for_replace
 from capsule_kernel.inside.requests import RequestTable
-from capsule_kernel.inside.stops import CellTimeout, timeout_stop
+from capsule_kernel.inside.stops import CellTimeout
 from capsule_kernel.inside.streams import FrameStream
-from capsule_kernel.protocol import frames
+from capsule_kernel.inside.wasm_guest.channel import Cancelled, Channel, raise_cancel
+from capsule_kernel.inside.wasm_guest.completion import GuestCompletion
 
-_CHANNEL_IN, _CHANNEL_OUT = 0, 1
-# How the host delivers an interrupt or a deadline at its next call.
-_CANCEL_ERRNOS = {errno.ECANCELED: "interrupt", errno.ETIMEDOUT: "timeout"}
 _STREAM_FLUSH_SECONDS = 0.005
 _HIDDEN_NAMES = {"__name__", "__builtins__", "__doc__", "__loader__", "__spec__", "__package__", "In", "Out"}
 _RED, _RESET = "\x1b[0;31m", "\x1b[0m"
-
-
-_IMPORT = re.compile(r"^\s*(?:import\s+(?:[\w.]+\s*,\s*)*|from\s+)[\w.]*$")
-_FROM_IMPORT = re.compile(r"^\s*from\s+([\w.]+)\s+import\s+(?:\w+\s*,\s*)*\w*$")
-
-
-def _module_names(prefix: str) -> list[str]:
-    """Importable module names starting with prefix (a package's submodules after its dot)."""
-    import importlib
-    import pkgutil
-
-    package, _, partial = prefix.rpartition(".")
-    if package:
-        try:
-            parent = importlib.import_module(package)
-        except Exception:  # noqa: BLE001 - nothing to complete
-            return []
-        names = [f"{package}.{module.name}" for module in pkgutil.iter_modules(getattr(parent, "__path__", None) or [])]
-        # A module's modules too (os.path), as IPython offers them.
-        names += [f"{package}.{name}" for name, value in vars(parent).items() if isinstance(value, types.ModuleType)]
-    else:
-        names = [*sys.builtin_module_names, *(module.name for module in pkgutil.iter_modules())]
-    hidden = not partial.startswith("_")
-    return [
-        name for name in names if name.startswith(prefix) and not (hidden and name.rpartition(".")[2].startswith("_"))
-    ]
-
-
-def _module_members(module_name: str, prefix: str) -> list[str]:
-    """What `from MODULE import PREFIX` may name: the module's public names and its submodules."""
-    import importlib
-
-    try:
-        module = importlib.import_module(module_name)
-    except Exception:  # noqa: BLE001 - nothing to complete
-        return []
-    names = set(dir(module)) | {name.rpartition(".")[2] for name in _module_names(module_name + ".")}
-    return [name for name in names if name.startswith(prefix) and (prefix.startswith("_") or not name.startswith("_"))]
-
-
-_KEY = re.compile(r"(?P<head>[A-Za-z_][\w.]*)\[\s*(?P<quote>['\"])(?P<prefix>[^'\"]*)$")
-_QUOTED = re.compile(r"(?P<quote>['\"])(?P<prefix>[^'\"]*)$")
-
-
-def _dict_keys(head: str, prefix: str, namespace: dict[str, Any]) -> list[str]:
-    """The string keys of the mapping `head` names (looked up, never called) that start with prefix."""
-    value: Any = namespace.get(head.split(".")[0])
-    for part in head.split(".")[1:]:
-        value = getattr(value, part, None)
-    try:
-        keys = list(value.keys()) if hasattr(value, "keys") else []
-    except Exception:  # noqa: BLE001 - nothing to complete
-        return []
-    return [key for key in keys if isinstance(key, str) and key.startswith(prefix)]
-
-
-def _paths(prefix: str) -> list[str]:
-    """Files and directories (with a slash) the guest can see that start with prefix."""
-    directory, _, partial = prefix.rpartition("/")
-    try:
-        entries = os.listdir(directory or ".")
-    except OSError:
-        return []
-    found = []
-    for entry in entries:
-        if entry.startswith(partial) and (partial.startswith(".") or not entry.startswith(".")):
-            path = f"{directory}/{entry}" if directory else entry
-            found.append(path + "/" if os.path.isdir(path) else path)
-    return found
-
-
-def _completion_reply(candidates: list[str], start: int, cursor: int, type_of: Any) -> dict[str, Any]:
-    """A complete_reply as IPython gives JupyterLab: the matches, and one typed entry per match."""
-    matches = sorted(set(candidates))[:500]
-    typed = [{"start": start, "end": cursor, "text": m, "type": type_of(m), "signature": ""} for m in matches]
-    return {
-        "status": "ok",
-        "matches": matches,
-        "cursor_start": start,
-        "cursor_end": cursor,
-        "metadata": {"_jupyter_types_experimental": typed},
-    }
-
-
-def _completion_type(match: str, namespace: dict[str, Any]) -> str:
-    """IPython's words for a match's kind: module, class, function, keyword, instance."""
-    import keyword
-
-    if keyword.iskeyword(match):
-        return "keyword"
-    head, *rest = match.split(".")
-    value: Any = namespace.get(head, getattr(builtins, head, None))
-    if value is None:
-        return "module" if head in sys.modules or not rest else "instance"
-    for part in rest:
-        value = getattr(value, part, None)
-    if isinstance(value, types.ModuleType):
-        return "module"
-    if isinstance(value, type):
-        return "class"
-    if callable(value):
-        return "function"
-    return "instance"
 
 
 class StdinNotImplementedError(RuntimeError):
     """input() in a cell whose frontend does not answer input requests."""
 
 
-class Cancelled(Exception):
-    """The host said stop (interrupt or deadline) while we talked to it."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(why)
-        self.why = why
-
-
-def _raise_cancel(why: str, limits: dict[str, Any]) -> None:
-    if why == "timeout":
-        raise timeout_stop(limits)
-    raise KeyboardInterrupt
-
-
 # -- the channel ---------------------------------------------------------------------
-
-
-class Channel:
-    """Frames to and from the host; a cancel arriving mid-call is remembered, never lost."""
-
-    def __init__(self) -> None:
-        self.cancelled: str | None = None
-        self.queued: list[dict[str, Any]] = []
-
-    def send(self, message: dict[str, Any]) -> None:
-        view = memoryview(frames.encode(message))
-        while view:
-            try:
-                written = os.pwrite(_CHANNEL_OUT, view, 0)
-            except OSError as err:
-                if err.errno not in _CANCEL_ERRNOS:
-                    raise
-                self.cancelled = _CANCEL_ERRNOS[err.errno]
-                continue  # the host refused this once to tell us; the frame still goes
-            view = view[written:]
-
-    def _read_exactly(self, size: int) -> bytes:
-        parts, missing = [], size
-        while missing:
-            try:
-                block = os.pread(_CHANNEL_IN, missing, 0)
-            except OSError as err:
-                if err.errno in _CANCEL_ERRNOS:
-                    raise Cancelled(_CANCEL_ERRNOS[err.errno]) from None
-                raise
-            if not block:
-                raise EOFError("the host closed the channel")
-            parts.append(block)
-            missing -= len(block)
-        return b"".join(parts)
-
-    def _read_frame(self) -> dict[str, Any]:
-        (length,) = frames.HEADER.unpack(self._read_exactly(frames.HEADER.size))
-        return frames.check(frames._decode_body(self._read_exactly(length)), frames.KERNEL, length)
-
-    def receive(self) -> dict[str, Any]:
-        return self.queued.pop(0) if self.queued else self._read_frame()
-
-    def wait_for(self, kind: str, request_id: int) -> dict[str, Any]:
-        """The reply to one request; other frames wait their turn."""
-        while True:
-            message = self._read_frame()
-            if message.get("type") == kind and message.get("id") == request_id:
-                return message
-            if message.get("type") in ("shutdown", "eof"):
-                raise EOFError("the host is shutting down")
-            self.queued.append(message)
 
 
 # -- output ----------------------------------------------------------------------------
@@ -303,7 +130,7 @@ class GuestShell:
         try:
             return guest.channel.wait_for("task_reply", request_id)["content"]
         except Cancelled as err:
-            _raise_cancel(err.why, guest.limits)
+            raise_cancel(err.why, guest.limits)
             raise
 
     def run_cell_magic(self, name: str, line: str, cell: str) -> None:
@@ -342,7 +169,7 @@ def _lock_down() -> None:
 # -- the guest ---------------------------------------------------------------------------
 
 
-class Guest:
+class Guest(GuestCompletion):
     def __init__(self) -> None:
         self.channel = Channel()
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
@@ -389,7 +216,7 @@ class Guest:
         """Raise the interrupt or timeout the host announced, inside the cell."""
         why, self.channel.cancelled = self.channel.cancelled, None
         if why and self.in_cell:
-            _raise_cancel(why, self.limits)
+            raise_cancel(why, self.limits)
 
     def request_id(self) -> int:
         self._next_id += 1
@@ -419,7 +246,7 @@ class Guest:
         try:
             reply = self.channel.wait_for("input_reply", request_id)
         except Cancelled as err:
-            _raise_cancel(err.why, self.limits)
+            raise_cancel(err.why, self.limits)
         return str(reply.get("value", ""))
 
     def capsule_magic(self, line: str, cell: str | None) -> None:
@@ -429,7 +256,7 @@ class Guest:
         try:
             reply = self.channel.wait_for("magic_reply", request_id)
         except Cancelled as err:
-            _raise_cancel(err.why, self.limits)
+            raise_cancel(err.why, self.limits)
         if not reply.get("ok", True):
             raise RuntimeError(reply.get("error", "%capsule failed"))
 
@@ -631,75 +458,6 @@ class Guest:
     def forget_digests(self, args: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG002 - a request handler
         self.ledger.forget()
         return {"status": "ok"}
-
-    def complete(self, code: str, cursor: int) -> dict[str, Any]:
-        """Names and attributes, as rlcompleter would (the WASI build lacks it: no readline); modules after import."""
-        import keyword
-
-        token = re.search(r"[\w.]*$", code[:cursor]).group(0)  # type: ignore[union-attr]
-        line = code[:cursor].rpartition("\n")[2]
-        imported = _FROM_IMPORT.match(line)
-        key = _KEY.search(line)
-        quoted = _QUOTED.search(line)
-        if key or quoted:
-            # Inside a string: a mapping's keys after d[', else paths, as IPython offers them.
-            prefix = (key or quoted).group("prefix")  # type: ignore[union-attr]
-            found = _dict_keys(key.group("head"), prefix, self.namespace) if key else _paths(prefix)
-            kind = "dict key" if key else "path"
-            return _completion_reply(found, cursor - len(prefix), cursor, lambda _: kind)
-        if _IMPORT.match(line):
-            # As IPython's module completer: module names, not the namespace's (import o -> os, not object).
-            candidates = _module_names(token)
-        elif imported:
-            candidates = _module_members(imported.group(1), token)
-        elif "." in token:
-            head, _, prefix = token.rpartition(".")
-            try:
-                value = eval(head, self.namespace)
-            except Exception:  # noqa: BLE001 - nothing to complete
-                value, candidates = None, []
-            else:
-                candidates = [f"{head}.{name}" for name in dir(value) if name.startswith(prefix)]
-            if prefix and not prefix.startswith("_"):
-                candidates = [c for c in candidates if not c.rpartition(".")[2].startswith("_")]
-        else:
-            names = set(self.namespace) | set(dir(builtins)) | set(keyword.kwlist)
-            candidates = [name for name in names if name.startswith(token) and not name.startswith("__")]
-        return _completion_reply(
-            candidates, cursor - len(token), cursor, lambda match: _completion_type(match, self.namespace)
-        )
-
-    def inspect(self, code: str, cursor: int, detail_level: int) -> dict[str, Any]:
-        import inspect
-
-        before = re.search(r"[\w.]*$", code[:cursor]).group(0)  # type: ignore[union-attr]
-        after = re.match(r"\w*", code[cursor:]).group(0)  # type: ignore[union-attr]
-        dotted = (before + after).strip(".")
-        if not dotted:
-            return {"status": "ok", "data": {}, "metadata": {}, "found": False}
-        head, *rest = dotted.split(".")
-        if head in self.namespace:
-            value = self.namespace[head]
-        elif hasattr(builtins, head):
-            value = getattr(builtins, head)
-        else:
-            return {"status": "ok", "data": {}, "metadata": {}, "found": False}
-        for part in rest:
-            value = getattr(value, part)
-        lines = [f"Type:      {type(value).__name__}", f"String form: {repr(value)[:200]}"]
-        try:
-            lines.append(f"Signature: {dotted}{inspect.signature(value)}")
-        except (TypeError, ValueError):
-            pass
-        doc = inspect.getdoc(value)
-        if doc:
-            lines.append("Docstring:\n" + doc)
-        if detail_level and callable(value):
-            try:
-                lines.append("Source:\n" + inspect.getsource(value))
-            except (OSError, TypeError):
-                pass
-        return {"status": "ok", "data": {"text/plain": "\n".join(lines)}, "metadata": {}, "found": True}
 
     # -- loop -------------------------------------------------------------------------
 

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.kernel.checkpoint.store import CheckpointStore, SandboxRecord
+from capsule_kernel.kernel.checkpoint.rows import SandboxRecord
+from capsule_kernel.kernel.checkpoint.store import CheckpointStore
 from capsule_kernel.kernel.sandbox.cgroups import left_by_a_gone_kernel
 from capsule_kernel.protocol import frames
 from capsule_kernel.protocol.deaths import process_exists, process_start

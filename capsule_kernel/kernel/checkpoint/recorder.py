@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from capsule_kernel.kernel.checkpoint.adoption import Adopted, adopt_orphans
-from capsule_kernel.kernel.checkpoint.store import Checkpoint, CheckpointStore, SandboxRecord, default_home
+from capsule_kernel.kernel.checkpoint.home import default_home
+from capsule_kernel.kernel.checkpoint.rows import Checkpoint, SandboxRecord
+from capsule_kernel.kernel.checkpoint.store import CheckpointStore
 from capsule_kernel.protocol import frames
 from capsule_kernel.protocol.deaths import process_start
 

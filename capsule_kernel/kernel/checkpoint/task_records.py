@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.kernel.checkpoint.store import CheckpointRefused, store_key
+from capsule_kernel.kernel.checkpoint.home import store_key
+from capsule_kernel.kernel.checkpoint.rows import CheckpointRefused
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     key TEXT PRIMARY KEY,
     session TEXT NOT NULL,
@@ -80,7 +81,7 @@ class TaskRecords:
         # WAL + NORMAL: a commit survives the kernel's death (the row is in the WAL); only a power
         # loss may take the last ones back, which costs a re-run, never a wrong result.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(SCHEMA)
         self._key = store_key(home)
 
     def close(self) -> None:

@@ -589,4 +589,3 @@ class SandboxProcess(FrameChannel, SandboxReaping, ABC):
             exited.cancel()
 
     # -- reading --------------------------------------------------------------------
-

@@ -28,12 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from capsule_kernel.kernel.analyzer import Analyzer
+from capsule_kernel.kernel.checkpoint.home import default_home, notebook_identity, session_identity
 from capsule_kernel.kernel.checkpoint.recorder import Checkpoints
-from capsule_kernel.kernel.checkpoint.store import (
-    default_home,
-    notebook_identity,
-    session_identity,
-)
 from capsule_kernel.kernel.magics.authority import Authority
 from capsule_kernel.kernel.policy import Policy
 from capsule_kernel.kernel.policy_files import PolicyFileWatch

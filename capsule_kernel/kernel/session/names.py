@@ -7,9 +7,7 @@ kernel, and the subprocess sandbox then loads it as data only.
 
 from __future__ import annotations
 
-from capsule_kernel.kernel.checkpoint.store import (
-    CheckpointRefused,
-)
+from capsule_kernel.kernel.checkpoint.rows import CheckpointRefused
 from capsule_kernel.kernel.sandbox.process import SandboxDied, SandboxProcess
 
 

@@ -12,9 +12,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.kernel.checkpoint.store import (
-    CheckpointRefused,
-)
+from capsule_kernel.kernel.checkpoint.rows import CheckpointRefused
 from capsule_kernel.kernel.sandbox.kinds import SANDBOX_KINDS
 from capsule_kernel.kernel.sandbox.process import SandboxDied, SandboxProcess
 

@@ -14,10 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from capsule_kernel.kernel import magics
-from capsule_kernel.kernel.checkpoint.store import (
-    CheckpointRefused,
-    switched_in_by_another,
-)
+from capsule_kernel.kernel.checkpoint.rows import CheckpointRefused, switched_in_by_another
 from capsule_kernel.kernel.policy import PolicyRefused
 from capsule_kernel.kernel.sandbox.process import SandboxDied, SandboxProcess
 from capsule_kernel.kernel.session.cells import Cell
