@@ -34,18 +34,15 @@ from typing import Any
 from capsule_kernel.kernel.sandbox import chunk_server
 from capsule_kernel.kernel.sandbox.channel import FrameChannel
 from capsule_kernel.kernel.sandbox.launch import ConfinementRequired, Launch, memory_enforcement
-from capsule_kernel.kernel.sandbox.pipes import (  # noqa: F401 - the names callers import from here
-    SNAPSHOT_PATIENCE_SECONDS,
+from capsule_kernel.kernel.sandbox.pipes import (
     STARTUP_TIMEOUT_SECONDS,
     SUBSHELL_GRACE_SECONDS,
-    VIOLATION,
     EventHandler,
     PreviousCellOverran,
     SandboxDied,
     _nonblocking,
     _Pipe,
     _ReportPipe,
-    read_available,
 )
 from capsule_kernel.kernel.sandbox.reaping import SandboxReaping
 from capsule_kernel.kernel.settings import DEFAULT_COALESCE_CELLS, DEFAULT_COALESCE_SECONDS, SandboxSettings

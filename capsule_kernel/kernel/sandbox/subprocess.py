@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from capsule_kernel.kernel.sandbox.launch import Launch, memory_enforcement
+from capsule_kernel.kernel.sandbox.pipes import read_available
 from capsule_kernel.kernel.sandbox.process import (
     PreviousCellOverran,
     SandboxDied,
     SandboxProcess,
-    read_available,
 )
 from capsule_kernel.protocol import frames
 from capsule_kernel.protocol.limits import Limits, format_duration
