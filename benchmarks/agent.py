@@ -5,7 +5,8 @@ array, a dict of 20,000 small dicts, a list that grows), then cells sent as
 fast as the replies come, each touching a little of it. Blocks of cells
 alternate between the kernels so that machine drift hits both alike.
 Reported: the total-time ratio and the per-cell p50 / p95 of each kernel,
-with checkpoints on, and with CAPSULE_CHECKPOINTS=off as the floor.
+with checkpoints on (one per cell, the default), with coalesced snapshots
+(`coalesce = "1s"`), and with CAPSULE_CHECKPOINTS=off as the floor.
 
     .venv/bin/python benchmarks/agent.py [--blocks 24] [--cells 60]
 
@@ -42,6 +43,13 @@ CELLS = (
 )
 
 
+def coalesced_project() -> str:
+    """A working directory whose capsule.toml opts into coalesced snapshots (the default is one per cell)."""
+    project = tempfile.mkdtemp()
+    Path(project, "capsule.toml").write_text('[checkpoints]\ncoalesce = "1s"\n')
+    return project
+
+
 def cell_time(client, code: str) -> float:
     began = time.perf_counter()
     msg_id = client.execute(code)
@@ -61,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "ipykernel": ("python3", {}),
         "capsule": ("capsule", {"CAPSULE_HOME": home}),
         "capsule (checkpoints off)": ("capsule", {"CAPSULE_CHECKPOINTS": "off"}),
+        "capsule (coalesce 1s)": ("capsule", {"CAPSULE_HOME": home}, coalesced_project()),
     }
     kernels = {name: start_ready(spec) for name, spec in specs.items()}
     times: dict[str, list[float]] = {name: [] for name in specs}

@@ -75,10 +75,11 @@ def wait_idle(client, msg_id: str, timeout: float = 60.0) -> None:
     )
 
 
-def _start(spec: tuple[str, dict[str, str]]) -> KernelManager:
-    name, extra = spec
+def _start(spec: tuple) -> KernelManager:
+    """spec: (kernel name, extra environment[, working directory: where its capsule.toml is])."""
+    name, extra, *where = spec
     km = KernelManager(kernel_name=name)
-    km.start_kernel(env={**os.environ, **extra})
+    km.start_kernel(env={**os.environ, **extra}, **({"cwd": where[0]} if where else {}))
     return km
 
 

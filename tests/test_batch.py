@@ -96,6 +96,48 @@ def test_a_killed_run_resumes_without_rerunning_completed_cells(tmp_path):
     assert out.metadata["capsule"]["restored_cells"] == 2
 
 
+def test_short_cells_before_a_long_one_are_not_run_again_after_a_kill(tmp_path):
+    """Issue 27's notebook: set-up cells back to back, then a long cell, the run killed during it.
+
+    Nothing waits for a checkpoint here: each short cell's state is durable
+    from its own fork at its end, so the resume runs only the long cell again.
+    """
+    log = tmp_path / "log.txt"
+    cells = [
+        f"open({str(log)!r}, 'a').write('c1 ')\na = 1",
+        f"open({str(log)!r}, 'a').write('c2 ')\nb = 2",
+        f"open({str(log)!r}, 'a').write('c3 ')\nimport time, pathlib\n"
+        f"while not pathlib.Path({str(tmp_path / 'go')!r}).exists():\n    time.sleep(0.05)\nc = 3",
+        "print(n, a, b, c)",
+    ]
+    source = notebook(tmp_path / "job.ipynb", cells, parameters="n = 1")
+    output = tmp_path / "out.ipynb"
+    first = subprocess.Popen([*CLI, str(source), "-o", str(output), "-p", "n=3"], stderr=subprocess.DEVNULL,
+                             start_new_session=True)  # fmt: skip
+    try:
+        wait_until(lambda: log.exists() and log.read_text() == "c1 c2 c3 ", timeout=120, what="the long cell to start")
+        # While the long cell runs, c2 (count 4: the parameters, the injected cell, c1, c2) has its checkpoint.
+        session = nbformat.read(output, as_version=4).metadata["capsule"]["session"]
+        store = CheckpointStore(default_home())
+        try:
+            wait_until(
+                lambda: any(c.execution_count >= 4 for c in store.history(session)), timeout=60, what="c2's checkpoint"
+            )
+        finally:
+            store.close()
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the runner and its kernel (also when the test fails: no leftovers)
+        first.wait()
+    (tmp_path / "go").touch()
+    resumed = run(str(source), "-o", str(output), "-p", "n=3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert log.read_text() == "c1 c2 c3 c3 ", resumed.stderr
+    out = nbformat.read(output, as_version=4)
+    assert texts(out)[-1] == "3 1 2 3\n"
+    restored = [c.metadata.get("capsule", {}).get("restored", False) for c in out.cells]
+    assert restored == [True, True, True, True, False, False], restored
+
+
 def test_a_run_killed_right_after_a_reply_resumes_from_the_journaled_snapshot(tmp_path):
     """The kill lands while cell b's snapshot is still being written: only the sandbox's journal has it.
 

@@ -18,8 +18,8 @@ from tests.harness import wait_until
 def settle(kernel):
     """Wait until every cell so far has its checkpoint (%capsule log waits for that).
 
-    Back to back, a short cell's snapshot is coalesced into a later one;
-    tests of what a checkpoint holds let it land first.
+    Snapshots land after the reply; tests of what a checkpoint holds let it
+    land first.
     """
     assert kernel.execute("%capsule log -n 1").status == "ok"
 
@@ -499,11 +499,16 @@ gate = Gate(GATE_PATH)
 
 
 def test_next_cells_reply_while_a_snapshot_is_still_running(fresh_kernel, home, tmp_path):
-    """Short cells that end while a slow snapshot runs reply at once; one coalesced snapshot holds them."""
+    """Cells that end while a slow snapshot runs reply at once, and each still gets a checkpoint of its own.
+
+    Their snapshots are chained behind the slow one (each plans against the
+    digests of the one before), so a crash during the next long cell loses
+    none of them and every one of them can be restored.
+    """
     release = tmp_path / "release"
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "chain"})
     kernel.execute(f"GATE_PATH = {str(release)!r}")
-    settle(kernel)  # so the gated cell is snapshotted on its own, not deferred
+    settle(kernel)
     gated = kernel.execute(GATE)
     assert gated.status == "ok", gated.texts()
     # The snapshot of that cell is stuck in pickling `gate` until `release` exists.
@@ -515,13 +520,16 @@ def test_next_cells_reply_while_a_snapshot_is_still_running(fresh_kernel, home, 
     log = kernel.execute("%capsule log").texts()
     rows = {line.split()[0]: line for line in log.splitlines() if line.startswith("[")}
     assert "gate" in rows[f"[{gated.content['execution_count']}]"]
-    # One snapshot, named after the last of them, holds both; planned against the gated snapshot's digests.
-    assert f"[{second.content['execution_count']}]" not in rows, log
-    third_row = rows[f"[{third.content['execution_count']}]"].split()
-    assert "after_gate" in third_row and "gate" not in third_row and "Gate," not in third_row
-    back = kernel.execute(f"%capsule restore {third.content['execution_count']}")
+    # Each chained snapshot saved only what its own cell changed.
+    for cell in (second, third):
+        row = rows[f"[{cell.content['execution_count']}]"].split()
+        assert "after_gate" in row and "gate" not in row and "Gate," not in row, log
+    back = kernel.execute(f"%capsule restore {second.content['execution_count']}")
     assert back.status == "ok", back.texts()
-    assert kernel.execute("after_gate, 'GATE_PATH' in dir(), type(gate).__name__").result_text == "(2, False, 'Gate')"
+    assert kernel.execute("after_gate, 'GATE_PATH' in dir(), type(gate).__name__").result_text == "(1, False, 'Gate')"
+    forward = kernel.execute(f"%capsule restore {third.content['execution_count']}")
+    assert forward.status == "ok", forward.texts()
+    assert kernel.execute("after_gate, 'GATE_PATH' in dir()").result_text == "(2, False)"
 
 
 def test_a_crash_names_the_coalesced_cells_it_lost(fresh_kernel, home, tmp_path):
@@ -563,7 +571,7 @@ def test_modules_and_notebook_classes_are_not_saved_again_when_unchanged(fresh_k
 
 
 def test_many_cells_back_to_back_all_get_their_checkpoint(fresh_kernel, home):
-    """Cells sent without waiting, each changing a few MB: snapshots coalesce, and none is lost."""
+    """Cells sent without waiting, each changing a few MB: every one is its own checkpoint, none is lost."""
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "burst"})
     kernel.execute("blob = bytearray(64 * 1024 * 1024)\nstep = 0")
     for _ in range(12):
@@ -571,8 +579,7 @@ def test_many_cells_back_to_back_all_get_their_checkpoint(fresh_kernel, home):
     log = kernel.execute("%capsule log -n 20", timeout=120)
     assert log.status == "ok"
     counts = [int(line.split()[0][1:-1]) for line in log.texts().splitlines() if line.startswith("[")]
-    assert counts[0] == 1 and counts[-1] == 13 and counts == sorted(set(counts)), log.texts()
-    assert len(counts) < 13, log.texts()  # some were coalesced
+    assert counts == list(range(1, 14)), log.texts()
     crash(kernel, settled=False)  # %capsule log above waited for every snapshot
     assert kernel.execute("step, blob[12], blob[13]").result_text == "(12, 12, 0)"
 
@@ -620,3 +627,45 @@ def test_a_clean_shutdown_keeps_the_deferred_cells(fresh_kernel, home, tmp_path)
     resumed = second.execute("%capsule resume")
     assert f"after cell [{last.content['execution_count']}]" in resumed.texts(), resumed.texts()
     assert second.execute("after_gate, type(gate).__name__").result_text == "(42, 'Gate')"
+
+
+def test_every_cell_sent_back_to_back_can_be_restored_and_forward_again(fresh_kernel, home):
+    """An agent's undo: each cell sent as soon as the reply before it came is a checkpoint of its own."""
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "undo"})
+    cells = ["x = 1; items = ['a']", "x = 2; items.append('b')", "x = 3; del items", "x = 4; items = list('xyz')"]
+    counts = []
+    for code in cells:
+        msg_id = kernel.kc.execute(code)
+        reply = kernel.shell_reply(msg_id, timeout=60)["content"]  # the next goes out as soon as this comes
+        assert reply["status"] == "ok", reply
+        counts.append(reply["execution_count"])
+    log = kernel.execute("%capsule log", timeout=120).texts()
+    listed = {int(line.split()[0][1:-1]) for line in log.splitlines() if line.startswith("[")}
+    assert set(counts) <= listed, log
+    expected = ["(1, ['a'])", "(2, ['a', 'b'])", "(3, None)", "(4, ['x', 'y', 'z'])"]
+    for order in (range(4), reversed(range(4))):  # back in time, then forward again
+        for index in order:
+            back = kernel.execute(f"%capsule restore {counts[index]}")
+            assert back.status == "ok" and "no checkpoint" not in back.texts(), back.texts()
+            shown = kernel.execute("x, globals().get('items')").result_text
+            assert shown == expected[index], (counts[index], shown)
+
+
+def test_a_change_made_by_a_notebook_function_is_in_that_cells_checkpoint(fresh_kernel, home):
+    """`grow()` appends to a large global the cell never names: the cell's checkpoint still holds it."""
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "reach"})
+    setup = kernel.execute(
+        "big = [bytes(1024) for _ in range(4096)]\n"  # about 4 MiB: not re-hashed unless something names it
+        "def grow():\n    big.append(b'new')\n"
+        "class Counter:\n    def bump(self):\n        big.append(b'bumped')\n"
+        "counter = Counter()"
+    )
+    assert setup.status == "ok", setup.texts()
+    settle(kernel)
+    grown = kernel.execute("grow()")
+    bumped = kernel.execute("counter.bump()")
+    settle(kernel)
+    for cell, expected in ((grown, "(4097, b'new')"), (bumped, "(4098, b'bumped')")):
+        back = kernel.execute(f"%capsule restore {cell.content['execution_count']}")
+        assert back.status == "ok" and "no checkpoint" not in back.texts(), back.texts()
+        assert kernel.execute("len(big), big[-1]").result_text == expected

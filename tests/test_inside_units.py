@@ -73,3 +73,36 @@ def test_the_ledger_learns_forgets_and_follows_a_restore():
     assert set(ledger.digests) == {"x", "w"}
     ledger.forget()
     assert not ledger.digests and not ledger.ids and not ledger.sizes
+
+
+def test_a_cell_calling_a_notebook_function_may_change_the_globals_it_names():
+    from capsule_kernel.inside.snapshot import names_changed_by
+
+    namespace: dict = {}
+    exec(
+        "big = []\nother = {}\nuntouched = [1]\n"
+        "def helper():\n    other['k'] = 1\n"
+        "def grow():\n    big.append(1)\n    helper()\n"
+        "class Box:\n    def fill(self):\n        untouched.append(2)\n"
+        "box = Box()",
+        namespace,
+    )
+    assert names_changed_by(namespace, ["grow"], []) == ["big", "grow", "helper", "other"]
+    assert "untouched" in names_changed_by(namespace, ["box"], [])
+    assert names_changed_by(namespace, ["untouched"], []) == ["untouched"]
+    # A cell that reaches the namespace by globals() or exec may change any name.
+    assert set(names_changed_by(namespace, ["globals"], [])) >= {"big", "other", "untouched", "box"}
+
+
+def test_a_peeked_at_value_is_skipped_only_when_plain_and_the_builtin_is_not_shadowed():
+    from capsule_kernel.inside.snapshot import names_changed_by
+
+    class Sneaky(list):
+        def __len__(self):
+            self.append(1)
+            return 0
+
+    namespace = {"table": {"a": 1}, "sneaky": Sneaky()}
+    assert names_changed_by(namespace, ["table", "sneaky"], ["table", "sneaky"]) == ["sneaky"]
+    namespace["len"] = lambda value: 0  # a notebook's own len(): a peek is no longer a peek
+    assert "table" in names_changed_by(namespace, ["table", "sneaky"], ["table", "sneaky"])

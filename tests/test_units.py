@@ -211,3 +211,19 @@ def test_describe_exit():
     assert "SIGSEGV" in describe_exit(-11, limits) and "1 GiB" in describe_exit(-11, limits)
     assert "out-of-memory killer" in describe_exit(-9, limits)
     assert "SIGUSR1" in describe_exit(-10, limits)
+
+
+def test_the_analyzer_tells_peeks_from_uses_that_may_change_a_value():
+    from capsule_kernel.kernel.analyzer import Analyzer
+
+    plan = Analyzer().plan
+    assert plan("x = len(table) + len(log)").peeks == {"table", "log"}
+    assert plan("total = float(array[:1000].sum())\nn = array.shape[0]").peeks == {"array"}
+    # A piece handed out, a method that may change it, a store into it: not peeks.
+    for code in ("v = array[:5]", "row = table[3]", "table.keys()", "log.append(len(log))", "array.fill(0)"):
+        assert not plan(code).peeks - {"log"} or code.startswith("log"), code
+    assert plan("log.append(len(log))").peeks == frozenset()
+    assert plan("table[len(log)]['score'] += 1").peeks == {"log"}
+    for code in ("globals()['x'] = 1", "exec('x = 1')", "%time x = 1", "!ls"):
+        assert plan(code).opaque, code
+    assert not plan("x = 1").opaque

@@ -12,6 +12,7 @@ not be saved. The kernel stores manifests without ever unpickling anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import io
@@ -35,13 +36,20 @@ from capsule_kernel.protocol.chunks import (
     pieces,
     read_bytes,
 )
+from capsule_kernel.protocol.peeks import PEEK_CALLS, PLAIN_TYPES
 
 _IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython)$")
 # Values whose pickle is smaller than this are re-hashed after every cell, so
-# an in-place change the analyzer could not see (a function appending to a
-# global list) is still caught. Larger values are re-hashed when the cell
-# names them or rebinds them.
-SMALL_VALUE_BYTES = 1024 * 1024
+# an in-place change nobody named (through an object shared inside another
+# value, a library's callback) is still caught. Larger values are re-hashed
+# when the cell names them, rebinds them, or calls a notebook function that
+# names them (names_reached). Small enough that re-hashing them costs a cell
+# well under a millisecond, so every cell can afford its own checkpoint.
+SMALL_VALUE_BYTES = 64 * 1024
+# A cell that reads one of these may touch any name: every name is looked at.
+_ANY_NAME = frozenset({"globals", "vars", "locals", "exec", "eval", "get_ipython", "__import__", "__builtins__"})
+# How many names a cell's calls are followed to, at most (then: every name).
+_MAX_REACHED = 4096
 # A name bound to the same object as an earlier name is saved as an alias of
 # it, so `b = a` comes back as one object, not two copies. Values whose
 # identity nobody can observe (numbers, strings, modules) are left alone.
@@ -199,6 +207,74 @@ def alias_targets(namespace: dict[str, Any], names: list[str]) -> dict[str, str]
 
 def _recorded_alias(digest: str | None) -> str | None:
     return digest[len(ALIAS) :] if digest and digest.startswith(ALIAS) else None
+
+
+def names_changed_by(namespace: dict[str, Any], candidates: list[str], peeks: list[str]) -> list[str]:
+    """What a cell's checkpoint must look at: its candidates, minus plain values it only
+    peeked at, plus what its notebook functions reach (names_reached)."""
+    skipped: set[str] = set()
+    if not PEEK_CALLS.intersection(namespace):  # len(x) is the builtin's, not a notebook function
+        skipped = {name for name in peeks if name in namespace and _plain(namespace[name])}
+    return sorted(names_reached(namespace, [name for name in candidates if name not in skipped]))
+
+
+def _plain(value: Any) -> bool:
+    kind = type(value)
+    return kind in PLAIN_TYPES or (kind.__name__ == "ndarray" and kind.__module__ == "numpy")
+
+
+def names_reached(namespace: dict[str, Any], candidates: list[str] | set[str]) -> set[str]:
+    """The names a cell may have changed: those it names, and the globals its notebook functions name.
+
+    A cell calling `add()`, where the notebook's `add` appends to a global
+    list, changes that list without naming it. Followed through functions,
+    methods, partials, notebook classes and their instances' classes, to the
+    names their code (and its nested code) mentions, transitively. A cell
+    that reads globals(), exec, eval or the like may touch anything: then
+    every name.
+    """
+    if _ANY_NAME.intersection(candidates):
+        return set(namespace)
+    reached = set(candidates)
+    stack = [name for name in reached if name in namespace]
+    while stack:
+        for code in _code_of(namespace[stack.pop()], namespace):
+            for name in code.co_names:
+                if name in namespace and name not in reached:
+                    if name in _ANY_NAME or len(reached) >= _MAX_REACHED:
+                        return set(namespace)
+                    reached.add(name)
+                    stack.append(name)
+    return reached
+
+
+def _code_of(value: Any, namespace: dict[str, Any]) -> Iterator[types.CodeType]:
+    """The code objects of a notebook-defined callable (or of an instance's notebook class)."""
+    if isinstance(value, functools.partial):
+        value = value.func
+    if isinstance(value, types.MethodType):
+        value = value.__func__
+    if isinstance(value, types.FunctionType):
+        if value.__globals__ is namespace:
+            yield from _nested(value.__code__)
+        return
+    kind = value if isinstance(value, type) else type(value)
+    if kind in PLAIN_TYPES:
+        return  # a list, a dict, a number: no notebook code
+    attributes = [attribute for base in kind.__mro__[:-1] for attribute in list(vars(base).values())]
+    for attribute in attributes:  # a method is the notebook's when its globals are the namespace
+        function = getattr(attribute, "__func__", attribute)  # staticmethod, classmethod
+        if isinstance(function, property):
+            function = function.fget
+        if isinstance(function, types.FunctionType) and function.__globals__ is namespace:
+            yield from _nested(function.__code__)
+
+
+def _nested(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _nested(const)
 
 
 def changed_names(

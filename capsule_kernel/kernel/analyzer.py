@@ -20,6 +20,8 @@ from typing import Literal
 
 from IPython.core.inputtransformer2 import TransformerManager
 
+from capsule_kernel.protocol.peeks import PEEK_ATTRIBUTES, PEEK_CALLS, PEEK_METHODS
+
 ExecutionMode = Literal["sync", "top-level-await", "async-def"]
 
 _BUILTINS = frozenset(dir(builtins))
@@ -93,6 +95,13 @@ class ExecutionPlan:
     blocking_calls: tuple[str, ...] = ()
     magics: tuple[str, ...] = ()
     uses_shell: bool = False
+    # Names the cell only looks at in ways that cannot change them or hand out
+    # a piece of them (len(x), x.shape, x.sum(), x[i:j].mean()): with a plain
+    # value (the worker checks its type) a checkpoint need not hash them again.
+    peeks: frozenset[str] = frozenset()
+    # The cell reaches the namespace by means no name shows (globals(), exec,
+    # eval, a %magic or !shell through get_ipython()): any name may change.
+    opaque: bool = False
     syntax_error: str | None = None
     # The cell as IPython would run it, when that differs from the source
     # (magics, !shell, help?): what a sandbox without IPython is given.
@@ -388,6 +397,7 @@ class Analyzer:
                 return ExecutionPlan(digest, syntax_error=f"{type(err).__name__}: {getattr(err, 'msg', err)}{where}")
         visitor = _Visitor()
         visitor.visit(tree)
+        peeks, opaque = _peeks(tree)
         if visitor.top_level_await:
             mode: ExecutionMode = "top-level-await"
         elif visitor.defines_async:
@@ -407,5 +417,49 @@ class Analyzer:
             blocking_calls=tuple(dict.fromkeys(visitor.blocking)),
             magics=tuple(dict.fromkeys(visitor.magics)),
             uses_shell=visitor.uses_shell,
+            peeks=frozenset(peeks - visitor.writes - visitor.mutates - visitor.deletes),
+            opaque=opaque,
             transformed=transformed,
         )
+
+
+# Names through which a cell reaches the namespace without naming what it changes.
+_OPAQUE = frozenset({"globals", "vars", "locals", "exec", "eval", "get_ipython", "__import__"})
+
+
+def _peeks(tree: ast.AST) -> tuple[set[str], bool]:
+    """(names every load of which is a peek, whether the cell is opaque); see ExecutionPlan.
+
+    A table, not a proof: a peek of a value whose type is not plain (the
+    worker's check) is looked at as any read.
+    """
+    parent: dict[ast.AST, ast.AST] = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            parent[child] = node
+    peeks: set[str] = set()
+    others: set[str] = set()
+    opaque = False
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Name) or not isinstance(node.ctx, ast.Load):
+            continue
+        if node.id in _OPAQUE:
+            opaque = True
+        (peeks if _is_peek(node, parent) else others).add(node.id)
+    return peeks - others, opaque
+
+
+def _is_peek(name: ast.Name, parent: dict[ast.AST, ast.AST]) -> bool:
+    above = parent.get(name)
+    if isinstance(above, ast.Call):
+        return isinstance(above.func, ast.Name) and above.func.id in PEEK_CALLS and name in above.args
+    if isinstance(above, ast.Subscript) and above.value is name and isinstance(above.ctx, ast.Load):
+        name, above = above, parent.get(above)  # x[i:j].mean(): only through a method below
+        if not (isinstance(above, ast.Attribute) and above.attr in PEEK_METHODS):
+            return False
+    if not (isinstance(above, ast.Attribute) and above.value is name and isinstance(above.ctx, ast.Load)):
+        return False
+    if above.attr in PEEK_ATTRIBUTES and not isinstance(parent.get(above), ast.Call):
+        return True
+    call = parent.get(above)
+    return above.attr in PEEK_METHODS and isinstance(call, ast.Call) and call.func is above

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KEEP = 200
 DEFAULT_GC_GRACE_SECONDS = 600.0
-# Back to back, how long and how many short cells a coalesced snapshot may be deferred (worker_snapshots).
-DEFAULT_COALESCE_SECONDS = 1.0
+# Back to back, how long and how many short cells a coalesced snapshot may be deferred
+# (inside/worker/snapshots.py); 0 (the default): never, every cell is its own checkpoint.
+DEFAULT_COALESCE_SECONDS = 0.0
 DEFAULT_COALESCE_CELLS = 64
 
 

@@ -72,7 +72,7 @@ FRAMES: dict[str, Frame] = {
     "execute": _frame(
         (KERNEL,),
         _OUTPUT_CAP,
-        optional=("raw_code", "snapshot_candidates", "user_expressions", "parent_header"),
+        optional=("raw_code", "snapshot_candidates", "snapshot_peeks", "user_expressions", "parent_header"),
         code=str,
         silent=bool,
         store_history=bool,
@@ -80,6 +80,8 @@ FRAMES: dict[str, Frame] = {
         allow_stdin=bool,
         execution_count=int,
         snapshot_candidates=list,
+        # Names among the candidates the cell only peeked at (protocol/peeks.py).
+        snapshot_peeks=list,
         raw_code=_STR_OR_NONE,
         limits=dict,
         parent_header=dict,

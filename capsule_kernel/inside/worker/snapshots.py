@@ -6,20 +6,21 @@ chunk store and reports a JSON manifest; the parent answers the kernel at
 once and runs the next cell while the child works (Redis saves the same
 way).
 
-Short cells that end while a snapshot is still running are not snapshotted
-one by one: they are deferred, and one coalesced snapshot covers them all, taken
-when the worker has been idle for IDLE_SECONDS, before any request that is
-not a cell, when the kernel's pipe closes, or, back to back, before the next
-cell once the oldest deferred cell is max_delay old or max_cells are
-deferred ([checkpoints] coalesce and coalesce_cells). So a program sending cells back to back pays for a snapshot
-about once a second instead of once a cell, and a crash loses at most the
-cells since the last snapshot that landed, which the kernel names (it
-knows which cells were deferred: "done" says so). A cell that ran longer is
-snapshotted as soon as it ends, with the deferred cells before it.
+Every cell that changed state gets its own snapshot, at any pace: a child
+forked while earlier ones still run is chained behind them (it waits for the
+digests of the one before, then plans against them), so the reply never
+waits for a snapshot, and at most MAX_IN_FLIGHT children exist (a cell that
+ends with that many waits for the oldest: the bound on the copy-on-write
+images the sandbox holds). The durability point is the fork, right after the
+cell and before its reply: it does not depend on the worker going idle.
 
-A snapshot compares against the digests of the one before. A chained
-snapshot (forked while the one before still runs, waiting for its digests)
-is what a coalesced snapshot taken before that one has come back becomes.
+Coalescing is the operator's opt-in ([checkpoints] coalesce > 0): short cells
+that end while a snapshot is still running are then deferred, and one
+coalesced snapshot covers them all, taken when the worker has been idle for
+IDLE_SECONDS, before any request that is not a cell, when the kernel's pipe
+closes, or before the next cell once the oldest deferred cell is max_delay
+old or max_cells are deferred. A crash loses at most the deferred cells,
+which the kernel names (it knows which cells were deferred: "done" says so).
 """
 
 from __future__ import annotations
@@ -57,14 +58,19 @@ IDLE_SECONDS = 0.05
 SHORT_CELL_SECONDS = 0.1
 # Snapshot children run at this niceness: on a busy CPU the cells that follow come first.
 SNAPSHOT_NICENESS = 10
+# Snapshot children whose digests have not come back: one runs, the others wait for it in
+# a chain. A cell that ends with this many in flight waits for the oldest before its
+# reply: the bound on the copy-on-write images the sandbox holds (its memory limit counts them).
+MAX_IN_FLIGHT = 4
 
 
 class Snapshotter:
     idle_seconds = IDLE_SECONDS
     # Back to back, a deferred cell waits at most this long, or this many cells, for its
     # snapshot (the kernel's [checkpoints] coalesce and coalesce_cells settings).
-    max_delay = 1.0
+    max_delay = 0.0
     max_cells = 64
+
     def __init__(
         self,
         shell: Any,
@@ -89,8 +95,10 @@ class Snapshotter:
         self.fingerprints: dict[str, str] = {}
         self._changed = threading.Condition()
         self._unlearned = 0  # children whose digests have not come back
+        self._pending: set[int] = set()  # their pids
         self._latest_pid = 0
-        self._chained_fd: int | None = None  # pipe to a child waiting for those digests
+        # pid of a child -> the pipe to the child chained after it, waiting for its digests
+        self._successors: dict[int, int] = {}
         # Cells whose snapshot is deferred into the next coalesced one, the names they mention, since when.
         self.deferred: list[int] = []
         self._deferred_names: set[str] = set()
@@ -113,7 +121,8 @@ class Snapshotter:
     def after_cell(self, execution_count: int, candidates: list[str], ran: float) -> tuple[str, list[str], Plan | None]:
         """What follows a good cell: ("take", names, plan), ("defer", [], None) or ("none", [], None).
 
-        A short cell (it ran under SHORT_CELL_SECONDS) that ends while a
+        By default every cell that changed something is taken at once. With
+        coalescing on (max_delay > 0), a short cell (it ran under SHORT_CELL_SECONDS) that ends while a
         snapshot runs, or after deferred cells, is deferred into the next
         coalesced snapshot: it is cheap to run again should it be lost. Any
         other cell is snapshotted at once (a person's pace: each cell its own
@@ -121,6 +130,9 @@ class Snapshotter:
         """
         if self.root is None:
             return "none", [], None
+        if self.max_delay <= 0:  # the default: every cell its own checkpoint, chained behind the ones in flight
+            plan = self.plan(candidates)
+            return ("take", candidates, plan) if plan else ("none", [], None)
         if (self.deferred or self.busy) and ran < SHORT_CELL_SECONDS:
             self._defer(execution_count, candidates)
             return "defer", [], None
@@ -151,7 +163,7 @@ class Snapshotter:
         if not self.deferred:
             return
         with self._changed:
-            self._changed.wait_for(lambda: self._unlearned < 2)
+            self._changed.wait_for(lambda: self._unlearned < MAX_IN_FLIGHT)
         last, names = self.deferred[-1], sorted(self._deferred_names)
         self.deferred, self._deferred_names = [], set()
         plan = self.plan(names)
@@ -185,7 +197,7 @@ class Snapshotter:
         if self.root is None:
             return None
         with self._changed:  # the collector thread merges digests under it
-            self._changed.wait_for(lambda: self._unlearned < 2)
+            self._changed.wait_for(lambda: self._unlearned < MAX_IN_FLIGHT)
             return snapshot.changed_names(
                 self.shell.user_ns,
                 self._hidden(),
@@ -206,9 +218,10 @@ class Snapshotter:
         # pipe) between deciding to chain and the fork; the child never
         # touches this lock.
         with self._changed:
-            chained = self._unlearned > 0
+            predecessor = self._latest_pid
+            chained = predecessor in self._pending
             if chained:
-                self._chained_fd = state_write
+                self._successors[predecessor] = state_write
             worker_pid = os.getpid()
             with warnings.catch_warnings():
                 # fork with threads: the child starts its own (HashingThreads) and uses no inherited lock
@@ -222,9 +235,10 @@ class Snapshotter:
                     state_read = -1
                 # The child's copies of digests/sizes are frozen by the fork.
                 known = (self.ledger.ids, self.ledger.digests, self.ledger.sizes)
-                chain = (state_read, worker_pid, self._latest_pid)
+                chain = (state_read, worker_pid, predecessor)
                 self._child(namespace, execution_count, candidates, known, chain, write_fd)
             self._unlearned += 1
+            self._pending.add(pid)
             self._latest_pid = pid
             self.ledger.ids = plan[2]
         os.close(write_fd)
@@ -276,9 +290,7 @@ class Snapshotter:
                 if not state.get("ok"):
                     known_ids = {}  # it failed: compare everything
             # Planned here, not in the parent: these are the digests as of the fork (or the chain).
-            plan = snapshot.changed_names(
-                namespace, self._hidden(), known_ids, sizes, digests, candidates
-            )
+            plan = snapshot.changed_names(namespace, self._hidden(), known_ids, sizes, digests, candidates)
             todo, removed, _, aliases = plan if plan else ([], [], {}, {})
             previous = {name: digests[name] for name in todo if name in digests}
             with HashingThreads() as pool:
@@ -326,7 +338,8 @@ class Snapshotter:
             with self._changed:
                 ok = self._learn(result, pid)
                 self._unlearned -= 1
-                forward, self._chained_fd = self._chained_fd, None
+                self._pending.discard(pid)
+                forward = self._successors.pop(pid, None)
                 if forward is not None:
                     state = frames.encode(
                         {"type": "digests", "ok": ok, "digests": self.ledger.digests, "sizes": self.ledger.sizes}

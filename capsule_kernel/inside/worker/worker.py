@@ -23,6 +23,7 @@ import time
 import traceback
 from typing import Any
 
+from capsule_kernel.inside import snapshot
 from capsule_kernel.inside.requests import RequestTable
 from capsule_kernel.inside.stops import cpu_stop, timeout_stop
 
@@ -201,7 +202,10 @@ class Worker:
         action, names, plan = "none", [], None
         count = int(message.get("execution_count", 0))
         if reply["status"] == "ok" and not silent:
-            action, names, plan = self.snapshots.after_cell(count, message.get("snapshot_candidates", []), ran)
+            candidates = snapshot.names_changed_by(
+                self.shell.user_ns, message.get("snapshot_candidates", []), message.get("snapshot_peeks", [])
+            )
+            action, names, plan = self.snapshots.after_cell(count, candidates, ran)
         # "snapshot": a checkpoint of this cell follows, so the kernel can wait for it;
         # "deferred": a coalesced snapshot will cover it (worker_snapshots).
         done = {"type": "done", "reply": json_clean(reply), "snapshot": count if plan else None}

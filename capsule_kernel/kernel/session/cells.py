@@ -32,6 +32,8 @@ class Cell:
     allow_stdin: bool
     execution_count: int
     snapshot_candidates: tuple[str, ...] = ()
+    # Candidates the cell only peeked at (len(x), x.shape): the worker may skip them.
+    snapshot_peeks: tuple[str, ...] = ()
     # The cell as typed, when `code` was transformed for a sandbox without IPython.
     raw_code: str | None = None
     # The execute_request's header: the sandbox's get_parent() (relay.header_for_sandbox).
@@ -81,7 +83,9 @@ class CellLifecycle:
         if decision.sandbox == "subprocess":
             # What subshells' cells touched (a large value changed in place) is looked at too.
             names |= self.subshells.touched
-        cell = replace(cell, snapshot_candidates=tuple(sorted(names)))
+        if plan.opaque:
+            names |= {"globals"}  # the worker's names_reached: any name may have changed
+        cell = replace(cell, snapshot_candidates=tuple(sorted(names)), snapshot_peeks=tuple(sorted(plan.peeks & names)))
         if decision.sandbox == "wasm" and plan.transformed is not None:
             # No IPython inside: it gets %magics as the calls IPython would make (the analyzer's transform).
             cell = replace(cell, code=plan.transformed, raw_code=code)
