@@ -165,3 +165,33 @@ def _printed(kernel, msg_id: str, text: str) -> bool:
     return (
         msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream" and text in msg["content"]["text"]
     )
+
+
+def test_cells_deferred_when_the_kernel_dies_get_their_snapshot_in_spite_of_the_broken_pipe(tmp_path):
+    """Coalescing on: the worker takes the deferred cells' snapshot at its kernel's end of file.
+
+    Its frames to the dead kernel then meet a broken pipe; that must not cut
+    the snapshot short (it once raised before the collector thread started,
+    and the deferred cells were lost).
+    """
+    from tests.test_checkpoints import GATE
+
+    project = tmp_path / "project"
+    project.mkdir()
+    release = project / "release"  # inside the working directory: the sandbox sees it
+    (project / "capsule.toml").write_text('[checkpoints]\ncoalesce = "60s"\n')
+    env = {"CAPSULE_HOME": str(tmp_path / "home"), "CAPSULE_SESSION": "epipe"}
+    first = start_kernel(env=env, cwd=project)
+    try:
+        first.execute(f"GATE_PATH = {str(release)!r}\nx = 0\nimport os\nbase = bytearray(16)")
+        assert first.execute("%capsule log -n 1").status == "ok"
+        assert first.execute(GATE).status == "ok"  # its snapshot waits for `release`
+        for value in (1, 2, 3):  # deferred behind it
+            assert first.execute(f"x = {value}\nbase[0] = {value}").status == "ok"
+        kill_at(first, time.perf_counter())
+        release.touch()
+    finally:
+        release.touch()
+        first.close()
+    shown, x, named = resume_in_a_new_kernel(env, project)
+    assert x == 3 and not named, (x, shown)

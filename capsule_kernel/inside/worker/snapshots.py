@@ -245,8 +245,9 @@ class Snapshotter:
         os.close(state_read)
         if not chained:
             os.close(state_write)
-        self.channel.send({"type": "snapshot_started", "execution_count": execution_count, "pid": pid})
+        # The collector first: it passes the digests on to a chained child even if the kernel is gone.
         threading.Thread(target=self._collect, args=(pid, read_fd), name="capsule-snapshot", daemon=True).start()
+        self.channel.send({"type": "snapshot_started", "execution_count": execution_count, "pid": pid})
 
     def _child(
         self,
