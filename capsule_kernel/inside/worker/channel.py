@@ -73,12 +73,6 @@ class FrameChannel:
                 pass
 
     def send(self, message: dict[str, Any]) -> None:
-        """Send one frame to the kernel; once the kernel is gone, nothing (nobody reads it).
-
-        A broken pipe means the kernel died: what the worker does next (a
-        snapshot's fork, its journal) must not be cut short by a frame that
-        cannot be delivered, so it is not an error here.
-        """
         tag = current_subshell()
         if tag is not None and message["type"] in _TAGGED_OUTPUTS and "subshell" not in message:
             message = {**message, "subshell": tag}
@@ -90,8 +84,6 @@ class FrameChannel:
                 while view:
                     written = os.write(self._write_fd, view)
                     view = view[written:]
-            except BrokenPipeError:
-                self.kernel_gone.set()
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
