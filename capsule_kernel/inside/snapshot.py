@@ -36,7 +36,7 @@ from capsule_kernel.protocol.chunks import (
     pieces,
     read_bytes,
 )
-from capsule_kernel.protocol.peeks import PEEK_CALLS, PLAIN_TYPES
+from capsule_kernel.protocol.peeks import EVERY_NAME, OPAQUE_NAMES, PEEK_CALLS, PLAIN_TYPES
 
 _IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|get_ipython)$")
 # Values whose pickle is smaller than this are re-hashed after every cell, so
@@ -46,8 +46,6 @@ _IPYTHON_NAMES = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|exit|quit|g
 # names them (names_reached). Small enough that re-hashing them costs a cell
 # well under a millisecond, so every cell can afford its own checkpoint.
 SMALL_VALUE_BYTES = 64 * 1024
-# A cell that reads one of these may touch any name: every name is looked at.
-_ANY_NAME = frozenset({"globals", "vars", "locals", "exec", "eval", "get_ipython", "__import__", "__builtins__"})
 # How many names a cell's calls are followed to, at most (then: every name).
 _MAX_REACHED = 4096
 # A name bound to the same object as an earlier name is saved as an alias of
@@ -233,15 +231,17 @@ def names_reached(namespace: dict[str, Any], candidates: list[str] | set[str]) -
     that reads globals(), exec, eval or the like may touch anything: then
     every name.
     """
-    if _ANY_NAME.intersection(candidates):
+    if EVERY_NAME in candidates:
         return set(namespace)
     reached = set(candidates)
     stack = [name for name in reached if name in namespace]
     while stack:
         for code in _code_of(namespace[stack.pop()], namespace):
             for name in code.co_names:
+                if name in OPAQUE_NAMES:
+                    return set(namespace)  # a notebook function using globals() or exec
                 if name in namespace and name not in reached:
-                    if name in _ANY_NAME or len(reached) >= _MAX_REACHED:
+                    if len(reached) >= _MAX_REACHED:
                         return set(namespace)
                     reached.add(name)
                     stack.append(name)

@@ -20,7 +20,7 @@ from typing import Literal
 
 from IPython.core.inputtransformer2 import TransformerManager
 
-from capsule_kernel.protocol.peeks import PEEK_ATTRIBUTES, PEEK_CALLS, PEEK_METHODS
+from capsule_kernel.protocol.peeks import OPAQUE_NAMES, PEEK_ATTRIBUTES, PEEK_CALLS, PEEK_METHODS
 
 ExecutionMode = Literal["sync", "top-level-await", "async-def"]
 
@@ -423,10 +423,6 @@ class Analyzer:
         )
 
 
-# Names through which a cell reaches the namespace without naming what it changes.
-_OPAQUE = frozenset({"globals", "vars", "locals", "exec", "eval", "get_ipython", "__import__"})
-
-
 def _peeks(tree: ast.AST) -> tuple[set[str], bool]:
     """(names every load of which is a peek, whether the cell is opaque); see ExecutionPlan.
 
@@ -443,7 +439,7 @@ def _peeks(tree: ast.AST) -> tuple[set[str], bool]:
     for node in ast.walk(tree):
         if not isinstance(node, ast.Name) or not isinstance(node.ctx, ast.Load):
             continue
-        if node.id in _OPAQUE:
+        if node.id in OPAQUE_NAMES:
             opaque = True
         (peeks if _is_peek(node, parent) else others).add(node.id)
     return peeks - others, opaque

@@ -14,5 +14,10 @@ PEEK_CALLS = frozenset({"len", "isinstance", "type", "id", "print", "repr", "str
 # Attributes of arrays that are metadata, and methods of arrays and numbers that return a new number.
 PEEK_ATTRIBUTES = frozenset({"shape", "dtype", "size", "ndim", "nbytes"})
 PEEK_METHODS = frozenset({"sum", "mean", "std", "var", "min", "max", "prod", "any", "all", "argmax", "argmin", "item"})
+# Names through which code reaches the namespace without naming what it changes: a cell
+# (the analyzer's `opaque`) or notebook function that uses one may change any name.
+OPAQUE_NAMES = frozenset({"globals", "vars", "locals", "exec", "eval", "get_ipython", "__import__"})
+# The candidate the kernel sends for an opaque cell: every name is looked at.
+EVERY_NAME = "globals"
 # Types whose peeks above cannot change them (exact types: a subclass may override anything).
 PLAIN_TYPES = (list, tuple, dict, set, frozenset, str, bytes, int, float, complex, bool, type(None))

@@ -94,8 +94,7 @@ class Snapshotter:
         # Fingerprints of recent large chunks -> their names (chunks.fingerprint).
         self.fingerprints: dict[str, str] = {}
         self._changed = threading.Condition()
-        self._unlearned = 0  # children whose digests have not come back
-        self._pending: set[int] = set()  # their pids
+        self._pending: set[int] = set()  # pids of the children whose digests have not come back
         self._latest_pid = 0
         # pid of a child -> the pipe to the child chained after it, waiting for its digests
         self._successors: dict[int, int] = {}
@@ -111,12 +110,12 @@ class Snapshotter:
     def wait(self) -> None:
         """Block until every snapshot has told us its digests."""
         with self._changed:
-            self._changed.wait_for(lambda: self._unlearned == 0)
+            self._changed.wait_for(lambda: not self._pending)
 
     @property
     def busy(self) -> bool:
         """A snapshot runs whose digests have not come back."""
-        return self._unlearned > 0
+        return bool(self._pending)
 
     def after_cell(self, execution_count: int, candidates: list[str], ran: float) -> tuple[str, list[str], Plan | None]:
         """What follows a good cell: ("take", names, plan), ("defer", [], None) or ("none", [], None).
@@ -163,7 +162,7 @@ class Snapshotter:
         if not self.deferred:
             return
         with self._changed:
-            self._changed.wait_for(lambda: self._unlearned < MAX_IN_FLIGHT)
+            self._changed.wait_for(lambda: len(self._pending) < MAX_IN_FLIGHT)
         last, names = self.deferred[-1], sorted(self._deferred_names)
         self.deferred, self._deferred_names = [], set()
         plan = self.plan(names)
@@ -197,7 +196,7 @@ class Snapshotter:
         if self.root is None:
             return None
         with self._changed:  # the collector thread merges digests under it
-            self._changed.wait_for(lambda: self._unlearned < MAX_IN_FLIGHT)
+            self._changed.wait_for(lambda: len(self._pending) < MAX_IN_FLIGHT)
             return snapshot.changed_names(
                 self.shell.user_ns,
                 self._hidden(),
@@ -237,7 +236,6 @@ class Snapshotter:
                 known = (self.ledger.ids, self.ledger.digests, self.ledger.sizes)
                 chain = (state_read, worker_pid, predecessor)
                 self._child(namespace, execution_count, candidates, known, chain, write_fd)
-            self._unlearned += 1
             self._pending.add(pid)
             self._latest_pid = pid
             self.ledger.ids = plan[2]
@@ -338,7 +336,6 @@ class Snapshotter:
         finally:
             with self._changed:
                 ok = self._learn(result, pid)
-                self._unlearned -= 1
                 self._pending.discard(pid)
                 forward = self._successors.pop(pid, None)
                 if forward is not None:

@@ -19,6 +19,7 @@ from capsule_kernel.kernel.sandbox import crash_dump
 from capsule_kernel.kernel.sandbox.process import PreviousCellOverran, SandboxDied, SandboxProcess
 from capsule_kernel.kernel.sandbox.wasm import WasmSandbox
 from capsule_kernel.kernel.session.relay import sanitized_reply
+from capsule_kernel.protocol.peeks import EVERY_NAME
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class CellLifecycle:
             # What subshells' cells touched (a large value changed in place) is looked at too.
             names |= self.subshells.touched
         if plan.opaque:
-            names |= {"globals"}  # the worker's names_reached: any name may have changed
+            names |= {EVERY_NAME}  # the worker's names_reached: any name may have changed
         cell = replace(cell, snapshot_candidates=tuple(sorted(names)), snapshot_peeks=tuple(sorted(plan.peeks & names)))
         if decision.sandbox == "wasm" and plan.transformed is not None:
             # No IPython inside: it gets %magics as the calls IPython would make (the analyzer's transform).
