@@ -109,3 +109,40 @@ def test_spools_of_gone_kernels_without_a_ledger_row_are_swept(tmp_path):
     orphan.mkdir(parents=True)
     adopt(store, None)
     assert not orphan.parent.exists()
+
+
+def test_a_change_built_on_a_snapshot_never_recorded_is_refused(tmp_path):
+    """A snapshot the worker took behind a child names that child's cell (`after`): no base, no record.
+
+    Recorded on top of the last checkpoint instead, it would hold a state
+    that never was (cell 5's changes missing under cell 6's name).
+    """
+    store, spool = plant(tmp_path, recorded_through=4)
+    report = journal_values(spool, 6, {"x": 6})
+    report["after"] = 5  # cell 5's own snapshot never reached the journal
+    frames.journal(spool, report)
+    adopted, settled = adopt(store, {5: {}, 6: {}})
+    assert store.latest("s") is None and settled == []
+    assert "whose snapshot was never recorded" in adopted.refused[0]
+
+
+def test_a_change_built_on_a_journaled_snapshot_is_recorded_without_what_that_one_holds(tmp_path):
+    store, spool = plant(tmp_path, recorded_through=4)
+    journal_values(spool, 5, {"big": "b" * 100, "x": 5})
+    report = journal_values(spool, 6, {"big": "b" * 100, "x": 6})  # saved again: its digests were old
+    report["after"] = 5
+    frames.journal(spool, report)
+    adopt(store, {5: {}, 6: {}})
+    assert sorted(c.execution_count for c in store.history("s")) == [5, 6]
+    assert store.latest("s").changed == ["x"] and set(store.latest("s").entries) == {"big", "x"}
+
+
+def test_a_journal_directory_that_is_a_link_is_not_read(tmp_path):
+    store, spool = plant(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    journal_values(spool, 3, {"x": "through a link"})
+    (spool / frames.JOURNAL_DIR).rename(elsewhere)
+    (spool / frames.JOURNAL_DIR).symlink_to(elsewhere)
+    _, settled = adopt(store, {3: {}})
+    assert store.latest("s") is None and settled == []
+    assert (elsewhere / f"3{frames.JOURNAL_SUFFIX}").exists()

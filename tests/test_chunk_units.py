@@ -307,3 +307,23 @@ def test_preload_imports_the_fingerprint_hash_before_any_fork():
         "assert 'blake3' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_a_snapshot_taken_in_the_worker_matches_one_taken_in_a_child(tmp_path):
+    """The worker's own snapshots (a Budget) name the same chunks as a child's, for values it may pickle."""
+    namespace = {"log": list(range(500)), "table": {"a": [1.5, "b"]}, "f": len, "nothing": None}
+    plain = snapshot.take(namespace, list(namespace), {}, tmp_path / "a")["entries"]
+    here = snapshot.take(namespace, list(namespace), {}, tmp_path / "b", budget=snapshot.Budget(64 * 1024))
+    assert {k: v["digest"] for k, v in here["entries"].items()} == {k: v["digest"] for k, v in plain.items()}
+
+
+def test_the_worker_leaves_large_values_and_notebook_objects_to_a_child(tmp_path):
+    """Past the budget, or at a value whose pickling may run the notebook's code (a __reduce__): NotHere."""
+
+    class Notebooks:
+        def __reduce__(self):
+            raise AssertionError("the worker ran the notebook's __reduce__")
+
+    for value in (bytes(100_000), [Notebooks()], {"deep": {"x": Notebooks()}}):
+        with pytest.raises(snapshot.NotHere):
+            snapshot.take({"v": value}, ["v"], {}, tmp_path, budget=snapshot.Budget(64 * 1024))

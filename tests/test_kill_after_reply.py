@@ -16,6 +16,7 @@ import re
 import signal
 import time
 
+import psutil
 import pytest
 
 from tests.harness import start_kernel, wait_until
@@ -116,6 +117,54 @@ def test_cells_before_a_running_cell_survive_a_kill(tmp_path, victim):
         shown, x, named = resume_in_a_new_kernel(env, tmp_path)
         assert x == 10 and not named, (x, shown)
         assert "'import time'" in shown  # only the cell that was running is lost, and named
+
+
+@pytest.mark.parametrize("victim", ["kernel", "sandbox"])
+def test_small_cells_taken_behind_a_large_snapshot_survive_a_kill(tmp_path, victim):
+    """Small cells whose snapshot the worker took itself, queued behind a large one still being written.
+
+    Each is in the journal before its reply, with the cell it builds on
+    (`after`); the worker reports it only after the large one. Killed
+    before that, the worker cannot: the live kernel reads them from the
+    journal once the large one has reported (sandbox), the next kernel
+    adopts them (kernel). Fails without reading the journal when the worker
+    dies (checked: the three small cells were named lost, x came back 1),
+    and without a child's broken report pipe being harmless (checked: the
+    small cells were dropped as built on a failed snapshot).
+    """
+    env = {"CAPSULE_HOME": str(tmp_path / "home"), "CAPSULE_SESSION": f"behind-large-{victim}"}
+    first = start_kernel(env=env, cwd=tmp_path)
+    try:
+        worker = first.sandbox_pid()
+        first.execute("import os\nbase = bytearray(os.urandom(256 * 2**20))\nx = 0")
+        assert first.execute("%capsule log -n 1").status == "ok"  # the base is saved
+        ids = [first.kc.execute("base[0] = 7\nx = 1")]  # 256 MiB hashed again: a snapshot child for a while
+        ids += [first.kc.execute(f"x = {value}\nname{value} = 'small'") for value in (2, 3, 4)]
+        replies = [first.shell_reply(msg_id, timeout=60) for msg_id in ids]
+        assert all(reply["content"]["status"] == "ok" for reply in replies)
+        children = psutil.Process(worker).children()
+        assert children, "the large snapshot was over before the kill: the window was missed"
+        if victim == "kernel":
+            kill_at(first, time.perf_counter())
+        else:
+            os.kill(worker, signal.SIGKILL)
+            died = first.execute("x")  # told of the death, and of what was restored
+            assert died.status == "error" and "run them again" not in died.texts(), died.texts()
+            state = first.execute("x, base[0], name2, name3, name4")
+            assert state.result_text == "(4, 7, 'small', 'small', 'small')", state.texts()
+            log = first.execute("%capsule log").texts()
+            assert all(f"name{value}" in log for value in (2, 3, 4)), log
+    finally:
+        first.close()
+    if victim == "kernel":
+        second = start_kernel(env=env, cwd=tmp_path)
+        try:
+            resumed = second.execute("%capsule resume", timeout=120)
+            assert resumed.status == "ok" and "Not in it" not in resumed.texts(), resumed.texts()
+            state = second.execute("x, base[0], name2, name3, name4")
+            assert state.result_text == "(4, 7, 'small', 'small', 'small')", (state.texts(), resumed.texts())
+        finally:
+            second.close()
 
 
 def test_deferred_cells_behind_a_running_cell_are_named_when_the_kernel_dies(tmp_path):

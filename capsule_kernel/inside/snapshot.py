@@ -84,10 +84,74 @@ def describe(value: Any) -> dict[str, Any]:
     return info
 
 
-def snapshot_value(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+class NotHere(Exception):
+    """A value the worker does not pickle itself (Budget): too large, or its pickling may run the notebook's code."""
+
+
+class Budget:
+    """Bytes a snapshot taken in the worker itself may still pickle before it gives up (NotHere)."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def spend(self, size: int) -> None:
+        self.left -= size
+        if self.left < 0:
+            raise NotHere
+
+
+# Types whose pickling runs no code of the notebook's. The pickler does not even ask about exact
+# ints, floats, strings, bytes, lists, tuples, dicts, sets and frozensets; functions and classes
+# are cloudpickle's (it walks their code and globals, calling nothing of theirs).
+_PICKLED_WITHOUT_USER_CODE = frozenset(
+    {
+        complex, bytearray, range, slice, type(None), type(Ellipsis),
+        types.FunctionType, types.BuiltinFunctionType, types.CodeType, types.CellType, types.ModuleType,
+    }
+)  # fmt: skip
+# numpy's own arrays, scalars and dtypes pickle in C.
+_NUMPY_MODULES = ("numpy", "numpy.dtypes")
+
+
+class _HerePickler(cloudpickle.Pickler):
+    """cloudpickle for the worker's own snapshots: anything whose pickling could run a notebook's
+    __reduce__ or __getstate__ (an instance of its class, a subclass of a builtin) is left to a
+    forked child, where a slow or side-effecting one can neither delay the reply nor touch the namespace."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind in _PICKLED_WITHOUT_USER_CODE or isinstance(obj, type) or kind.__module__ in _NUMPY_MODULES:
+            return super().reducer_override(obj)
+        raise NotHere
+
+
+class _CappedFile(io.BytesIO):
+    """A pickle's output that stops it past its budget: the C pickler writes each 64 KiB frame as it ends."""
+
+    def __init__(self, budget: Budget) -> None:
+        super().__init__()
+        self.budget = budget
+
+    def write(self, data: Any) -> int:
+        self.budget.spend(memoryview(data).nbytes)
+        return super().write(data)
+
+
+def snapshot_value(value: Any, budget: Budget | None = None) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """A value's pickle and out-of-band buffers; with a budget (the worker's own snapshot), NotHere
+    as soon as they pass it or meet a value whose pickling may run the notebook's code."""
     buffers: list[pickle.PickleBuffer] = []
-    data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-    return data, buffers
+    if budget is None:
+        data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        return data, buffers
+
+    def keep(buffer: pickle.PickleBuffer) -> None:
+        budget.spend(buffer.raw().nbytes)
+        buffers.append(buffer)
+
+    out = _CappedFile(budget)
+    _HerePickler(out, protocol=5, buffer_callback=keep).dump(value)
+    return out.getvalue(), buffers
 
 
 def _raw(buffer: Any) -> memoryview | bytes:
@@ -119,6 +183,7 @@ def pickled(
     mapper: Mapper = map,
     aliases: dict[str, str] | None = None,
     name_chunk: Callable[[memoryview], str] | None = None,
+    budget: Budget | None = None,
 ) -> Iterator[tuple[str, dict[str, Any], bytes | None, list[pickle.PickleBuffer]]]:
     """Each named value as (name, entry, pickle, buffers); unchanged ones (same digest) left out.
 
@@ -128,6 +193,7 @@ def pickled(
     and the Wasm guest (which hands the bytes to its host). The entry names
     the chunks the bytes split into; `mapper` may hash them in parallel,
     and `name_chunk` may store each one as it hashes it (chunk_layout).
+    With a `budget`, NotHere (snapshot_value).
     """
     aliases = aliases or {}
     for name in names:
@@ -146,7 +212,9 @@ def pickled(
                 yield name, {**entry, "digest": digest, "size": 0}, None, []
             continue
         try:
-            data, buffers = snapshot_value(value)
+            data, buffers = snapshot_value(value, budget)
+        except NotHere:
+            raise
         except Exception as err:  # noqa: BLE001 - any value may refuse pickling; say why
             yield name, {**describe(value), "error": f"{type(err).__name__}: {err}"}, None, []
             continue
@@ -168,6 +236,7 @@ def take(
     known: dict[str, str] | None = None,
     *,
     durable: bool = True,
+    budget: Budget | None = None,
 ) -> dict[str, Any]:
     """Snapshot the given names into chunk files (`durable=False`: into a spool the kernel copies from).
 
@@ -177,11 +246,12 @@ def take(
     `known` maps fingerprints of large chunks to their names (ChunkWriter).
     Returns {"entries": {name: entry}, "written": bytes newly stored,
     "fingerprints": those of the large chunks seen, for next time}.
+    With a `budget`, NotHere (snapshot_value; the chunks written
+    until then stay in the spool, unnamed: the kernel never adopts them).
     """
     writer = ChunkWriter(chunk_root, known, durable=durable)
-    entries = {
-        name: entry for name, entry, _, _ in pickled(namespace, names, previous, mapper, aliases, name_chunk=writer)
-    }
+    values = pickled(namespace, names, previous, mapper, aliases, name_chunk=writer, budget=budget)
+    entries = {name: entry for name, entry, _, _ in values}
     return {"entries": entries, "written": writer.written, "fingerprints": writer.seen}
 
 

@@ -184,12 +184,15 @@ FRAMES: dict[str, Frame] = {
     "snapshot": _frame(
         (SNAPSHOT, HOST),
         _SNAPSHOT_CAP,
-        optional=("complete",),
+        optional=("complete", "after"),
         execution_count=int,
         entries=dict,
         removed=list,
         written=int,
         complete=bool,
+        # A change on top of that cell's snapshot, taken while it was in flight: believed only
+        # once that one is (the worker's take_here; journal recovery and adoption check it).
+        after=int,
     ),
     "snapshot_failed": _frame((SNAPSHOT, HOST, GUEST), execution_count=int, reason=str),
     # -- the Wasm guest to its host (never forwarded as such) --------------------------
@@ -372,9 +375,22 @@ def journal(spool: str | os.PathLike[str], report: dict[str, Any]) -> None:
     os.replace(temporary, os.path.join(directory, f"{count}{JOURNAL_SUFFIX}"))
 
 
-def read_journal_entry(path: str | os.PathLike[str], sender: str) -> dict[str, Any]:
-    """One journaled report, checked as a frame from `sender`; ProtocolError (or OSError) if it is not one."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+def open_journal(spool: str | os.PathLike[str]) -> int:
+    """A descriptor of the spool's journal directory, reached without following a link (OSError if none).
+
+    The spool is the kernel's; the journal directory in it is the sandbox's,
+    which could make it a link to another sandbox's journal. Entries are
+    then read through this descriptor (read_journal_entry's `directory`).
+    """
+    return os.open(os.path.join(spool, JOURNAL_DIR), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def read_journal_entry(path: str | os.PathLike[str], sender: str, directory: int | None = None) -> dict[str, Any]:
+    """One journaled report, checked as a frame from `sender`; ProtocolError (or OSError) if it is not one.
+
+    With `directory` (open_journal), `path` is a name in it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

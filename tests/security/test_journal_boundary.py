@@ -11,6 +11,7 @@ no FIFO waited on, no oversized file read into memory.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import sqlite3
 from pathlib import Path
@@ -84,6 +85,61 @@ def test_planted_journal_entries_are_not_believed_by_the_next_kernel(tmp_path):
         second.close()
 
 
+LINK_JOURNAL = r"""
+import os, shutil
+from pathlib import Path
+from capsule_kernel.inside import snapshot
+from capsule_kernel.protocol import frames
+spool = Path("/run/capsule/spool")
+elsewhere = Path({elsewhere!r})  # stands for another notebook's journal: a directory outside this spool
+elsewhere.mkdir()
+# Well-formed snapshots of the cells to come (the one after next runs when the kernel dies), chunks in the spool.
+made = snapshot.take({{"leaked": "through the link"}}, ["leaked"], {{}}, spool, durable=False)
+for count in range(get_ipython().execution_count, get_ipython().execution_count + 4):
+    (elsewhere / f"{{count}}.frame").write_bytes(frames.encode(
+        {{"type": "snapshot", "execution_count": count, "entries": made["entries"], "removed": [], "written": 0}}))
+(elsewhere / "1.frame").write_bytes(b"an entry of someone else's, to be left alone")
+shutil.rmtree(spool / frames.JOURNAL_DIR, ignore_errors=True)
+os.symlink(elsewhere, spool / frames.JOURNAL_DIR)
+"""
+
+
+def test_a_journal_directory_swapped_for_a_link_is_never_followed(tmp_path):
+    """The kernel lists, reads and prunes the journal through a descriptor opened without following links.
+
+    A cell replaces the journal directory by a link to a directory outside
+    its spool, holding a snapshot of a cell that will be pending when the
+    kernel dies and an entry the live kernel's pruning would delete. Fails
+    when the journal is reached by path (checked: the live kernel deleted
+    the other directory's 1.frame as it recorded the cell).
+    """
+    home = tmp_path / "home"
+    env = {"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "linked-journal"}
+    elsewhere = tmp_path / "elsewhere"
+    first = start_kernel(env=env, cwd=tmp_path)
+    try:
+        assert first.execute("x = 'genuine'").status == "ok"
+        planted = first.execute(LINK_JOURNAL.format(elsewhere=str(elsewhere)))
+        assert planted.status == "ok", planted.texts()
+        assert first.execute("%capsule log -n 1").status == "ok"  # the planting cell is recorded (and pruned)
+        long_id = first.kc.execute("import time\nprint('running', flush=True)\ntime.sleep(60)")
+        wait_until(lambda: printed(first, long_id, "running"), what="the long cell to run")
+        first.kc.stop_channels()
+        os.kill(kernel_pid(first), signal.SIGKILL)
+        wait_until(lambda: not first.km.is_alive(), what="the kernel to die")
+    finally:
+        first.close()
+    assert (elsewhere / "1.frame").exists(), "the live kernel pruned a journal it reached through a link"
+    second = start_kernel(env=env, cwd=tmp_path)
+    try:
+        resumed = second.execute("%capsule resume", timeout=120)
+        assert resumed.status == "ok", resumed.texts()
+        assert second.execute("x, 'leaked' in dir()").result_text == "('genuine', False)"
+    finally:
+        second.close()
+    assert (elsewhere / "1.frame").exists(), "the next kernel pruned a journal it reached through a link"
+
+
 def test_a_cell_that_ignores_interrupts_does_not_outlive_its_dead_kernel_past_the_keepers_bound(tmp_path):
     """The sandbox may outlive its kernel to finish a snapshot, not to go on running a cell."""
     from capsule_kernel.kernel.sandbox.launch import KEEPER_LINGER_SECONDS
@@ -111,6 +167,15 @@ def test_a_cell_that_ignores_interrupts_does_not_outlive_its_dead_kernel_past_th
         )  # ... and gone, with the orphan it started, once the keeper's bound has passed
     finally:
         kernel.close()
+
+
+def printed(kernel, msg_id: str, text: str) -> bool:
+    try:
+        msg = kernel.kc.get_iopub_msg(timeout=0.1)
+    except queue.Empty:
+        return False
+    mine = msg["parent_header"].get("msg_id") == msg_id
+    return mine and msg["msg_type"] == "stream" and text in msg["content"]["text"]
 
 
 def processes_of_uid_in_cgroup_of(pid: int) -> list[int]:

@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from capsule_kernel.inside import snapshot
 from capsule_kernel.inside.ledger import SnapshotLedger, clear_for_replace
@@ -62,6 +62,12 @@ SNAPSHOT_NICENESS = 10
 # a chain. A cell that ends with this many in flight waits for the oldest before its
 # reply: the bound on the copy-on-write images the sandbox holds (its memory limit counts them).
 MAX_IN_FLIGHT = 4
+# A cell whose changes pickle to at most this many bytes, with no snapshot child in flight,
+# is snapshotted by the worker itself before its reply: no fork, no child, and in the journal
+# before the reply leaves. Pickling 64 KiB costs a fraction of a millisecond; a fork several.
+INLINE_BYTES = 64 * 1024
+# Snapshots taken in the worker that may wait behind one child; past it, the next cell forks.
+MAX_BEHIND = 64
 
 
 class Snapshotter:
@@ -98,6 +104,11 @@ class Snapshotter:
         self._latest_pid = 0
         # pid of a child -> the pipe to the child chained after it, waiting for its digests
         self._successors: dict[int, int] = {}
+        # pid of a child -> the snapshots taken here behind it (take_here), in order, for its
+        # collector to report after its own; the cell of the latest snapshot, fork or here.
+        self._behind: dict[int, list[_Behind]] = {}
+        self._latest_count = 0
+        self._failed_pid = 0  # the latest child whose snapshot failed
         # Cells whose snapshot is deferred into the next coalesced one, the names they mention, since when.
         self.deferred: list[int] = []
         self._deferred_names: set[str] = set()
@@ -120,7 +131,9 @@ class Snapshotter:
     def after_cell(self, execution_count: int, candidates: list[str], ran: float) -> tuple[str, list[str], Plan | None]:
         """What follows a good cell: ("take", names, plan), ("defer", [], None) or ("none", [], None).
 
-        By default every cell that changed something is taken at once. With
+        By default every cell that changed something is taken at once: a
+        small change by the worker itself before the reply ("taken",
+        take_here), any other by a forked child (take). With
         coalescing on (max_delay > 0), a short cell (it ran under SHORT_CELL_SECONDS) that ends while a
         snapshot runs, or after deferred cells, is deferred into the next
         coalesced snapshot: it is cheap to run again should it be lost. Any
@@ -131,7 +144,11 @@ class Snapshotter:
             return "none", [], None
         if self.max_delay <= 0:  # the default: every cell its own checkpoint, chained behind the ones in flight
             plan = self.plan(candidates)
-            return ("take", candidates, plan) if plan else ("none", [], None)
+            if plan is None:
+                return "none", [], None
+            if self.take_here(execution_count, plan):
+                return "taken", candidates, plan
+            return "take", candidates, plan
         if (self.deferred or self.busy) and ran < SHORT_CELL_SECONDS:
             self._defer(execution_count, candidates)
             return "defer", [], None
@@ -167,7 +184,7 @@ class Snapshotter:
         self.deferred, self._deferred_names = [], set()
         plan = self.plan(names)
         if plan:
-            self.take(last, plan, names)
+            self.announce(last, self.take(last, plan, names))
         else:
             assert self.root is not None
             unchanged = {"type": "snapshot", "execution_count": last, "entries": {}, "removed": [], "written": 0}
@@ -206,8 +223,92 @@ class Snapshotter:
                 candidates,
             )
 
-    def take(self, execution_count: int, plan: Plan, candidates: list[str]) -> None:
-        """Fork; the child snapshots while this process serves on."""
+    def take_here(self, execution_count: int, plan: Plan) -> bool:
+        """Snapshot a small change in this process, before the reply; False: it needs a child (take).
+
+        Pickles stop at INLINE_BYTES, or at a value whose pickling may run
+        the notebook's code (snapshot.NotHere), so a cell that turns out to
+        have changed much costs at most that before it forks after all. The
+        report is in the journal before the reply leaves. With no child in
+        flight it goes to the kernel at once; with one, it waits
+        behind the latest child (its collector reports it after that child's
+        own, in order) and says which cell's snapshot it builds on
+        (`after`): the kernel believes it only once that one is, also when it
+        reads it from the journal because this worker died meanwhile. The
+        digests here may then be a cell or two old, so every candidate is
+        saved again; the collector drops what turns out unchanged.
+        """
+        if self.report_fd is None or self.root is None:
+            return False
+        todo, removed, ids, aliases = plan
+        if sum(self.ledger.sizes.get(name, 0) for name in todo) > INLINE_BYTES:
+            return False  # known to be large: straight to a child
+        with self._changed:
+            behind = self._latest_pid if self._latest_pid in self._pending else None
+            if behind is not None and len(self._behind.get(behind, [])) >= MAX_BEHIND:
+                return False  # a child that does not end: fork, and wait for it (MAX_IN_FLIGHT)
+            digests = dict(self.ledger.digests) if behind is None else {}
+        previous = {name: digests[name] for name in todo if name in digests}
+        try:
+            result = snapshot.take(
+                self.shell.user_ns, todo, previous, self.root, map, aliases, self.fingerprints,
+                durable=False, budget=snapshot.Budget(INLINE_BYTES),
+            )  # fmt: skip
+        except snapshot.NotHere:
+            return False
+        report: dict[str, Any] = {
+            "type": "snapshot",
+            "execution_count": execution_count,
+            "entries": result["entries"],
+            "removed": removed,
+            "written": result["written"],
+            "complete": False,
+        }
+        if behind is not None:
+            report["after"] = self._latest_count
+        try:
+            # First in the journal: if the kernel (or, behind a child, this worker) dies now, it is there.
+            frames.journal(self.root, report)
+        except OSError:
+            return False  # a child tries again (and says why, should it fail too)
+        with self._changed:
+            if behind is not None and behind not in self._pending and behind == self._failed_pid:
+                self._unjournal(execution_count)  # it built on a snapshot that failed meanwhile:
+                return False  # a child compares everything (the failure emptied ledger.ids)
+            self.ledger.ids = ids
+            self._latest_count = execution_count
+            if behind is not None and behind in self._pending:
+                self._behind.setdefault(behind, []).append(_Behind(report, result["fingerprints"]))
+                return True
+            report.pop("after", None)  # that child reported meanwhile: its collector is past the queue
+            self._learn_here(report, result["fingerprints"])
+        with contextlib.suppress(OSError):  # a kernel that is gone reads the journal instead
+            frames.write_frame(self.report_fd, report)
+        return True
+
+    def _unjournal(self, execution_count: int) -> None:
+        """Take back a journal entry that is not true after all (what it builds on failed)."""
+        assert self.root is not None
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.root, frames.JOURNAL_DIR, f"{execution_count}{frames.JOURNAL_SUFFIX}"))
+
+    def _learn_here(self, report: dict[str, Any], fingerprints: dict[str, str]) -> None:
+        """Merge a snapshot taken here (under the lock); with its base's digests now known, drop
+        the entries it found unchanged (saved again only because its digests were old)."""
+        digests = self.ledger.digests
+        entries = report["entries"]
+        for name in [name for name, entry in entries.items() if digests.get(name) == entry.get("digest")]:
+            del entries[name]
+        learned = {name: (entry.get("digest"), entry.get("size", 0)) for name, entry in entries.items()}
+        self.ledger.learn(learned, report["removed"])
+        self._remember_fingerprints(fingerprints)
+
+    def take(self, execution_count: int, plan: Plan, candidates: list[str]) -> int:
+        """Fork, before the reply (the child holds the cell's state from then on); return its pid.
+
+        The child snapshots while this process serves on; `announce` tells the
+        kernel its pid once the reply is out.
+        """
         namespace = self.shell.user_ns
         _track_notebook_classes(namespace[name] for name in plan[0] if name in namespace)
         chunks.preload()  # imported once (cached) in this process; children inherit it
@@ -238,6 +339,7 @@ class Snapshotter:
                 self._child(namespace, execution_count, candidates, known, chain, write_fd)
             self._pending.add(pid)
             self._latest_pid = pid
+            self._latest_count = execution_count
             self.ledger.ids = plan[2]
         os.close(write_fd)
         os.close(state_read)
@@ -245,6 +347,10 @@ class Snapshotter:
             os.close(state_write)
         # The collector first: it passes the digests on to a chained child even if the kernel is gone.
         threading.Thread(target=self._collect, args=(pid, read_fd), name="capsule-snapshot", daemon=True).start()
+        return pid
+
+    def announce(self, execution_count: int, pid: int) -> None:
+        """Tell the kernel which child holds a cell's snapshot (after the 'done' that announced one)."""
         self.channel.send({"type": "snapshot_started", "execution_count": execution_count, "pid": pid})
 
     def _child(
@@ -319,7 +425,10 @@ class Snapshotter:
                 with contextlib.suppress(OSError):
                     frames.journal(self.root, report)
             if self.report_fd is not None:
-                frames.write_frame(self.report_fd, report)
+                # A kernel that is gone (EPIPE) reads the journal instead; the digests still go to the
+                # worker, so what is chained behind this snapshot builds on it rather than starting over.
+                with contextlib.suppress(OSError):
+                    frames.write_frame(self.report_fd, report)
             outcome = {"ok": status == 0, "digests": learned, "removed": removed, "fingerprints": fingerprints}
             _write_all(digest_fd, json.dumps(outcome).encode())
             # Close before exiting: tearing down a large copy-on-write address
@@ -329,20 +438,35 @@ class Snapshotter:
             os._exit(status)
 
     def _collect(self, pid: int, read_fd: int) -> None:
-        """Learn the new digests from the child, pass them on to a chained child, reap it."""
+        """Learn the new digests from the child, report what was taken here behind it, pass the
+        digests on to a chained child, reap it."""
         forward, state, result = None, b"", {}
         try:
             result = self._read_digests(read_fd)
         finally:
             with self._changed:
                 ok = self._learn(result, pid)
-                self._pending.discard(pid)
-                forward = self._successors.pop(pid, None)
-                if forward is not None:
-                    state = frames.encode(
-                        {"type": "digests", "ok": ok, "digests": self.ledger.digests, "sizes": self.ledger.sizes}
-                    )
-                self._changed.notify_all()
+                if not ok:
+                    self._failed_pid = pid
+            # Until the queue behind it is empty the child counts as in flight: a snapshot taken
+            # here meanwhile queues behind it too, so the report pipe keeps the cells' order.
+            while True:
+                with self._changed:
+                    behind = self._behind.pop(pid, [])
+                    if not behind:
+                        self._pending.discard(pid)
+                        forward = self._successors.pop(pid, None)
+                        if forward is not None:
+                            ledger = self.ledger
+                            state = frames.encode(
+                                {"type": "digests", "ok": ok, "digests": ledger.digests, "sizes": ledger.sizes}
+                            )
+                        self._changed.notify_all()
+                        break
+                    reports = [self._settle_behind(item, ok) for item in behind]
+                for report in reports:
+                    with contextlib.suppress(OSError):  # a kernel that is gone reads the journal instead
+                        frames.write_frame(self.report_fd, report)
         if forward is not None:
             try:
                 _write_all(forward, state)
@@ -351,6 +475,25 @@ class Snapshotter:
             finally:
                 os.close(forward)
         os.waitpid(pid, 0)
+
+    def _settle_behind(self, item: _Behind, ok: bool) -> dict[str, Any]:
+        """The report of a snapshot taken here behind a child, now that the child is done (under the lock).
+
+        If the child failed, this one is a change on top of a snapshot that
+        does not exist: it fails too (its journal entry goes), and the next
+        snapshot compares everything.
+        """
+        report = item.report
+        if ok:
+            self._learn_here(report, item.fingerprints)
+            return report
+        self.ledger.ids = {}
+        self._unjournal(report["execution_count"])
+        return {
+            "type": "snapshot_failed",
+            "execution_count": report["execution_count"],
+            "reason": f"it builds on the snapshot of cell [{report['after']}], which failed",
+        }
 
     @staticmethod
     def _read_digests(read_fd: int) -> dict[str, Any]:
@@ -402,6 +545,13 @@ class Snapshotter:
             )
         self.ledger.restored(entries, restored, namespace, replace=replace)
         return {"restored": sorted(restored), "failed": failed}
+
+
+class _Behind(NamedTuple):
+    """A snapshot taken in the worker while a child was in flight: reported after that child's."""
+
+    report: dict[str, Any]
+    fingerprints: dict[str, str]
 
 
 def _track_notebook_classes(values: Iterable[Any]) -> None:

@@ -206,14 +206,17 @@ class Worker:
                 self.shell.user_ns, message.get("snapshot_candidates", []), message.get("snapshot_peeks", [])
             )
             action, names, plan = self.snapshots.after_cell(count, candidates, ran)
+        # The cell's state is held before its reply leaves: in the journal already ("taken"),
+        # or by a forked child (its pid follows the reply: the kernel waits for its report).
+        child = self.snapshots.take(count, plan, names) if action == "take" and plan else None
         # "snapshot": a checkpoint of this cell follows, so the kernel can wait for it;
         # "deferred": a coalesced snapshot will cover it (worker_snapshots).
         done = {"type": "done", "reply": json_clean(reply), "snapshot": count if plan else None}
         if action == "defer":
             done["deferred"] = True
         self.channel.send(done)
-        if plan:
-            self.snapshots.take(count, plan, names)
+        if child is not None:
+            self.snapshots.announce(count, child)
 
     def reply_for(self, result: Any, expressions: dict[str, str], count: int, *, main: bool = False) -> dict[str, Any]:
         """The execute reply for a cell that ran (on the main shell, or on a subshell's thread)."""

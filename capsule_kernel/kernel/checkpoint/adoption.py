@@ -111,10 +111,17 @@ async def _adopt_one(
     sender = frames.HOST if record.kind == "wasm" else frames.SNAPSHOT
     reports = await asyncio.to_thread(_read_journal, spool, sender, adopted.refused)
     cells = await pending(record.session, record.kernel_id) if reports else {}
+    believed: set[int] = set()  # the cells whose journaled snapshot this pass recorded
     for report in reports:
         count = report["execution_count"]
         if count <= record.recorded_through:
             continue  # recorded before the kernel died
+        after = report.get("after")
+        if after is not None and after > record.recorded_through and after not in believed:
+            adopted.refused.append(
+                f"{record.name}: cell [{count}]: a change on top of cell [{after}], whose snapshot was never recorded"
+            )
+            continue
         if cells is not None and count not in cells:
             adopted.refused.append(f"{record.name}: a journaled snapshot of cell [{count}], which its kernel never ran")
             continue
@@ -124,6 +131,7 @@ async def _adopt_one(
         if problem is not None:
             adopted.refused.append(f"{record.name}: cell [{count}]: {problem}")
             continue
+        believed.add(count)
         adopted.recorded.setdefault(record.session, []).extend(covers)
         for cell in covers:
             value: dict[str, Any] = {"checkpoint": checkpoint_id, "adopted_by_a_later_kernel": True}
@@ -140,25 +148,28 @@ async def _adopt_one(
 
 def _read_journal(spool: Path, sender: str, refused: list[str]) -> list[dict[str, Any]]:
     """The journaled reports, by cell; what does not decode as a report from `sender` is refused."""
-    directory = spool / frames.JOURNAL_DIR
+    try:
+        directory = frames.open_journal(spool)
+    except OSError:
+        return []  # none, or not a directory of its own (a link: never followed)
     try:
         names = sorted(os.listdir(directory))
-    except OSError:
-        return []
-    reports = []
-    for name in names:
-        stem = name.removesuffix(frames.JOURNAL_SUFFIX)
-        if stem == name or not stem.isdigit():
-            continue  # a temporary file of a write the kernel's death cut short
-        try:
-            report = frames.read_journal_entry(directory / name, sender)
-        except (OSError, frames.ProtocolError) as err:
-            refused.append(f"{spool.name}: journal entry {name}: {err}")
-            continue
-        if report["type"] != "snapshot" or report["execution_count"] != int(stem):
-            refused.append(f"{spool.name}: journal entry {name} is not the snapshot of cell [{stem}]")
-            continue
-        reports.append(report)
+        reports = []
+        for name in names:
+            stem = name.removesuffix(frames.JOURNAL_SUFFIX)
+            if stem == name or not stem.isdigit():
+                continue  # a temporary file of a write the kernel's death cut short
+            try:
+                report = frames.read_journal_entry(name, sender, directory)
+            except (OSError, frames.ProtocolError) as err:
+                refused.append(f"{spool.name}: journal entry {name}: {err}")
+                continue
+            if report["type"] != "snapshot" or report["execution_count"] != int(stem):
+                refused.append(f"{spool.name}: journal entry {name} is not the snapshot of cell [{stem}]")
+                continue
+            reports.append(report)
+    finally:
+        os.close(directory)
     return sorted(reports, key=lambda report: report["execution_count"])
 
 
@@ -171,6 +182,14 @@ def _record(
     if record.kind == "wasm":
         entries = {name: {**entry, "made_in": "wasm"} for name, entry in entries.items()}
     removed = list(report["removed"])
+    if "after" in report:
+        # Taken while the snapshot it builds on was in flight, it saved every candidate again
+        # (worker/snapshots.py take_here): what that one already holds is not a change.
+        base = store.latest(record.session)
+        held = base.entries if base is not None else {}
+        entries = {
+            name: entry for name, entry in entries.items() if held.get(name, {}).get("digest") != entry.get("digest")
+        }
     if not entries and not removed:
         store.note_unchanged(record.session, count, record.name)
         return store.latest_id(record.session), None

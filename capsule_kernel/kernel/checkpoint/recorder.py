@@ -31,16 +31,18 @@ def prune_journal(spool: Path | None, recorded: int) -> None:
     """Drop the journaled reports up to a recorded cell: the store holds them now (frames.journal)."""
     if not isinstance(spool, Path):
         return
-    directory = spool / frames.JOURNAL_DIR
     try:
-        names = os.listdir(directory)
+        directory = frames.open_journal(spool)  # never through a link the sandbox put there
     except OSError:
         return
-    for name in names:
-        stem = name.removesuffix(frames.JOURNAL_SUFFIX)
-        if stem != name and stem.isdigit() and int(stem) <= recorded:
-            with contextlib.suppress(OSError):
-                (directory / name).unlink()
+    try:
+        for name in os.listdir(directory):
+            stem = name.removesuffix(frames.JOURNAL_SUFFIX)
+            if stem != name and stem.isdigit() and int(stem) <= recorded:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=directory)
+    finally:
+        os.close(directory)
 
 
 def _widgets_note(widgets: Any) -> str:
@@ -120,8 +122,8 @@ class Checkpoints:
         """Name cells whose state no checkpoint holds, so that they can be run again."""
         named = ", ".join(f"[{count}] {self.first_line(count)!r}" for count in cells)
         return (
-            f"not in it: the state of cell{'s' if len(cells) > 1 else ''} {named}, which ended while a "
-            "snapshot was running and whose coalesced snapshot had not been taken; run them again"
+            f"not in it: the state of cell{'s' if len(cells) > 1 else ''} {named}, whose snapshot "
+            "had not been saved when the sandbox died (deferred, or still being written); run them again"
         )
 
     def first_line(self, count: int) -> str:

@@ -8,7 +8,9 @@ or outside the vocabulary stops the sandbox (VIOLATION).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from capsule_kernel.kernel.sandbox.pipes import (
@@ -64,26 +66,42 @@ class FrameChannel:
             # Written by the sandbox's snapshot children: a broken report is the sandbox breaking the protocol.
             self._forget_fd(reports.fd)
             self._reports = None
-            self._give_up_in_flight()
+            self._give_up_in_flight(believe_the_journal=False)
             self._on_violation(VIOLATION.format(what=f"{err} on its snapshot report pipe"))
             return
         for message in messages:
-            count = message["execution_count"]
-            announced = self.snapshots_in_flight.pop(count, None) is not None
-            if not announced:
-                self._reported_early.add(count)  # read before the frame that announces it
-            # Which cells this snapshot holds, reckoned here from the kernel's own bookkeeping: a
-            # coalesced one its deferred cells; one a "done" announced only its cell (a cell that
-            # is not stored in history shares its count with the next, which may be deferred).
-            if count in self._covers:
-                message["covers"] = self._covers.pop(count)
-            else:
-                message["covers"] = [count] if announced else self._take_covers(count)
-            # Where the report's new chunks are, and whose it is: set here, on the
-            # trusted side, over anything the report itself says.
-            message["spool"] = self.spool
-            message["sandbox"] = self.name
-            self.on_event(message)
+            self._report(message)
+
+    def _report(self, message: dict[str, Any]) -> None:
+        """One snapshot report (from the report pipe, or from the journal of a worker that died)."""
+        count = message["execution_count"]
+        after = message.get("after")
+        if after is not None and after not in self._snapshotted:
+            # A change on top of a snapshot that never came: recording it would hold a wrong state.
+            message = {
+                "type": "snapshot_failed",
+                "execution_count": count,
+                "reason": f"it builds on the snapshot of cell [{after}], which was not recorded",
+            }
+        if message["type"] == "snapshot":
+            self._snapshotted.add(count)
+            for old in [cell for cell in self._snapshotted if cell < count - 256]:
+                self._snapshotted.discard(old)
+        announced = self.snapshots_in_flight.pop(count, None) is not None
+        if not announced:
+            self._reported_early.add(count)  # read before the frame that announces it
+        # Which cells this snapshot holds, reckoned here from the kernel's own bookkeeping: a
+        # coalesced one its deferred cells; one a "done" announced only its cell (a cell that
+        # is not stored in history shares its count with the next, which may be deferred).
+        if count in self._covers:
+            message["covers"] = self._covers.pop(count)
+        else:
+            message["covers"] = [count] if announced else self._take_covers(count)
+        # Where the report's new chunks are, and whose it is: set here, on the
+        # trusted side, over anything the report itself says.
+        message["spool"] = self.spool
+        message["sandbox"] = self.name
+        self.on_event(message)
 
     async def snapshots_settled(self, timeout: float) -> None:
         """Wait until every snapshot this worker started has reported or died, and deferred ones were taken.
@@ -101,24 +119,66 @@ class FrameChannel:
                 # Every writer has gone: whatever was written has been read.
                 self._give_up_in_flight()
                 continue
+            earlier_running = False
             for count, pid in list(self.snapshots_in_flight.items()):
                 if pid == 0 and not self.process_ended:
-                    continue  # the worker has not forked it yet
-                if not process_exists(pid):
-                    # Gone: its report, if it wrote one, is in the pipe now.
-                    self._on_reports_readable()
-                    if self.snapshots_in_flight.pop(count, None) is not None:
-                        self._lost.extend(self._covers.pop(count, [count]))
+                    continue  # the worker has not forked it yet, or took it itself and reports it soon
+                if process_exists(pid):
+                    earlier_running = True
+                    continue
+                if pid == 0 and earlier_running:
+                    continue  # taken by the worker behind a child that still runs: that one comes first
+                # Gone: its report, if it wrote one, is in the pipe now, or else in the journal.
+                self._on_reports_readable()
+                if count in self.snapshots_in_flight:
+                    self._from_journal(count)
             await asyncio.sleep(0.01)
 
     def lost_cells(self) -> list[int]:
         """Cells that ended well but whose state no snapshot of this sandbox will ever hold (it died first)."""
         return sorted(set(self._lost))
 
-    def _give_up_in_flight(self) -> None:
-        for count in self.snapshots_in_flight:
+    def _give_up_in_flight(self, *, believe_the_journal: bool = True) -> None:
+        """Every writer of the report pipe has gone: what did not report is in the journal, or lost.
+
+        A sandbox that broke the protocol is believed no further: all of it is lost.
+        """
+        for count in sorted(self.snapshots_in_flight):
+            if count in self.snapshots_in_flight:
+                self._from_journal(count, believe_the_journal)
+
+    def _from_journal(self, count: int, believe_the_journal: bool = True) -> None:
+        """A snapshot whose report never came on the pipe: believed from the journal, or lost.
+
+        A worker that took a cell's snapshot itself behind a child still in
+        flight (worker/snapshots.py take_here) journals it before the reply
+        and reports it after that child; killed in between, only the journal
+        has it. The entry is read like any report (a frame from the snapshot
+        sender, under its cap, never through a link) and believed only on top
+        of a snapshot this sandbox did report (`after`).
+        """
+        report = self._journal_entry(count) if believe_the_journal else None
+        if report is not None:
+            self._report(report)
+        if self.snapshots_in_flight.pop(count, None) is not None:
             self._lost.extend(self._covers.pop(count, [count]))
-        self.snapshots_in_flight.clear()
+
+    def _journal_entry(self, count: int) -> dict[str, Any] | None:
+        if not isinstance(self.spool, Path):
+            return None
+        try:
+            directory = frames.open_journal(self.spool)
+        except OSError:
+            return None
+        try:
+            report = frames.read_journal_entry(f"{count}{frames.JOURNAL_SUFFIX}", frames.SNAPSHOT, directory)
+        except (OSError, frames.ProtocolError):
+            return None
+        finally:
+            os.close(directory)
+        if report["type"] != "snapshot" or report["execution_count"] != count:
+            return None
+        return report
 
     def _take_covers(self, count: int) -> list[int]:
         """The cells a snapshot named after `count` holds: it, and all deferred up to it."""

@@ -144,6 +144,8 @@ class SandboxProcess(FrameChannel, SandboxReaping, ABC):
         self.crash_dump: str | None = None
         self.snapshots_in_flight: dict[int, int] = {}
         self._reported_early: set[int] = set()
+        # Cells whose snapshot this sandbox reported (the latest 256): what a later one may build on.
+        self._snapshotted: set[int] = set()
         # Coalescing (worker_snapshots): cells whose snapshot is deferred, the cells each
         # coalesced snapshot in flight covers, and cells whose snapshot will never come.
         self.deferred: list[int] = []
