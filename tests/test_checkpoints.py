@@ -556,6 +556,37 @@ def test_a_crash_names_the_coalesced_cells_it_lost(fresh_kernel, home, tmp_path)
     assert kernel.execute("kept, 'extra' in dir(), type(gate).__name__").result_text == "(1, False, 'Gate')"
 
 
+def test_a_cell_that_fails_after_deferred_cells_is_not_saved_under_their_name(fresh_kernel, home, tmp_path):
+    """Coalescing on: a failed cell changed x before it stopped; no checkpoint named after a deferred cell holds that.
+
+    Fails without Snapshotter.abandon (checked: the idle worker's coalesced
+    snapshot, named after `x = 2`, restored x == 99).
+    """
+    project = tmp_path / "project"
+    project.mkdir()
+    release = project / "release"
+    (project / "capsule.toml").write_text('[checkpoints]\ncoalesce = "60s"\n')
+    kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "failed-after"}, cwd=project)
+    kernel.execute(f"GATE_PATH = {str(release)!r}\nx = 0")
+    settle(kernel)
+    kernel.execute(GATE)  # its snapshot is held: the next short cells are deferred
+    counts = [kernel.execute(f"x = {value}").content["execution_count"] for value in (1, 2)]
+    failed = kernel.execute("x = 99\nraise ValueError('partial')")
+    assert failed.status == "error"
+    release.touch()
+    settle(kernel)
+    after = kernel.execute("y = 1")
+    settle(kernel)
+    for count, value in zip(counts, (1, 2), strict=True):
+        back = kernel.execute(f"%capsule restore {count}")
+        if "no checkpoint" not in back.texts():
+            assert kernel.execute("x").result_text == str(value), (count, back.texts())
+    # The next cell that completed holds what the failed one left, as ipykernel's namespace does.
+    back = kernel.execute(f"%capsule restore {after.content['execution_count']}")
+    assert back.status == "ok" and "no checkpoint" not in back.texts(), back.texts()
+    assert kernel.execute("x, y").result_text == "(99, 1)"
+
+
 def test_modules_and_notebook_classes_are_not_saved_again_when_unchanged(fresh_kernel, home):
     kernel = fresh_kernel(env={"CAPSULE_HOME": str(home), "CAPSULE_SESSION": "stable"})
     kernel.execute("import os\nclass Point:\n    pass\norigin = Point()\nitems = [Point(), Point()]")

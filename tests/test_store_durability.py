@@ -52,3 +52,15 @@ def test_store_survives_kill_minus_9(tmp_path):
         for entry in checkpoint.entries.values():
             snapshot.load(entry, store.chunks)  # every value loads
     assert len(reported) >= KILLS
+
+
+def test_a_short_number_names_a_count_never_an_id_prefix(tmp_path):
+    """`%capsule restore 4` for a cell without a checkpoint of its own finds none, whatever the ids look like."""
+    store = CheckpointStore(tmp_path)
+    made = []
+    while not any(c.id[0].isdigit() and c.id[0] != "1" for c in made):
+        made.append(store.record("s", 1, "x = 1", {}, [], 0))
+    digit = next(c.id[0] for c in made if c.id[0].isdigit() and c.id[0] != "1")
+    assert store.find("s", digit) == []
+    assert [c.execution_count for c in store.find("s", "1")] == [1] * len(made)
+    assert store.find("s", made[-1].id[:8])[0].id == made[-1].id

@@ -192,6 +192,33 @@ class Snapshotter:
                 frames.journal(self.root, unchanged)
             self.channel.send({"type": "snapshot_unchanged", "execution_count": last})
 
+    def abandon(self, failed: int) -> None:
+        """A cell failed (or was interrupted) with cells deferred: their own state is gone.
+
+        The failed cell may have changed the namespace before it stopped, so
+        a coalesced snapshot taken now would hold that under the last
+        deferred cell's count. Their snapshot fails instead, named (the
+        kernel then says no checkpoint holds them); what they changed is
+        still looked at by the next snapshot, which is named after a cell
+        that completed.
+        """
+        if not self.deferred or self.report_fd is None:
+            return
+        last = self.deferred[-1]
+        self.deferred = []  # _deferred_names stay: the next snapshot looks at them
+        report = {
+            "type": "snapshot_failed",
+            "execution_count": last,
+            "reason": f"cell [{failed}] failed after them and before their coalesced snapshot",
+        }
+        with self._changed:
+            behind = self._latest_pid if self._latest_pid in self._pending else None
+            if behind is not None:  # after that child's report, in order
+                self._behind.setdefault(behind, []).append(_Behind(report, {}))
+                return
+        with contextlib.suppress(OSError):
+            frames.write_frame(self.report_fd, report)
+
     def forget(self) -> None:
         """The next snapshot saves every name (a new session starts full)."""
         self.flush()
@@ -484,6 +511,8 @@ class Snapshotter:
         snapshot compares everything.
         """
         report = item.report
+        if report["type"] != "snapshot":
+            return report  # a failure (abandon): said as it is
         if ok:
             self._learn_here(report, item.fingerprints)
             return report

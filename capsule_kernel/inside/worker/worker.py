@@ -206,6 +206,8 @@ class Worker:
                 self.shell.user_ns, message.get("snapshot_candidates", []), message.get("snapshot_peeks", [])
             )
             action, names, plan = self.snapshots.after_cell(count, candidates, ran)
+        elif not silent:
+            self.snapshots.abandon(count)  # coalescing: what was deferred cannot be saved as it was
         # The cell's state is held before its reply leaves: in the journal already ("taken"),
         # or by a forked child (its pid follows the reply: the kernel waits for its report).
         child = self.snapshots.take(count, plan, names) if action == "take" and plan else None

@@ -34,6 +34,9 @@ from capsule_kernel.kernel.checkpoint.rows import (
 )
 from capsule_kernel.kernel.checkpoint.sandbox_rows import SandboxRows
 
+# An all-digit reference shorter than this names an execution count, never an id prefix.
+MIN_DIGIT_ID = 6
+
 
 class CheckpointStore(SandboxRows, ChunkIntake):
     """Checkpoints of every session, and the chunks they share; every row is authenticated (HMAC-SHA256)."""
@@ -135,6 +138,9 @@ class CheckpointStore(SandboxRows, ChunkIntake):
 
         More than one is an ambiguity for the caller to report: after a
         restart, counts start again from 1, so [2] may name two checkpoints.
+        A number shorter than MIN_DIGIT_ID is a count only: `restore 4` for a
+        cell without a checkpoint must not bring back one whose id happens
+        to start with 4.
         """
         if ref.isdigit():
             rows = self._query(
@@ -142,7 +148,7 @@ class CheckpointStore(SandboxRows, ChunkIntake):
                 "ORDER BY seq DESC",
                 (session, int(ref)),
             )
-            if rows:
+            if rows or len(ref) < MIN_DIGIT_ID:
                 return [self._row(row) for row in rows]
         rows = self._query(
             f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE session = ? AND id LIKE ? ORDER BY seq DESC",
