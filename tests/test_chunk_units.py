@@ -327,3 +327,33 @@ def test_the_worker_leaves_large_values_and_notebook_objects_to_a_child(tmp_path
     for value in (bytes(100_000), [Notebooks()], {"deep": {"x": Notebooks()}}):
         with pytest.raises(snapshot.NotHere):
             snapshot.take({"v": value}, ["v"], {}, tmp_path, budget=snapshot.Budget(64 * 1024))
+
+
+def test_the_worker_pickles_plain_notebook_objects_itself(tmp_path):
+    """A dataclass, a slotted class, a bound method: pickled by the interpreter alone, so in the worker."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Config:
+        rate: float
+        layers: list = dataclasses.field(default_factory=list)
+
+    class Point:
+        __slots__ = ("x",)
+
+        def __init__(self) -> None:
+            self.x = 1
+
+        def norm(self) -> int:
+            return self.x
+
+    class Lazy:  # looks attributes up in code of its own: pickling it would call it
+        def __getattr__(self, name):
+            raise AttributeError(name)
+
+    budget = 64 * 1024
+    point = Point()
+    for value in (Config(0.1, [3]), point, point.norm):
+        snapshot.take({"v": value}, ["v"], {}, tmp_path, budget=snapshot.Budget(budget))
+    with pytest.raises(snapshot.NotHere):
+        snapshot.take({"v": [Config(0.1, [Lazy()])]}, ["v"], {}, tmp_path, budget=snapshot.Budget(budget))

@@ -12,6 +12,7 @@ not be saved. The kernel stores manifests without ever unpickling anything.
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import hashlib
 import importlib
@@ -113,16 +114,56 @@ _PICKLED_WITHOUT_USER_CODE = frozenset(
 _NUMPY_MODULES = ("numpy", "numpy.dtypes")
 
 
+# What a class may define that makes pickling its instances run its own code.
+_CUSTOM_PICKLING = frozenset(
+    {"__reduce__", "__reduce_ex__", "__getstate__", "__getnewargs__", "__getnewargs_ex__", "__getattr__",
+     "__getattribute__"}
+)  # fmt: skip
+
+
 class _HerePickler(cloudpickle.Pickler):
     """cloudpickle for the worker's own snapshots: anything whose pickling could run a notebook's
-    __reduce__ or __getstate__ (an instance of its class, a subclass of a builtin) is left to a
+    __reduce__ or __getstate__ (a class of its that defines one, a subclass of a builtin) is left to a
     forked child, where a slow or side-effecting one can neither delay the reply nor touch the namespace."""
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
-        if kind in _PICKLED_WITHOUT_USER_CODE or isinstance(obj, type) or kind.__module__ in _NUMPY_MODULES:
+        if (
+            kind in _PICKLED_WITHOUT_USER_CODE
+            or isinstance(obj, type)
+            or kind.__module__ in _NUMPY_MODULES
+            or _by_cloudpickle(kind)
+            or _plain_instance(kind)
+        ):
             return super().reducer_override(obj)
         raise NotHere
+
+
+def _by_cloudpickle(kind: type) -> bool:
+    """Types cloudpickle reduces with code of its own (a mappingproxy, a property, a method), files
+    excepted: it reads an open file's contents, which may be any size."""
+    return kind in cloudpickle.Pickler._dispatch_table and not issubclass(kind, io.IOBase)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain_instance(kind: type) -> bool:
+    """Instances pickle as their class and __dict__ (or slots), by the interpreter alone: a plain
+    Python class (a dataclass, say) on `object`, with no pickling hook, attribute hook, metaclass
+    or copyreg reducer of its own. Asked once per class."""
+    if type(kind) is not type or kind in copyreg.dispatch_table:
+        return False
+    bases = kind.__mro__[:-1]
+    return kind.__mro__[-1] is object and all(
+        base.__module__ != "builtins"
+        and not _CUSTOM_PICKLING.intersection(vars(base))
+        and _plain_dict(vars(base).get("__dict__"))
+        for base in bases
+    )
+
+
+def _plain_dict(attribute: Any) -> bool:
+    """A class's `__dict__` is the interpreter's descriptor (or absent: slots), not a property of its own."""
+    return attribute is None or isinstance(attribute, types.GetSetDescriptorType)
 
 
 class _CappedFile(io.BytesIO):

@@ -26,6 +26,7 @@ which the kernel names (it knows which cells were deferred: "done" says so).
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import io
 import json
 import os
@@ -276,6 +277,8 @@ class Snapshotter:
                 return False  # a child that does not end: fork, and wait for it (MAX_IN_FLIGHT)
             digests = dict(self.ledger.digests) if behind is None else {}
         previous = {name: digests[name] for name in todo if name in digests}
+        namespace = self.shell.user_ns
+        _track_notebook_classes(namespace[name] for name in todo if name in namespace)  # as take() does
         try:
             result = snapshot.take(
                 self.shell.user_ns, todo, previous, self.root, map, aliases, self.fingerprints,
@@ -587,10 +590,12 @@ def _track_notebook_classes(values: Iterable[Any]) -> None:
     """Give classes defined in the notebook their cloudpickle tracker id here, before the fork.
 
     cloudpickle pickles such classes by value with a random id it keeps per
-    process; made in each snapshot child, the id (and so the digest of the
-    class and of every instance) would change every cell, and unchanged
-    values would be saved again and listed as changed. Looks at the values
-    and, for plain containers, their first elements.
+    process, and with their __dict__, where copyreg caches __slotnames__ the
+    first time an instance is pickled. Made in each snapshot child (or, for
+    __slotnames__, first in the worker itself), either would change the
+    digest of the class and of every instance, and unchanged values would
+    be saved again and listed as changed. Looks at the values and, for plain
+    containers, their first elements.
     """
     from cloudpickle import cloudpickle as internals
 
@@ -608,6 +613,10 @@ def _track_notebook_classes(values: Iterable[Any]) -> None:
         try:
             if not by_reference(kind):
                 track(kind)
+                # Pickling an instance caches __slotnames__ on its class (copyreg), which changes
+                # the class's own pickle: cache it now, so the first snapshot taken in this
+                # process does not make the next one see the class as changed.
+                copyreg._slotnames(kind)
         except Exception:  # noqa: BLE001 - best effort; a miss costs a re-save, not correctness
             pass
 
