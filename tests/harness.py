@@ -213,6 +213,15 @@ class KernelHarness:
             raise AssertionError(f"no pid in %capsule status:\n{status}")
         return int(match.group(1))
 
+    def printed(self, msg_id: str, text: str) -> bool:
+        """The next iopub message (within 0.1 s) is `text` on a stream of request `msg_id`: a wait_until predicate."""
+        try:
+            msg = self.kc.get_iopub_msg(timeout=0.1)
+        except queue.Empty:
+            return False
+        mine = msg["parent_header"].get("msg_id") == msg_id
+        return mine and msg["msg_type"] == "stream" and text in msg["content"]["text"]
+
 
 def wait_until(
     predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02, what: str = "condition"

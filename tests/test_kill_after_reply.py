@@ -103,7 +103,7 @@ def test_cells_before_a_running_cell_survive_a_kill(tmp_path, victim):
         long_id = first.kc.execute("import time\nx = 99\nprint('running', flush=True)\ntime.sleep(60)")
         replies = [first.shell_reply(msg_id, timeout=60) for msg_id in ids]
         assert all(reply["content"]["status"] == "ok" for reply in replies)
-        wait_until(lambda: _printed(first, long_id, "running"), what="the long cell to start")
+        wait_until(lambda: first.printed(long_id, "running"), what="the long cell to start")
         if victim == "kernel":
             kill_at(first, time.perf_counter())
         else:
@@ -179,7 +179,7 @@ def test_deferred_cells_behind_a_running_cell_are_named_when_the_kernel_dies(tmp
         long_id = first.kc.execute("import time\nx = 99\nprint('running', flush=True)\ntime.sleep(60)")
         replies = [first.shell_reply(msg_id, timeout=60) for msg_id in ids]
         assert all(reply["content"]["status"] == "ok" for reply in replies)
-        wait_until(lambda: _printed(first, long_id, "running"), what="the long cell to start")
+        wait_until(lambda: first.printed(long_id, "running"), what="the long cell to start")
         count_of = {value: reply["content"]["execution_count"] for value, reply in enumerate(replies, start=1)}
         kill_at(first, time.perf_counter())
     finally:
@@ -202,18 +202,6 @@ def resume_in_a_new_kernel(env: dict[str, str], cwd) -> tuple[str, int, set[int]
         return resumed.texts(), x, named
     finally:
         kernel.close()
-
-
-def _printed(kernel, msg_id: str, text: str) -> bool:
-    import queue
-
-    try:
-        msg = kernel.kc.get_iopub_msg(timeout=0.1)
-    except queue.Empty:
-        return False
-    return (
-        msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream" and text in msg["content"]["text"]
-    )
 
 
 def test_cells_deferred_when_the_kernel_dies_get_their_snapshot_in_spite_of_the_broken_pipe(tmp_path):

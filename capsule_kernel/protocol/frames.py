@@ -19,10 +19,12 @@ receiver's check, in its handler table.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import stat
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -372,23 +374,44 @@ def journal(spool: str | os.PathLike[str], report: dict[str, Any]) -> None:
     temporary = os.path.join(directory, f".{count}.{os.getpid()}.tmp")
     with open(temporary, "wb") as out:
         out.write(encode(report))
-    os.replace(temporary, os.path.join(directory, f"{count}{JOURNAL_SUFFIX}"))
+    os.replace(temporary, os.path.join(directory, journal_name(count)))
 
 
-def open_journal(spool: str | os.PathLike[str]) -> int:
+@contextlib.contextmanager
+def opened_journal(spool: str | os.PathLike[str]) -> Iterator[int]:
     """A descriptor of the spool's journal directory, reached without following a link (OSError if none).
 
     The spool is the kernel's; the journal directory in it is the sandbox's,
     which could make it a link to another sandbox's journal. Entries are
-    then read through this descriptor (read_journal_entry's `directory`).
+    then listed, read (read_journal_entry's `directory`) and removed through
+    this descriptor.
     """
-    return os.open(os.path.join(spool, JOURNAL_DIR), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(os.path.join(spool, JOURNAL_DIR), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def journal_name(count: int) -> str:
+    """The journal file of a cell's snapshot report."""
+    return f"{count}{JOURNAL_SUFFIX}"
+
+
+def read_journaled_snapshot(name: str, sender: str, directory: int) -> dict[str, Any]:
+    """The snapshot report in journal file `name` (<count>.frame) of `directory`; ProtocolError (or
+    OSError) unless it is the snapshot of that cell."""
+    count = int(name.removesuffix(JOURNAL_SUFFIX))
+    report = read_journal_entry(name, sender, directory)
+    if report["type"] != "snapshot" or report["execution_count"] != count:
+        raise ProtocolError(f"it is not the snapshot of cell [{count}]")
+    return report
 
 
 def read_journal_entry(path: str | os.PathLike[str], sender: str, directory: int | None = None) -> dict[str, Any]:
     """One journaled report, checked as a frame from `sender`; ProtocolError (or OSError) if it is not one.
 
-    With `directory` (open_journal), `path` is a name in it.
+    With `directory` (opened_journal), `path` is a name in it.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
     try:

@@ -11,7 +11,6 @@ no FIFO waited on, no oversized file read into memory.
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import sqlite3
 from pathlib import Path
@@ -123,7 +122,7 @@ def test_a_journal_directory_swapped_for_a_link_is_never_followed(tmp_path):
         assert planted.status == "ok", planted.texts()
         assert first.execute("%capsule log -n 1").status == "ok"  # the planting cell is recorded (and pruned)
         long_id = first.kc.execute("import time\nprint('running', flush=True)\ntime.sleep(60)")
-        wait_until(lambda: printed(first, long_id, "running"), what="the long cell to run")
+        wait_until(lambda: first.printed(long_id, "running"), what="the long cell to run")
         first.kc.stop_channels()
         os.kill(kernel_pid(first), signal.SIGKILL)
         wait_until(lambda: not first.km.is_alive(), what="the kernel to die")
@@ -167,15 +166,6 @@ def test_a_cell_that_ignores_interrupts_does_not_outlive_its_dead_kernel_past_th
         )  # ... and gone, with the orphan it started, once the keeper's bound has passed
     finally:
         kernel.close()
-
-
-def printed(kernel, msg_id: str, text: str) -> bool:
-    try:
-        msg = kernel.kc.get_iopub_msg(timeout=0.1)
-    except queue.Empty:
-        return False
-    mine = msg["parent_header"].get("msg_id") == msg_id
-    return mine and msg["msg_type"] == "stream" and text in msg["content"]["text"]
 
 
 def processes_of_uid_in_cgroup_of(pid: int) -> list[int]:

@@ -213,7 +213,7 @@ class Snapshotter:
             "reason": f"cell [{failed}] failed after them and before their coalesced snapshot",
         }
         with self._changed:
-            behind = self._latest_pid if self._latest_pid in self._pending else None
+            behind = self._latest_in_flight()
             if behind is not None:  # after that child's report, in order
                 self._behind.setdefault(behind, []).append(_Behind(report, {}))
                 return
@@ -272,7 +272,7 @@ class Snapshotter:
         if sum(self.ledger.sizes.get(name, 0) for name in todo) > INLINE_BYTES:
             return False  # known to be large: straight to a child
         with self._changed:
-            behind = self._latest_pid if self._latest_pid in self._pending else None
+            behind = self._latest_in_flight()
             if behind is not None and len(self._behind.get(behind, [])) >= MAX_BEHIND:
                 return False  # a child that does not end: fork, and wait for it (MAX_IN_FLIGHT)
             digests = dict(self.ledger.digests) if behind is None else {}
@@ -281,7 +281,7 @@ class Snapshotter:
         _track_notebook_classes(namespace[name] for name in todo if name in namespace)  # as take() does
         try:
             result = snapshot.take(
-                self.shell.user_ns, todo, previous, self.root, map, aliases, self.fingerprints,
+                namespace, todo, previous, self.root, map, aliases, self.fingerprints,
                 durable=False, budget=snapshot.Budget(INLINE_BYTES),
             )  # fmt: skip
         except snapshot.NotHere:
@@ -316,11 +316,19 @@ class Snapshotter:
             frames.write_frame(self.report_fd, report)
         return True
 
+    def _latest_in_flight(self) -> int | None:
+        """The pid of the latest child, if its digests have not come back (under the lock).
+
+        Children end in order (each is chained behind the one before), so
+        when the latest is done, all are.
+        """
+        return self._latest_pid if self._latest_pid in self._pending else None
+
     def _unjournal(self, execution_count: int) -> None:
         """Take back a journal entry that is not true after all (what it builds on failed)."""
         assert self.root is not None
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join(self.root, frames.JOURNAL_DIR, f"{execution_count}{frames.JOURNAL_SUFFIX}"))
+            os.unlink(os.path.join(self.root, frames.JOURNAL_DIR, frames.journal_name(execution_count)))
 
     def _learn_here(self, report: dict[str, Any], fingerprints: dict[str, str]) -> None:
         """Merge a snapshot taken here (under the lock); with its base's digests now known, drop
@@ -349,7 +357,7 @@ class Snapshotter:
         # touches this lock.
         with self._changed:
             predecessor = self._latest_pid
-            chained = predecessor in self._pending
+            chained = self._latest_in_flight() is not None
             if chained:
                 self._successors[predecessor] = state_write
             worker_pid = os.getpid()

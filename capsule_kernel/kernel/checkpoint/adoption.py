@@ -148,28 +148,19 @@ async def _adopt_one(
 
 def _read_journal(spool: Path, sender: str, refused: list[str]) -> list[dict[str, Any]]:
     """The journaled reports, by cell; what does not decode as a report from `sender` is refused."""
+    reports = []
     try:
-        directory = frames.open_journal(spool)
+        with frames.opened_journal(spool) as directory:
+            for name in sorted(os.listdir(directory)):
+                stem = name.removesuffix(frames.JOURNAL_SUFFIX)
+                if stem == name or not stem.isdigit():
+                    continue  # a temporary file of a write the kernel's death cut short
+                try:
+                    reports.append(frames.read_journaled_snapshot(name, sender, directory))
+                except (OSError, frames.ProtocolError) as err:
+                    refused.append(f"{spool.name}: journal entry {name}: {err}")
     except OSError:
         return []  # none, or not a directory of its own (a link: never followed)
-    try:
-        names = sorted(os.listdir(directory))
-        reports = []
-        for name in names:
-            stem = name.removesuffix(frames.JOURNAL_SUFFIX)
-            if stem == name or not stem.isdigit():
-                continue  # a temporary file of a write the kernel's death cut short
-            try:
-                report = frames.read_journal_entry(name, sender, directory)
-            except (OSError, frames.ProtocolError) as err:
-                refused.append(f"{spool.name}: journal entry {name}: {err}")
-                continue
-            if report["type"] != "snapshot" or report["execution_count"] != int(stem):
-                refused.append(f"{spool.name}: journal entry {name} is not the snapshot of cell [{stem}]")
-                continue
-            reports.append(report)
-    finally:
-        os.close(directory)
     return sorted(reports, key=lambda report: report["execution_count"])
 
 

@@ -31,18 +31,12 @@ def prune_journal(spool: Path | None, recorded: int) -> None:
     """Drop the journaled reports up to a recorded cell: the store holds them now (frames.journal)."""
     if not isinstance(spool, Path):
         return
-    try:
-        directory = frames.open_journal(spool)  # never through a link the sandbox put there
-    except OSError:
-        return
-    try:
+    with contextlib.suppress(OSError), frames.opened_journal(spool) as directory:  # never through a link
         for name in os.listdir(directory):
             stem = name.removesuffix(frames.JOURNAL_SUFFIX)
             if stem != name and stem.isdigit() and int(stem) <= recorded:
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=directory)
-    finally:
-        os.close(directory)
 
 
 def _widgets_note(widgets: Any) -> str:

@@ -8,7 +8,6 @@ or outside the vocabulary stops the sandbox (VIOLATION).
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -167,18 +166,10 @@ class FrameChannel:
         if not isinstance(self.spool, Path):
             return None
         try:
-            directory = frames.open_journal(self.spool)
-        except OSError:
-            return None
-        try:
-            report = frames.read_journal_entry(f"{count}{frames.JOURNAL_SUFFIX}", frames.SNAPSHOT, directory)
+            with frames.opened_journal(self.spool) as directory:
+                return frames.read_journaled_snapshot(frames.journal_name(count), frames.SNAPSHOT, directory)
         except (OSError, frames.ProtocolError):
             return None
-        finally:
-            os.close(directory)
-        if report["type"] != "snapshot" or report["execution_count"] != count:
-            return None
-        return report
 
     def _take_covers(self, count: int) -> list[int]:
         """The cells a snapshot named after `count` holds: it, and all deferred up to it."""
