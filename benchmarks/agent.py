@@ -6,7 +6,9 @@ fast as the replies come, each touching a little of it. Blocks of cells
 alternate between the kernels so that machine drift hits both alike.
 Reported: the total-time ratio and the per-cell p50 / p95 of each kernel,
 with checkpoints on (one per cell, the default), with coalesced snapshots
-(`coalesce = "1s"`), and with CAPSULE_CHECKPOINTS=off as the floor.
+(`coalesce = "1s"`), and with CAPSULE_CHECKPOINTS=off as the floor; and, for
+the default, how long after each reply its checkpoint was on disk (the
+window a power loss could hit: `%capsule status`, "on disk").
 
     .venv/bin/python benchmarks/agent.py [--blocks 24] [--cells 60]
 
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.run import percentile, start_ready, wait_idle, wait_reply
+from benchmarks.run import disk_window, percentile, start_ready, wait_idle, wait_reply
 
 RESULTS = Path(__file__).parent / "results" / "agent.json"
 SETUP = (
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 for n in range(args.cells):
                     times[name].append(cell_time(client, CELLS[n % len(CELLS)]))
                 totals[name] += time.perf_counter() - began
+        # The power-loss window at this pace: how long after each reply its checkpoint was on disk.
+        windows = {name: disk_window(client) for name, (_, client) in kernels.items() if name == "capsule"}
     finally:
         for km, client in kernels.values():
             client.stop_channels()
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_to_ipykernel": totals[name] / base,
                 "p50_ms": statistics.median(values) * 1000,
                 "p95_ms": percentile(values, 95) * 1000,
+                **({"on_disk_after_reply": windows[name]} if name in windows else {}),
             }
             for name, values in times.items()
         },
@@ -105,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in results["kernels"].items():
         print(f"{name:28} total {row['total_s']:.2f} s  x{row['ratio_to_ipykernel']:.2f}  "
               f"p50 {row['p50_ms']:.1f} ms  p95 {row['p95_ms']:.1f} ms")  # fmt: skip
+        if row.get("on_disk_after_reply"):
+            print(f"{'':28} on disk after the reply: {row['on_disk_after_reply']}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import psutil
 from jupyter_client.manager import KernelManager
-from run import percentile, time_cell, wait_idle, wait_reply
+from run import disk_window, percentile, time_cell, wait_idle, wait_reply
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "checkpoints.json"
@@ -225,6 +225,7 @@ def bench_size(total: int, cells: int, warm: bool) -> dict:
             before = dir_size(home)
             run_round(kernels, cell, warm_bytes, paced, settle_one)
             growth.append(dir_size(home) - before)
+        paced_window = disk_window(capsule)  # how long after each reply its checkpoint was on disk
         back_to_back = Cells.of(kernels)
         for name, (_, client) in kernels.items():
             # Each kernel alone, cell after cell, as papermill or an agent sends them.
@@ -234,6 +235,7 @@ def bench_size(total: int, cells: int, warm: bool) -> dict:
                 back_to_back.measure(name, client)
         reported_after = reported_kib()
         settle(capsule)
+        window = disk_window(capsule)  # the paced cells and the back-to-back ones
         time_travel, cold_restore = time_travel_restore(capsule)
         death = time_cell(capsule, "import os\nos._exit(1)")
         check = capsule.execute("int(step)")
@@ -244,6 +246,7 @@ def bench_size(total: int, cells: int, warm: bool) -> dict:
             "changed_bytes_per_cell": changed_bytes,
             "paced": added(paced, paired=True),
             "back_to_back": added(back_to_back, paired=False),
+            "on_disk_after_reply": {"paced": paced_window, "paced_and_back_to_back": window},
             "store_growth_per_cell_over_changed": statistics.median(growth) / changed_bytes,
             "death_to_restored_reply_s": death,
             "time_travel_restore_s": time_travel,

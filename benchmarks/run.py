@@ -75,6 +75,39 @@ def wait_idle(client, msg_id: str, timeout: float = 60.0) -> None:
     )
 
 
+def cell_text(client, code: str, timeout: float = 120.0) -> str:
+    """The text/plain of everything a cell displayed or returned."""
+    msg_id = client.execute(code)
+    texts = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = client.get_iopub_msg(timeout=0.5)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] in ("display_data", "execute_result"):
+            texts.append(msg["content"]["data"].get("text/plain", ""))
+        elif msg["msg_type"] == "stream":
+            texts.append(msg["content"]["text"])
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            wait_reply(client, msg_id, timeout)
+            return "\n".join(texts)
+    raise TimeoutError(msg_id)
+
+
+def disk_window(client) -> dict[str, float] | None:
+    """How long after their replies the kernel's recent cells were on disk (%capsule status, "on disk")."""
+    found = re.search(
+        r"on disk\s+p50 ([\d.]+) ms, p99 ([\d.]+) ms, max ([\d.]+) ms after the reply \(last (\d+) cells\)",
+        cell_text(client, "%capsule status"),
+    )
+    if found is None:
+        return None
+    return {"p50_ms": float(found[1]), "p99_ms": float(found[2]), "max_ms": float(found[3]), "cells": int(found[4])}
+
+
 def _start(spec: tuple) -> KernelManager:
     """spec: (kernel name, extra environment[, working directory: where its capsule.toml is])."""
     name, extra, *where = spec

@@ -30,6 +30,7 @@ from capsule_kernel.kernel.policy import MODE_ORDER, WIDENABLE, KernelOptions, P
 from capsule_kernel.kernel.session.controller import Cell, SessionController
 from capsule_kernel.kernel.session.relay import header_for_sandbox
 from capsule_kernel.kernel.settings import sandbox_ipython_config
+from capsule_kernel.protocol import crash_points
 
 _REQUEST_WAIT_SECONDS = 30.0
 # Set in the context of a comm message kernelbase dispatches while the main shell is busy.
@@ -85,6 +86,7 @@ class CapsuleKernel(Kernel):
         self.controller.ipython_config["InteractiveShellApp"] = shell_app
         self.controller.note_profile_problems(problems)
         self._meta: dict[str, dict[str, Any]] = {}  # msg_id -> the execute reply's capsule metadata
+        self._replying = -1  # the main shell's cell whose reply is being sent (crash points name it)
         self._completeness = TransformerManager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._forward_comm
@@ -196,7 +198,15 @@ class CapsuleKernel(Kernel):
             reply["execution_count"] = count - 1  # as IPython answers: the last stored cell's number
         meta["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
         self._meta[self.get_parent("shell")["header"].get("msg_id")] = meta
+        crash_points.reach("kernel.before_reply", count)
+        self._replying = count
         return reply
+
+    async def execute_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        """kernelbase's, which sends the reply; then the crash point just after it (protocol/crash_points.py)."""
+        self._replying = -1
+        await super().execute_request(stream, ident, parent)
+        crash_points.reach("kernel.after_reply", self._replying)
 
     async def _execute_on_subshell(
         self, subshell_id: str, code: str, silent: bool, expressions: dict[str, str], started: float

@@ -231,7 +231,10 @@ def write_chunk(
             return digest, False
         except FileNotFoundError:
             pass  # collected just now: write it again
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if durable:
+            sync_directories({root})
     temporary = path.with_name(f".{digest}.{os.getpid()}.tmp")
     with open(temporary, "wb") as handle:
         handle.write(data)
@@ -239,7 +242,19 @@ def write_chunk(
         if durable:
             os.fsync(handle.fileno())
     os.replace(temporary, path)
+    if durable:
+        sync_directories({path.parent})  # the rename itself survives a power loss
     return digest, True
+
+
+def sync_directories(directories: set[Path]) -> None:
+    """fsync each directory, so that the names just renamed into it are on disk, not only their bytes."""
+    for directory in directories:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_bytes(root: Path, data: memoryview | bytes, digests: list[str] | None = None) -> tuple[list[str], int]:

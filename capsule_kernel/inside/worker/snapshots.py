@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 from capsule_kernel.inside import snapshot
 from capsule_kernel.inside.ledger import SnapshotLedger, clear_for_replace
 from capsule_kernel.inside.worker.channel import FrameChannel
-from capsule_kernel.protocol import chunks, frames
+from capsule_kernel.protocol import chunks, crash_points, frames
 from capsule_kernel.protocol.chunks import HashingThreads
 from capsule_kernel.protocol.deaths import process_exists
 
@@ -53,6 +53,10 @@ _ABSENT = object()
 Plan = tuple[list[str], list[str], dict[str, int], dict[str, str]]
 # Each stands for a chunk of at least 1 MiB: 16384 cover 16 GiB of large values.
 MAX_FINGERPRINTS = 16384
+# A child's last word on its digest pipe: its report went to the kernel too.
+_REPORTED = b"reported"
+# The digest a name has while a child saves it (plan): no entry's digest is ever this.
+_BEING_SAVED = "being saved"
 # Coalescing: a worker idle this long takes the deferred snapshot ...
 IDLE_SECONDS = 0.05
 # Only a cell that ran less than this is ever deferred.
@@ -110,6 +114,8 @@ class Snapshotter:
         self._behind: dict[int, list[_Behind]] = {}
         self._latest_count = 0
         self._failed_pid = 0  # the latest child whose snapshot failed
+        # name -> id of the values the children in flight are saving (plan, _as_saved).
+        self._saving: dict[str, int] = {}
         # Cells whose snapshot is deferred into the next coalesced one, the names they mention, since when.
         self.deferred: list[int] = []
         self._deferred_names: set[str] = set()
@@ -242,14 +248,32 @@ class Snapshotter:
             return None
         with self._changed:  # the collector thread merges digests under it
             self._changed.wait_for(lambda: len(self._pending) < MAX_IN_FLIGHT)
+            sizes, digests = self.ledger.sizes, self.ledger.digests
+            if self._latest_in_flight() is not None and self._saving:
+                sizes, digests = self._as_saved(sizes, digests)
             return snapshot.changed_names(
-                self.shell.user_ns,
-                self._hidden(),
-                self.ledger.ids,
-                self.ledger.sizes,
-                self.ledger.digests,
-                candidates,
+                self.shell.user_ns, self._hidden(), self.ledger.ids, sizes, digests, candidates
             )
+
+    def _as_saved(self, sizes: dict[str, int], digests: dict[str, str]) -> tuple[dict[str, int], dict[str, str]]:
+        """The ledger as it will be once the children in flight report (under the lock).
+
+        A name a child is saving has no digest here yet, so without this
+        every small cell after a large one would save the large value again
+        (and fork to do so). Such a name counts as saved, under a digest no
+        entry can match; its size, until the child says, is the object's own
+        (sys.getsizeof: exact for bytes and arrays, shallow for containers, so
+        a container still counts as small and is compared again, as any
+        small value is).
+        """
+        namespace = self.shell.user_ns
+        estimated = {
+            name: sys.getsizeof(namespace[name])
+            for name in self._saving
+            if name not in sizes and name in namespace and id(namespace[name]) == self._saving[name]
+        }
+        pending = {name: _BEING_SAVED for name in estimated if name not in digests}
+        return {**estimated, **sizes}, {**pending, **digests}
 
     def take_here(self, execution_count: int, plan: Plan) -> bool:
         """Snapshot a small change in this process, before the reply; False: it needs a child (take).
@@ -297,10 +321,12 @@ class Snapshotter:
         if behind is not None:
             report["after"] = self._latest_count
         try:
+            crash_points.reach("worker.before_journal", execution_count)
             # First in the journal: if the kernel (or, behind a child, this worker) dies now, it is there.
             frames.journal(self.root, report)
         except OSError:
             return False  # a child tries again (and says why, should it fail too)
+        crash_points.reach("worker.after_journal", execution_count)
         with self._changed:
             if behind is not None and behind not in self._pending and behind == self._failed_pid:
                 self._unjournal(execution_count)  # it built on a snapshot that failed meanwhile:
@@ -379,12 +405,17 @@ class Snapshotter:
             self._latest_pid = pid
             self._latest_count = execution_count
             self.ledger.ids = plan[2]
+            if not chained:
+                self._saving = {}
+            self._saving.update({name: plan[2][name] for name in plan[0] if name in plan[2]})
         os.close(write_fd)
         os.close(state_read)
         if not chained:
             os.close(state_write)
         # The collector first: it passes the digests on to a chained child even if the kernel is gone.
-        threading.Thread(target=self._collect, args=(pid, read_fd), name="capsule-snapshot", daemon=True).start()
+        threading.Thread(
+            target=self._collect, args=(pid, read_fd, execution_count), name="capsule-snapshot", daemon=True
+        ).start()
         return pid
 
     def announce(self, execution_count: int, pid: int) -> None:
@@ -459,28 +490,53 @@ class Snapshotter:
             }
         try:
             if status == 0:
+                crash_points.reach("child.before_journal", execution_count)
                 # First in the journal: if the kernel dies now, the next kernel adopts it from there.
                 with contextlib.suppress(OSError):
                     frames.journal(self.root, report)
+                crash_points.reach("child.after_journal", execution_count)
+            # The worker learns the outcome before the kernel does: killed in between, the worker
+            # knows the snapshot was taken and passes its journaled report on itself (_collect).
+            outcome = {"ok": status == 0, "digests": learned, "removed": removed, "fingerprints": fingerprints}
+            _write_all(digest_fd, json.dumps(outcome).encode() + b"\n")
+            crash_points.reach("child.after_digests", execution_count)
             if self.report_fd is not None:
-                # A kernel that is gone (EPIPE) reads the journal instead; the digests still go to the
+                # A kernel that is gone (EPIPE) reads the journal instead; the digests still went to the
                 # worker, so what is chained behind this snapshot builds on it rather than starting over.
                 with contextlib.suppress(OSError):
                     frames.write_frame(self.report_fd, report)
-            outcome = {"ok": status == 0, "digests": learned, "removed": removed, "fingerprints": fingerprints}
-            _write_all(digest_fd, json.dumps(outcome).encode())
+            crash_points.reach("child.after_report", execution_count)
+            _write_all(digest_fd, _REPORTED)
             # Close before exiting: tearing down a large copy-on-write address
             # space takes a while, and the parent only needs the digests.
             os.close(digest_fd)
         finally:
             os._exit(status)
 
-    def _collect(self, pid: int, read_fd: int) -> None:
+    def _collect(self, pid: int, read_fd: int, execution_count: int) -> None:
         """Learn the new digests from the child, report what was taken here behind it, pass the
         digests on to a chained child, reap it."""
-        forward, state, result = None, b"", {}
+        forward, state, result, reaped = None, b"", {}, False
         try:
-            result = self._read_digests(read_fd)
+            result, reported = self._read_digests(read_fd)
+            told: dict[str, Any] | None = None  # a report the child did not get to send
+            if not result:
+                # Killed (an OOM kill, a kill -9) before it told its outcome: what it journaled still holds.
+                told = self._own_journal_entry(execution_count)
+                if told is not None:
+                    result = _outcome_of(told)
+                else:
+                    reaped = True
+                    told = {
+                        "type": "snapshot_failed",
+                        "execution_count": execution_count,
+                        "reason": f"the snapshot process {_how_it_ended(pid)} before it saved",
+                    }
+            elif not reported and result.get("ok"):
+                told = self._own_journal_entry(execution_count)  # (the kernel may have read it: told twice is once)
+            if told is not None and self.report_fd is not None:
+                with contextlib.suppress(OSError):  # before what is queued behind it: the kernel believes in order
+                    frames.write_frame(self.report_fd, told)
         finally:
             with self._changed:
                 ok = self._learn(result, pid)
@@ -512,7 +568,17 @@ class Snapshotter:
                 pass  # the chained child died: its own report says so
             finally:
                 os.close(forward)
-        os.waitpid(pid, 0)
+        if not reaped:
+            os.waitpid(pid, 0)
+
+    def _own_journal_entry(self, execution_count: int) -> dict[str, Any] | None:
+        """What a child of this worker journaled for a cell, read as the kernel reads it (None: nothing)."""
+        assert self.root is not None
+        try:
+            with frames.opened_journal(self.root) as directory:
+                return frames.read_journaled_snapshot(frames.journal_name(execution_count), frames.SNAPSHOT, directory)
+        except (OSError, frames.ProtocolError):
+            return None
 
     def _settle_behind(self, item: _Behind, ok: bool) -> dict[str, Any]:
         """The report of a snapshot taken here behind a child, now that the child is done (under the lock).
@@ -536,13 +602,17 @@ class Snapshotter:
         }
 
     @staticmethod
-    def _read_digests(read_fd: int) -> dict[str, Any]:
+    def _read_digests(read_fd: int) -> tuple[dict[str, Any], bool]:
+        """The child's outcome ({} if it never said) and whether it went on to send its report."""
         with os.fdopen(read_fd, "rb") as pipe:
             raw = pipe.read()
+        line, newline, rest = raw.partition(b"\n")
+        if not newline:
+            return {}, False
         try:
-            return json.loads(raw or b"{}")
+            return json.loads(line), rest == _REPORTED
         except ValueError:
-            return {}
+            return {}, False
 
     def _learn(self, result: dict[str, Any], pid: int) -> bool:
         """Merge one child's digests (called under the lock); False if it failed."""
@@ -665,6 +735,24 @@ def _wait_until_gone(pid: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while process_exists(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def _outcome_of(report: dict[str, Any]) -> dict[str, Any]:
+    """A child's outcome, as it would have told it, from the report it journaled."""
+    entries = report.get("entries", {})
+    learned = {name: [entry.get("digest"), entry.get("size", 0)] for name, entry in entries.items()}
+    return {"ok": True, "digests": learned, "removed": report.get("removed", []), "fingerprints": {}}
+
+
+def _how_it_ended(pid: int) -> str:
+    """Reap a child that died without a word, and say how ("was killed by SIGKILL")."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return "ended"
+    if os.WIFSIGNALED(status):
+        return f"(pid {pid}) was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"(pid {pid}) exited with code {os.waitstatus_to_exitcode(status)}"
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -17,7 +17,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from capsule_kernel.protocol.chunks import CHUNK_BYTES, chunk_path, entry_chunks, is_chunk_name, verify
+from capsule_kernel.protocol.chunks import (
+    CHUNK_BYTES,
+    chunk_path,
+    entry_chunks,
+    is_chunk_name,
+    sync_directories,
+    verify,
+)
 
 
 class ChunkIntake:
@@ -32,8 +39,14 @@ class ChunkIntake:
         still hold it open for writing, or have linked it elsewhere) while
         the very bytes written are hashed. A copy whose hash is not its name
         is discarded. Chunks already in the store are kept as they are.
+
+        Before it returns, the directories the new chunks were renamed into
+        are fsynced too: the checkpoint row that names them is committed
+        next, and after a power loss a row must never outlive its chunks'
+        names (SQLite's own commit is FULL-synchronous).
         """
         bad = []
+        renamed: set[Path] = set()
         for digest in entry_chunks(entries):
             if not is_chunk_name(digest):
                 bad.append(digest)
@@ -41,10 +54,15 @@ class ChunkIntake:
             with contextlib.suppress(OSError):
                 os.utime(chunk_path(self.chunks, digest))  # recently used: garbage collection keeps it
             # Another adoption may have stored the same chunk meanwhile: look again after a failed copy.
-            if not (self._sound(digest) or self._copy_in(spool, digest) or self._sound(digest)):
+            if self._sound(digest):
+                pass
+            elif self._copy_in(spool, digest):
+                renamed.add(chunk_path(self.chunks, digest).parent)
+            elif not self._sound(digest):
                 bad.append(digest)
             with contextlib.suppress(OSError):
                 chunk_path(spool, digest).unlink()
+        sync_directories(renamed)
         return bad
 
     def _copy_in(self, spool: Path, digest: str) -> bool:
@@ -58,7 +76,9 @@ class ChunkIntake:
             info = os.fstat(handle)
             if not stat.S_ISREG(info.st_mode) or info.st_size > CHUNK_BYTES:
                 return False
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.parent.is_dir():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                sync_directories({self.chunks})  # the new shard's own name
             hasher = hashlib.sha256()
             copied = 0
             with open(temporary, "wb") as out:

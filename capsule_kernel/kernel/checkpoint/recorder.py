@@ -13,15 +13,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from capsule_kernel.kernel.checkpoint.adoption import Adopted, adopt_orphans
+from capsule_kernel.kernel.checkpoint.disk_window import DiskWindow
 from capsule_kernel.kernel.checkpoint.home import default_home
 from capsule_kernel.kernel.checkpoint.rows import Checkpoint, SandboxRecord
 from capsule_kernel.kernel.checkpoint.store import CheckpointStore
-from capsule_kernel.protocol import frames
+from capsule_kernel.protocol import crash_points, frames
 from capsule_kernel.protocol.deaths import process_start
 
 _KEEP_CELL_SOURCES = 256
@@ -76,7 +78,9 @@ class Checkpoints:
         self.store = store
         self.log = log
         self.problem = problem
-        self.failures: dict[int, str] = {}
+        # Cells of this kernel whose snapshot failed: count -> (session, reason, when), the newest few.
+        self.failures: OrderedDict[int, tuple[str, str, float]] = OrderedDict()
+        self.window = DiskWindow()  # how long after each reply its checkpoint was on disk
         self._sources: OrderedDict[int, str] = OrderedDict()
         self._pending: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()  # one writer at a time, in order
@@ -106,6 +110,17 @@ class Checkpoints:
     def latest_id(self, session: str) -> str | None:
         """The latest checkpoint's id alone: cheap enough for every cell."""
         return self.store.latest_id(session) if self.store else None
+
+    def failed(self, session: str, count: int, reason: str) -> None:
+        """Cell `count` has no checkpoint of its own, and why (`%capsule log` lists it)."""
+        self.failures.pop(count, None)
+        self.failures[count] = (session, reason, time.time())
+        while len(self.failures) > _KEEP_CELL_SOURCES:
+            self.failures.popitem(last=False)
+
+    def failure(self, count: int) -> str | None:
+        found = self.failures.get(count)
+        return found[1] if found else None
 
     def note_cell(self, execution_count: int, code: str) -> None:
         self._sources[execution_count] = code
@@ -196,9 +211,11 @@ class Checkpoints:
         def verify_and_record(whole: bool) -> Checkpoint | str:
             # Off the event loop: copying and hashing new chunks and an fsynced commit take time.
             # A subprocess sandbox's new chunks wait in its spool; the Wasm host writes into the store.
+            crash_points.reach("kernel.before_record", count)
             bad = store.adopt(spool, entries) if isinstance(spool, Path) else store.missing_chunks(entries)
             if bad:
                 return f"{len(bad)} chunk(s) missing or corrupt after writing"
+            crash_points.reach("kernel.after_chunks", count)
             checkpoint = store.record(
                 session,
                 count,
@@ -210,7 +227,9 @@ class Checkpoints:
                 sandbox=sandbox,
                 origin=self.origin_for(session),
             )
+            crash_points.reach("kernel.after_commit", count)
             prune_journal(spool, count)
+            crash_points.reach("kernel.after_prune", count)
             store.prune(session, self.keep)
             return checkpoint
 
@@ -225,7 +244,7 @@ class Checkpoints:
             if afresh and not isinstance(outcome, str):
                 self._afresh.discard(session)
         if isinstance(outcome, str):
-            self.failures[count] = outcome
+            self.failed(session, count, outcome)
             self.log.error("checkpoint after cell %s not recorded: %s", count, outcome)
             return None
         checkpoint = outcome

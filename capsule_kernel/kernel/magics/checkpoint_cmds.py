@@ -47,6 +47,13 @@ async def cmd_log(ctx: MagicContext, args: Any) -> list[Bundle]:
             when = at(created)
             first = str(param.get("first_line", ""))[:40]
             timed_rows.append((created, [f"[{cell['cell']}]", "-", first, "-", "-", when, "interrupted", "-"]))
+    # This kernel's cells whose snapshot failed: no checkpoint of their own (a later one holds their state).
+    recorded = {row[0] for _, row in timed_rows}
+    for count, (session, reason, when) in list(ctx.checkpoints.failures.items())[-args.n :]:
+        if session == ctx.session_name and f"[{count}]" not in recorded:
+            first = ctx.checkpoints.first_line(count)[:40]
+            said = "".join(ch if ch.isprintable() else "?" for ch in reason[:80])  # the sandbox's words, shown as text
+            timed_rows.append((when, [f"[{count}]", "-", first, "-", "-", at(when), "failed", said]))
     rows = [row for _, row in sorted(timed_rows, key=lambda item: item[0])]
     title = f"Checkpoints of session {ctx.session_name}"
     if not rows:

@@ -76,6 +76,8 @@ async def cmd_status(ctx: MagicContext, args: Any) -> list[Bundle]:
                 else f"none yet, in {where}",
             ]
         )
+        # A power loss within this of a reply can lose that cell (a kill of any process cannot).
+        rows.append(["on disk", ctx.checkpoints.window.summary()])
     for name in LIMIT_NAMES:
         rows.append(
             [f"limit: {name}", f"{ctx.limit_settings.limits.describe(name)} ({ctx.limit_settings.sources[name]})"]

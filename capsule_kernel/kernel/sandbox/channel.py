@@ -8,6 +8,7 @@ or outside the vocabulary stops the sandbox (VIOLATION).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,15 @@ class FrameChannel:
     def _report(self, message: dict[str, Any]) -> None:
         """One snapshot report (from the report pipe, or from the journal of a worker that died)."""
         count = message["execution_count"]
+        said = hashlib.sha256(frames.encode(message)).hexdigest()
+        if self._reports_seen.get(count) == said:
+            # Said twice (a worker passing on what its killed child journaled, which the child may
+            # have sent after all): recorded once. (A cell outside history shares its count with
+            # the next one, whose report says something else: that one is recorded too.)
+            return
+        self._reports_seen[count] = said
+        for old in [cell for cell in self._reports_seen if cell < count - 256]:
+            del self._reports_seen[old]
         after = message.get("after")
         if after is not None and after not in self._snapshotted:
             # A change on top of a snapshot that never came: recording it would hold a wrong state.

@@ -89,6 +89,7 @@ ENV_NAMES = frozenset(
         "FORCE_COLOR",
         "CLICOLOR",
         "PAGER",
+        "CAPSULE_CRASH_AT",  # the operator's test hook (protocol/crash_points.py): the sandbox's steps too
     }
 )
 ENV_PREFIXES = ("LC_", "PYTHON", "OPENBLAS_", "OMP_", "MKL_", "NUMEXPR_", "CUDA_")

@@ -146,6 +146,7 @@ class SandboxProcess(FrameChannel, SandboxReaping, ABC):
         self._reported_early: set[int] = set()
         # Cells whose snapshot this sandbox reported (the latest 256): what a later one may build on.
         self._snapshotted: set[int] = set()
+        self._reports_seen: dict[int, str] = {}  # count -> hash of its last report (one said twice is once)
         # Coalescing (worker_snapshots): cells whose snapshot is deferred, the cells each
         # coalesced snapshot in flight covers, and cells whose snapshot will never come.
         self.deferred: list[int] = []

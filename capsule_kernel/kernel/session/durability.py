@@ -62,6 +62,8 @@ class CellDurability:
         self, session: str, count: int, silent: bool, reply: dict[str, Any], outputs: Counter[str], snapshot: int | None
     ) -> None:
         """Reject a failed cell now; resolve a good one once its checkpoint is recorded."""
+        if snapshot is not None and reply.get("status") == "ok":
+            self.checkpoints.window.replied(count)
         if self.promises is None or silent:
             return
         counted = dict(outputs)
@@ -80,20 +82,26 @@ class CellDurability:
         checkpoint = await recording
         count = int(event.get("execution_count", 0))
         changed = bool(event.get("entries") or event.get("removed"))
+        covers = event.get("covers") or [count]
+        if checkpoint is not None or not changed:
+            self.checkpoints.window.on_disk(covers)  # committed (an unchanged one as a row of its own)
+        else:
+            self.checkpoints.window.never(covers)
         checkpoint_id = checkpoint.id if checkpoint else None
         if checkpoint is None and not changed:
             # The snapshot found nothing new: the latest checkpoint still holds.
             checkpoint_id = self.checkpoints.latest_id(session)
         value: dict[str, Any] = {"checkpoint": checkpoint_id, "changed": changed}
         if checkpoint_id is None:
-            value["checkpoint_error"] = self.checkpoints.failures.get(count, "no checkpoint")
+            value["checkpoint_error"] = self.checkpoints.failure(count) or "no checkpoint"
         self._settle_covered(session, event, value)
 
     def snapshot_failed(self, session: str, event: dict[str, Any]) -> None:
         count = int(event.get("execution_count", 0))
         reason = event.get("reason", "")
         self.log.warning("checkpoint after cell %s failed: %s", count, reason)
-        self.checkpoints.failures[count] = reason
+        self.checkpoints.failed(session, count, reason)
+        self.checkpoints.window.never(event.get("covers") or [count])
         self._settle_covered(session, event, {"checkpoint": None, "checkpoint_error": reason})
 
     def _settle_covered(self, session: str, event: dict[str, Any], value: dict[str, Any]) -> None:
