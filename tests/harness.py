@@ -240,8 +240,18 @@ def start_kernel(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> KernelHarness:
-    km = KernelManager(kernel_name=kernel_name)
     full_env = dict(os.environ)
     full_env.update(env or {})
-    km.start_kernel(env=full_env, cwd=str(cwd) if cwd else None)
-    return KernelHarness(km)
+    for attempt in range(3):
+        km = KernelManager(kernel_name=kernel_name)
+        km.start_kernel(env=full_env, cwd=str(cwd) if cwd else None)
+        try:
+            return KernelHarness(km)
+        except RuntimeError:
+            # jupyter_client picks free TCP ports before the kernel binds them; with tests
+            # on two workers another kernel can take one in between ("Address already in
+            # use"), and the kernel dies before its kernel_info reply. Start it again.
+            if km.is_alive() or attempt == 2:
+                raise
+            km.cleanup_resources()
+    raise AssertionError("unreachable")

@@ -76,7 +76,8 @@ def _run(kernel: KernelHarness, first: int, *, counted: bool = True) -> dict[int
     """Send the cells from [first] one by one; stop at the first reply that does not come (the kernel died)."""
     statuses: dict[int, str] = {}
     for count in range(first, LAST + 1):
-        reply = _reply_or_death(kernel, kernel.kc.execute(CELLS[count]))
+        # (stop_on_error off: a cell right after the one the worker died in is not aborted)
+        reply = _reply_or_death(kernel, kernel.kc.execute(CELLS[count], stop_on_error=False))
         if reply is None:
             break
         assert not counted or reply["content"]["execution_count"] == count, reply["content"]
