@@ -35,6 +35,9 @@ from capsule_kernel.protocol import crash_points
 _REQUEST_WAIT_SECONDS = 30.0
 # Set in the context of a comm message kernelbase dispatches while the main shell is busy.
 _CONCURRENT: contextvars.ContextVar[bool] = contextvars.ContextVar("capsule_concurrent_comm", default=False)
+# The main shell's cell whose reply execute_request is sending (crash points name it): per request,
+# since a subshell's request may begin while the main shell's reply is on its way.
+_REPLYING: contextvars.ContextVar[int] = contextvars.ContextVar("capsule_replying", default=-1)
 # A subshell's request before any on the main shell (which begins the controller) waits this long for it.
 _BEGIN_WAIT_SECONDS = 30.0
 
@@ -86,7 +89,6 @@ class CapsuleKernel(Kernel):
         self.controller.ipython_config["InteractiveShellApp"] = shell_app
         self.controller.note_profile_problems(problems)
         self._meta: dict[str, dict[str, Any]] = {}  # msg_id -> the execute reply's capsule metadata
-        self._replying = -1  # the main shell's cell whose reply is being sent (crash points name it)
         self._completeness = TransformerManager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._forward_comm
@@ -199,14 +201,17 @@ class CapsuleKernel(Kernel):
         meta["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
         self._meta[self.get_parent("shell")["header"].get("msg_id")] = meta
         crash_points.reach("kernel.before_reply", count)
-        self._replying = count
+        _REPLYING.set(count)  # seen by execute_request, which awaited this in the same context
         return reply
 
     async def execute_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         """kernelbase's, which sends the reply; then the crash point just after it (protocol/crash_points.py)."""
-        self._replying = -1
-        await super().execute_request(stream, ident, parent)
-        crash_points.reach("kernel.after_reply", self._replying)
+        replying = _REPLYING.set(-1)
+        try:
+            await super().execute_request(stream, ident, parent)
+            crash_points.reach("kernel.after_reply", _REPLYING.get())
+        finally:
+            _REPLYING.reset(replying)
 
     async def _execute_on_subshell(
         self, subshell_id: str, code: str, silent: bool, expressions: dict[str, str], started: float

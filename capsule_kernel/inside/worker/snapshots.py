@@ -519,51 +519,15 @@ class Snapshotter:
     def _collect(self, pid: int, read_fd: int, execution_count: int) -> None:
         """Learn the new digests from the child, report what was taken here behind it, pass the
         digests on to a chained child, reap it."""
-        forward, state, result, reaped = None, b"", {}, False
+        result, reaped = {}, False
         try:
-            result, reported = self._read_digests(read_fd)
-            told: dict[str, Any] | None = None  # a report the child did not get to send
-            if not result:
-                # Killed (an OOM kill, a kill -9) before it told its outcome: what it journaled still holds.
-                told = self._own_journal_entry(execution_count)
-                if told is not None:
-                    result = _outcome_of(told)
-                else:
-                    reaped = True
-                    told = {
-                        "type": "snapshot_failed",
-                        "execution_count": execution_count,
-                        "reason": f"the snapshot process {_how_it_ended(pid)} before it saved",
-                    }
-            elif not reported and result.get("ok"):
-                told = self._own_journal_entry(execution_count)  # (the kernel may have read it: told twice is once)
-            if told is not None and self.report_fd is not None:
-                with contextlib.suppress(OSError):  # before what is queued behind it: the kernel believes in order
-                    frames.write_frame(self.report_fd, told)
+            result, reaped = self._hear_out(pid, read_fd, execution_count)
         finally:
             with self._changed:
                 ok = self._learn(result, pid)
                 if not ok:
                     self._failed_pid = pid
-            # Until the queue behind it is empty the child counts as in flight: a snapshot taken
-            # here meanwhile queues behind it too, so the report pipe keeps the cells' order.
-            while True:
-                with self._changed:
-                    behind = self._behind.pop(pid, [])
-                    if not behind:
-                        self._pending.discard(pid)
-                        forward = self._successors.pop(pid, None)
-                        if forward is not None:
-                            ledger = self.ledger
-                            state = frames.encode(
-                                {"type": "digests", "ok": ok, "digests": ledger.digests, "sizes": ledger.sizes}
-                            )
-                        self._changed.notify_all()
-                        break
-                    reports = [self._settle_behind(item, ok) for item in behind]
-                for report in reports:
-                    with contextlib.suppress(OSError):  # a kernel that is gone reads the journal instead
-                        frames.write_frame(self.report_fd, report)
+            forward, state = self._report_behind(pid, ok)
         if forward is not None:
             try:
                 _write_all(forward, state)
@@ -573,6 +537,61 @@ class Snapshotter:
                 os.close(forward)
         if not reaped:
             os.waitpid(pid, 0)
+
+    def _hear_out(self, pid: int, read_fd: int, execution_count: int) -> tuple[dict[str, Any], bool]:
+        """The child's outcome ({}: it failed), and whether it was reaped here (it died without a word).
+
+        A child killed (an OOM kill, a kill -9) after it journaled still
+        saved its snapshot: its outcome is read from the journal, and the
+        report it may not have sent is sent for it (told twice is recorded
+        once). Killed before it journaled, its failure is reported, named.
+        """
+        result, reported = self._read_digests(read_fd)
+        told: dict[str, Any] | None = None  # a report the child did not get to send
+        reaped = False
+        if not result:
+            told = self._own_journal_entry(execution_count)
+            if told is not None:
+                result = _outcome_of(told)
+            else:
+                reaped = True
+                told = {
+                    "type": "snapshot_failed",
+                    "execution_count": execution_count,
+                    "reason": f"the snapshot process {_how_it_ended(pid)} before it saved",
+                }
+        elif not reported and result.get("ok"):
+            told = self._own_journal_entry(execution_count)
+        if told is not None and self.report_fd is not None:
+            with contextlib.suppress(OSError):  # before what is queued behind it: the kernel believes in order
+                frames.write_frame(self.report_fd, told)
+        return result, reaped
+
+    def _report_behind(self, pid: int, ok: bool) -> tuple[int | None, bytes]:
+        """Report the snapshots taken here behind a child that is done; then (the pipe to the child
+        chained after it, or None; the digests to pass it).
+
+        Until the queue behind it is empty the child counts as in flight: a
+        snapshot taken here meanwhile queues behind it too, so the report
+        pipe keeps the cells' order.
+        """
+        while True:
+            with self._changed:
+                behind = self._behind.pop(pid, [])
+                if not behind:
+                    self._pending.discard(pid)
+                    forward, state = self._successors.pop(pid, None), b""
+                    if forward is not None:
+                        ledger = self.ledger
+                        state = frames.encode(
+                            {"type": "digests", "ok": ok, "digests": ledger.digests, "sizes": ledger.sizes}
+                        )
+                    self._changed.notify_all()
+                    return forward, state
+                reports = [self._settle_behind(item, ok) for item in behind]
+            for report in reports:
+                with contextlib.suppress(OSError):  # a kernel that is gone reads the journal instead
+                    frames.write_frame(self.report_fd, report)
 
     def _own_journal_entry(self, execution_count: int) -> dict[str, Any] | None:
         """What a child of this worker journaled for a cell, read as the kernel reads it (None: nothing)."""
