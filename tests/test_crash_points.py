@@ -14,6 +14,7 @@ SIGKILLs itself there. Then:
 - the worker died: the kernel stays up, the cell it was running fails with
   the sandbox's death, the fresh sandbox holds the last completed cell's
   state, the rest of the notebook runs, and every completed cell restores;
+- the Wasm host died (CAPSULE_MODE=wasm, the same cells): as for the worker;
 - a snapshot child died: the kernel and the worker stay up, the cell's
   reply is "ok", and the notebook goes on. The next checkpoint holds the
   whole state (nothing built on the missing snapshot is believed), and
@@ -56,6 +57,9 @@ CASES = [
     ("child.after_report", 3),
     *[(point, cell) for point in POINTS if point.startswith("kernel.") for cell in (3, 4)],
 ]
+# The Wasm host stores small and large changes alike; kill it at each of its steps in a small
+# cell and in one that changes the large value (no later cell needs what either did).
+WASM_CASES = [(point, cell) for point in POINTS if point.startswith("wasm.") for cell in (4, 5)]
 
 
 def _state(kernel: KernelHarness) -> tuple[int, int, int]:
@@ -66,10 +70,10 @@ def _state(kernel: KernelHarness) -> tuple[int, int, int]:
     return int(found[1]), int(found[2]), int(found[3])
 
 
-def _matches(state: tuple[int, int, int], cell: int) -> bool:
-    """The state right after cell [cell] ran (big[0] is random until cell [5] sets it)."""
+def _matches(state: tuple[int, int, int], cell: int, lost: int | None = None) -> bool:
+    """The state right after cell [cell] ran, cell [lost] having failed (big[0] is random until cell [5] sets it)."""
     x, size, first = state
-    return x == cell and size == (BIG if cell >= 3 else 0) and (cell < 5 or first == 5)
+    return x == cell and size == (BIG if cell >= 3 else 0) and (cell < 5 or lost == 5 or first == 5)
 
 
 def _run(kernel: KernelHarness, first: int, *, counted: bool = True) -> dict[int, str]:
@@ -100,7 +104,9 @@ def _reply_or_death(kernel: KernelHarness, msg_id: str, timeout: float = 120) ->
     raise TimeoutError(f"neither a reply to {msg_id} nor the kernel's death")
 
 
-def _check_every_cell_restores(kernel: KernelHarness, cells: set[int], *, by_id: bool = False) -> None:
+def _check_every_cell_restores(
+    kernel: KernelHarness, cells: set[int], *, by_id: bool = False, lost: int | None = None
+) -> None:
     """`%capsule restore N` of each cell (by its checkpoint's id in a resumed kernel, whose counts start again)."""
     log = kernel.execute("%capsule log").texts()
     for cell in sorted(cells):
@@ -108,7 +114,7 @@ def _check_every_cell_restores(kernel: KernelHarness, cells: set[int], *, by_id:
         assert len(found) == 1, (cell, log)  # one checkpoint per cell, however its report came
         restored = kernel.execute(f"%capsule restore {found[0] if by_id else cell}", timeout=120)
         assert restored.status == "ok", (cell, restored.texts())
-        assert _matches(_state(kernel), cell), (cell, _state(kernel), restored.texts())
+        assert _matches(_state(kernel), cell, lost), (cell, _state(kernel), restored.texts())
 
 
 @pytest.mark.parametrize(("point", "cell"), CASES, ids=[f"{point}@{cell}" for point, cell in CASES])
@@ -176,10 +182,31 @@ def test_a_kill_at_each_durability_step_loses_no_completed_cell(tmp_path, point,
         resumed.close()
 
 
+@pytest.mark.parametrize(("point", "cell"), WASM_CASES, ids=[f"{point}@{cell}" for point, cell in WASM_CASES])
+def test_a_wasm_host_killed_at_each_of_its_steps_loses_no_completed_cell(tmp_path, point, cell):
+    env = {"CAPSULE_HOME": str(tmp_path / "home"), "CAPSULE_MODE": "wasm", VARIABLE: f"{point}@{cell}"}
+    kernel = start_kernel(env=env, cwd=tmp_path)
+    try:
+        host = kernel.sandbox_pid()
+        statuses = _run(kernel, first=2)
+        assert kernel.km.is_alive() and len(statuses) == len(CELLS), statuses
+        # The host died in cell [cell] before its reply (its report sent after its chunks and
+        # journal entry, before the cell's "done"): that cell failed, the rest ran in a new host.
+        died_in = {number for number, status in statuses.items() if status != "ok"}
+        assert died_in == {cell} and kernel.sandbox_pid() != host, statuses
+        ok = set(statuses) - died_in
+        assert _matches(_state(kernel), max(ok), lost=cell), (_state(kernel), statuses)
+        log = kernel.execute("%capsule log").texts()
+        assert {number for number in ok if _has_checkpoint(log, number)} == ok, log
+        _check_every_cell_restores(kernel, ok, lost=cell)
+    finally:
+        kernel.close()
+
+
 def _has_checkpoint(log: str, number: int) -> bool:
     """The `%capsule log` row of cell [number] names a checkpoint id."""
     return re.search(rf"^\[{number}\]\s+[0-9a-f]{{8}}\s", log, re.MULTILINE) is not None
 
 
 def test_every_durability_step_is_injected_somewhere():
-    assert {point for point, _ in CASES} == set(POINTS)
+    assert {point for point, _ in CASES + WASM_CASES} == set(POINTS)

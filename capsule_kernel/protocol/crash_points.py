@@ -1,7 +1,8 @@
 """Crash-point injection: named durability steps at which a test kills the process that reaches them.
 
-Durability is an ordering of writes, renames and commits across three
-processes (the snapshot child, the worker, the kernel). A test proves the
+Durability is an ordering of writes, renames and commits across the
+processes a checkpoint passes (the snapshot child, the worker, or the Wasm
+host; then the kernel). A test proves the
 order right by killing the process at each step and checking what the next
 kernel recovers (tests/test_crash_points.py). `CAPSULE_CRASH_AT=<point>@<cell>`
 in the kernel's environment names one step and one execution count; the
@@ -31,6 +32,9 @@ POINTS = {
     "child.after_journal": "the child's journal entry is written; the worker has not learned the digests",
     "child.after_digests": "the worker has the digests; the report is not sent to the kernel",
     "child.after_report": "the report is sent; the worker does not know that it was",
+    # The Wasm host stores what its guest pickled (wasm_host/guest_frames.py, _store_snapshot).
+    "wasm.before_journal": "the host has written the guest's chunks into the store; its journal entry is not",
+    "wasm.after_journal": "the host's journal entry is written; the kernel has not been told",
     # The kernel records it (kernel/checkpoint/recorder.py) and answers (kernel/session).
     "kernel.before_record": "the report arrived; nothing is copied into the store",
     "kernel.after_chunks": "its chunks are copied into the store and fsynced; the row is not committed",

@@ -12,7 +12,7 @@ import contextlib
 import os
 from typing import Any
 
-from capsule_kernel.protocol import chunks, frames
+from capsule_kernel.protocol import chunks, crash_points, frames
 
 # The fuel a store holds when no budget applies (a budget is added on top of what is left).
 UNLIMITED_FUEL = 1 << 62
@@ -83,8 +83,11 @@ class GuestFrames:
         kernel dies before recording it, the next kernel adopts it.
         """
         if self.spool is not None and report["type"] == "snapshot":
+            count = report["execution_count"]  # this cell's: _guest_snapshot checked it
+            crash_points.reach("wasm.before_journal", count)
             with contextlib.suppress(OSError):
                 frames.journal(self.spool, report)
+            crash_points.reach("wasm.after_journal", count)
         if self.report_fd is not None:
             with contextlib.suppress(OSError):
                 frames.write_frame(self.report_fd, report)
