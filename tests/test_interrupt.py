@@ -80,3 +80,37 @@ def test_interrupt_reaches_a_shell_command(fresh_kernel):
     )
     assert result.replied - result.started < 30
     assert kernel.execute("1 + 1").result_text == "2"
+
+
+def test_a_second_interrupt_stops_a_cell_that_ignores_the_first(fresh_kernel, tmp_path):
+    """Stop, then stop again: the second press ends the sandbox at once; the namespace comes back."""
+    (tmp_path / "capsule.toml").write_text('[sandbox]\ninterrupt_grace = "120s"\n')  # only the second press acts
+    kernel = fresh_kernel()
+    kernel.execute("kept = 'before'")
+    pid = kernel.sandbox_pid()
+    beats_after_first: list[int] = []
+
+    def on_message(message) -> None:
+        text = message.content.get("text", "") if message.msg_type == "stream" else ""
+        if "looping" in text and not beats_after_first:
+            beats_after_first.append(0)
+            kernel.km.interrupt_kernel()
+        elif beats_after_first and beats_after_first[0] >= 0:
+            beats_after_first[0] += text.count("beat")
+            if beats_after_first[0] >= 8:  # the first has had 0.8 s (and the kernel's own repeat) to act
+                beats_after_first[0] = -1
+                kernel.km.interrupt_kernel()
+
+    result = kernel.execute(
+        "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nkept = 'changed'\n"
+        "print('looping', flush=True)\nwhile True:\n    print('beat', flush=True)\n    time.sleep(0.1)",
+        on_message=on_message,
+        timeout=100,
+    )
+    assert beats_after_first == [-1], "the cell stopped before its second interrupt"
+    assert result.status == "error"
+    evalue = result.content["evalue"]
+    assert "stopped by a second interrupt" in evalue and "what that cell did is lost" in evalue, evalue
+    assert "was restored" in evalue, evalue
+    assert kernel.execute("kept").result_text == "'before'"
+    assert kernel.sandbox_pid() != pid

@@ -33,6 +33,7 @@ from typing import Any
 
 from capsule_kernel.kernel.sandbox import chunk_server
 from capsule_kernel.kernel.sandbox.channel import FrameChannel
+from capsule_kernel.kernel.sandbox.interrupts import InterruptEscalation
 from capsule_kernel.kernel.sandbox.launch import ConfinementRequired, Launch, memory_enforcement
 from capsule_kernel.kernel.sandbox.pipes import (
     STARTUP_TIMEOUT_SECONDS,
@@ -143,6 +144,10 @@ class SandboxProcess(FrameChannel, SandboxReaping, ABC):
         # What the worker's faulthandler wrote as it crashed (crash_dump.py), read when it is reaped.
         self.crash_dump: str | None = None
         self.snapshots_in_flight: dict[int, int] = {}
+        # The stop button always works: an interrupt the cell ignores ends the sandbox (interrupts.py).
+        self._interrupts = InterruptEscalation(
+            lambda: self.sandbox_settings.interrupt_grace, self._stop_ignored_interrupt
+        )
         self._reported_early: set[int] = set()
         # Cells whose snapshot this sandbox reported (the latest 256): what a later one may build on.
         self._snapshotted: set[int] = set()
@@ -325,9 +330,23 @@ class SandboxProcess(FrameChannel, SandboxReaping, ABC):
     def _find_worker(self, launch: Launch) -> None:
         """Set ``worker_pid``: the process that runs the cells, as the host sees it."""
 
+    def interrupt(self, *, by_user: bool = True) -> None:
+        """KeyboardInterrupt in the running cell; one it does not heed stops the sandbox (interrupts.py).
+
+        `by_user`: the frontend's stop, not the kernel saying it again.
+        """
+        if self._send_interrupt():
+            self._interrupts.interrupted(self._done, self._loop, by_user=by_user)
+
+    def _stop_ignored_interrupt(self, done: asyncio.Future, reason: str) -> None:
+        """The cell `done` belongs to ignored its interrupt: kill the sandbox, if it still runs that cell."""
+        if done is self._done and self.alive:
+            self.death_reason = reason
+            self.kill()
+
     @abstractmethod
-    def interrupt(self) -> None:
-        """KeyboardInterrupt in the running cell."""
+    def _send_interrupt(self) -> bool:
+        """Send the running cell its SIGINT; False if the sandbox is not running."""
 
     @abstractmethod
     def update_limits(self, limits: Limits) -> dict[str, str]:

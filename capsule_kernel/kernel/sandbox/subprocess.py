@@ -68,13 +68,7 @@ class SubprocessSandbox(SandboxProcess):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._escalation: asyncio.Future | None = None
         self._cpu_watch: asyncio.Task | None = None
-
-    @property
-    def interrupt_grace(self) -> float:
-        """How long a cell may ignore an interrupt before its sandbox is stopped (the operator's)."""
-        return self.sandbox_settings.interrupt_grace
 
     def hidden_paths(self) -> list[Path]:
         """Host paths a bound directory must not reveal: the store, the Jupyter runtime directory."""
@@ -131,33 +125,14 @@ class SubprocessSandbox(SandboxProcess):
                 return int(child)
         return -1
 
-    def interrupt(self) -> None:
-        """KeyboardInterrupt in the running cell, as Ctrl-C would in a terminal.
-
-        The signal goes to the sandbox's process group (the worker and the
-        shell commands it runs). A cell that ignores it is stopped after the
-        operator's ``interrupt_grace``: the sandbox is killed and replaced,
-        and the last checkpoint restored (the stop button always works).
-        """
+    def _send_interrupt(self) -> bool:
+        """SIGINT to the sandbox's process group (the worker and the shell commands it runs), as Ctrl-C
+        would in a terminal."""
         if self.process is None or self.process.poll() is not None or self.worker_pid is None:
-            return
+            return False
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(os.getpgid(self.worker_pid), signal.SIGINT)
-        done, loop = self._done, self._loop
-        if done is not None and loop is not None and self._escalation is not done:
-            self._escalation = done
-            loop.call_soon_threadsafe(loop.call_later, self.interrupt_grace, self._stop_ignored_interrupt, done)
-
-    def _stop_ignored_interrupt(self, done: asyncio.Future) -> None:
-        if self._escalation is done:
-            self._escalation = None
-        if done.done() or done is not self._done or not self.alive:
-            return
-        self.death_reason = (
-            f"did not stop within {self.interrupt_grace:g} s of the interrupt (the cell ignores "
-            "KeyboardInterrupt), so the sandbox was stopped"
-        )
-        self.kill()
+        return True
 
     def cell_wait(self) -> float | None:
         return self.limits.timeout

@@ -115,11 +115,13 @@ class WasmSandbox(SandboxProcess):
         self.death_reason = f"did not stop at the wall-clock limit of {limit} (timeout), so the Wasm host was killed"
         self.kill()
 
-    def interrupt(self) -> None:
+    def _send_interrupt(self) -> bool:
         """SIGINT to the host alone: it raises KeyboardInterrupt in the guest."""
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self.process.pid, signal.SIGINT)
+        if self.process is None or self.process.poll() is not None:
+            return False
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.process.pid, signal.SIGINT)
+        return True
 
     def update_limits(self, limits: Limits) -> dict[str, str]:
         old, self.limits = self.limits, limits

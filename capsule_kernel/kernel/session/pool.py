@@ -210,7 +210,7 @@ class SandboxPool:
 
     def _interrupt_again(self, sandbox: SandboxProcess, serial: int) -> None:
         if sandbox is self.sandbox and self.cell_running and serial == self._cell_serial:
-            sandbox.interrupt()
+            sandbox.interrupt(by_user=False)
 
     async def stop(self, *, restart: bool = False) -> None:
         # Requests that arrive from now on (history, completion, comms around a restart) are
