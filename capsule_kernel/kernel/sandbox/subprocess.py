@@ -4,7 +4,8 @@ Runs in the KERNEL. The worker (``worker.py``) is real CPython with the
 user's packages, launched inside bubblewrap, a cgroup and rlimits
 (``launch.py``); the frames, pipes and reaping it shares with the Wasm
 sandbox live in ``process.py``. What is this sandbox's own: finding the
-worker inside its PID namespace, the interrupt with its escalation, the
+worker inside its PID namespace, the SIGINT to its process group (the
+escalation of an ignored one is both kinds', in ``interrupts.py``), the
 wall-clock and CPU limits the kernel enforces from outside (a cell cannot
 report its way out of them), and moving limits on a running worker.
 """
