@@ -97,6 +97,26 @@ def test_stop_on_error_aborts_queued_cells(kernel):
     assert kernel.execute("'never_defined_because_aborted' in dir()").result_text == "False"
 
 
+def test_a_cell_sent_after_an_error_reply_is_never_aborted(kernel):
+    """An agent answers an error at once: its next cell runs, as the error is already known.
+
+    kernelbase marks the queue aborting after it sends the error reply, so a request
+    that comes back fast can land in the abort window (seen in CI once, after a
+    sandbox was killed). Each round also queues a cell behind the failing one, so
+    the abort still happens where it should.
+    """
+    kc = kernel.kc
+    for round_ in range(25):
+        failing = kc.execute(f"raise ValueError('round {round_}')")
+        queued = kc.execute("behind = 1")
+        assert kernel.shell_reply(failing)["content"]["status"] == "error"
+        after = kc.execute(f"after = {round_}")
+        assert kernel.shell_reply(queued)["content"]["status"] == "aborted"
+        assert kernel.shell_reply(after)["content"]["status"] == "ok", f"round {round_}"
+    kernel.drain_iopub()
+    assert kernel.execute("after, 'behind' in dir()").result_text == "(24, False)"
+
+
 def test_stop_on_error_false_keeps_running(kernel):
     kc = kernel.kc
     failing = kc.execute("raise ValueError('go on')", stop_on_error=False)

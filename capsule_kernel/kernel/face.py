@@ -75,6 +75,7 @@ class CapsuleKernel(Kernel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._aborted_before_reply: set[str | None] = set()  # shells whose queue is aborted already
         options = KernelOptions(
             mode=self.mode,
             lock_mode=self.lock_mode,
@@ -168,10 +169,20 @@ class CapsuleKernel(Kernel):
         cell_id: str | None = None,  # noqa: ARG002
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        controller = self.controller
         subshell_id = self._subshell_id()
         if subshell_id is not None:
-            return await self._execute_on_subshell(subshell_id, code, silent, user_expressions or {}, started)
+            reply = await self._execute_on_subshell(subshell_id, code, silent, user_expressions or {}, started)
+        else:
+            reply = await self._execute_on_main(code, silent, store_history, user_expressions, allow_stdin, started)
+        if reply.get("status") == "error" and not silent:
+            await self._abort_queued_before_reply(subshell_id)
+        return reply
+
+    async def _execute_on_main(
+        self, code: str, silent: bool, store_history: bool, user_expressions: dict[str, str] | None,
+        allow_stdin: bool, started: float,
+    ) -> dict[str, Any]:  # fmt: skip
+        controller = self.controller
         # Comm messages that came while the last cell ran are handled first, each under its own message;
         # the lane keeps the others from changing whose outputs these are until the cell has ended.
         relay = controller.relay
@@ -203,6 +214,35 @@ class CapsuleKernel(Kernel):
         crash_points.reach("kernel.before_reply", count)
         _REPLYING.set(count)  # seen by execute_request, which awaited this in the same context
         return reply
+
+    async def _abort_queued_before_reply(self, subshell_id: str | None) -> None:
+        """Abort the requests queued behind a failed cell, before its reply goes out, not after.
+
+        kernelbase sends the error reply and only then marks the queue aborting and
+        posts, from the shell channel thread, the marker that ends the aborting. A
+        client that answers the reply at once (an agent, a CI retry) can get its next
+        request in ahead of that marker, and it is aborted though it was sent after
+        the error was known. Here the marker is in the queue before the reply is sent:
+        what was queued behind the failed cell is aborted, what comes after its reply runs.
+        """
+        if not self.shell_channel_thread or not self.get_parent("shell").get("content", {}).get("stop_on_error", True):
+            return
+        super()._abort_queues(subshell_id)
+        loop = asyncio.get_running_loop()
+        posted = loop.create_future()
+        # The shell channel thread runs its callbacks in order: this one runs after the marker is posted.
+        self.shell_channel_thread.io_loop.add_callback(
+            lambda: loop.call_soon_threadsafe(lambda: posted.done() or posted.set_result(None))
+        )
+        await posted
+        self._aborted_before_reply.add(subshell_id)
+
+    def _abort_queues(self, subshell_id: str | None = None) -> None:
+        """kernelbase calls this after an error reply; a no-op when it was done before the reply."""
+        if subshell_id in self._aborted_before_reply:
+            self._aborted_before_reply.discard(subshell_id)
+            return
+        super()._abort_queues(subshell_id)
 
     async def execute_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         """kernelbase's, which sends the reply; then the crash point just after it (protocol/crash_points.py)."""
