@@ -189,12 +189,14 @@ def task(
     backoff: str | float | None = None,
     retry_on: str | list[str] | None = None,
     id: str | None = None,
+    allowed_hosts: list[str] | str | None = None,
 ) -> Any:
     """Make a function run as a task: isolated in a sandbox of its own, limited, retried, durable."""
     options = {
         "sandbox": sandbox, "timeout": timeout, "memory": memory, "cpu": cpu, "fuel": fuel, "compute": compute,
         "retries": retries, "backoff": backoff, "id": id,
         "retry_on": ",".join(retry_on) if isinstance(retry_on, list | tuple) else retry_on,
+        "allowed_hosts": ",".join(allowed_hosts) if isinstance(allowed_hosts, list | tuple) else allowed_hosts,
     }  # fmt: skip
 
     def decorate(fn: Any) -> TaskFunction:

@@ -69,6 +69,9 @@ class CapsuleKernel(Kernel):
     )
     lock_mode = Bool(None, allow_none=True, config=True, help="a notebook may not change the routing mode")
     limits = Dict(config=True, help='limits, e.g. {"memory": "1GB", "timeout": "10m"} (the operator\'s ceilings)')
+    network = Unicode(
+        None, allow_none=True, config=True, help='on, off, or the allowed hosts: "pypi.org,*.example.com" (limits)'
+    )
     notebook_may_widen = List(
         Unicode(), default_value=None, allow_none=True, config=True, help=f"what a notebook may widen: {WIDENABLE}"
     )
@@ -79,7 +82,7 @@ class CapsuleKernel(Kernel):
         options = KernelOptions(
             mode=self.mode,
             lock_mode=self.lock_mode,
-            limits=dict(self.limits),
+            limits=dict(self.limits) | ({} if self.network is None else {"network": self.network}),
             notebook_may_widen=tuple(self.notebook_may_widen) if self.notebook_may_widen is not None else None,
         )
         self.controller = SessionController(self, Policy.load(options=options))

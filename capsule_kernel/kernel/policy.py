@@ -23,6 +23,7 @@ from typing import Any
 
 from capsule_kernel.kernel.limit_settings import LimitSettings
 from capsule_kernel.kernel.settings import KernelSettings
+from capsule_kernel.protocol import allowed_hosts
 from capsule_kernel.protocol.limits import LIMIT_NAMES, LimitError, Limits, format_value, parse_switch
 
 log = logging.getLogger(__name__)
@@ -143,10 +144,26 @@ class Policy:
                         f"{name} {format_value(name, value)} is above the operator's {format_value(name, ceiling)} "
                         f"({self.ceiling_sources.get(name, 'default')}); a notebook may only lower it"
                     )
-        if parsed.get("network") and not self.ceiling.network and "network" not in self.widen:
+        if "network" in parsed and "network" not in self.widen:
+            self._check_network(parsed["network"])
+
+    def _check_network(self, wanted: bool | tuple[str, ...]) -> None:
+        """A notebook may narrow the network: off, or hosts the operator's list (or "on") allows."""
+        ceiling, source = self.ceiling.network, self.ceiling_sources.get("network", "default")
+        if wanted is False or ceiling is True:
+            return
+        if wanted is True or ceiling is False:
+            said = "on" if wanted is True else "the hosts " + ", ".join(wanted)
+            allowed = "off" if ceiling is False else "only " + ", ".join(ceiling)
             raise PolicyRefused(
-                f"network on: the operator's network is off ({self.ceiling_sources.get('network', 'default')}); "
-                "a notebook may not switch it on (the operator can allow it with notebook_may_widen)"
+                f"network {said}: the operator's network is {allowed} ({source}); a notebook may only narrow it "
+                "(the operator can allow more with notebook_may_widen)"
+            )
+        outside = allowed_hosts.covers(allowed_hosts.parse_rules(ceiling), allowed_hosts.parse_rules(wanted))
+        if outside is not None:
+            raise PolicyRefused(
+                f"network: {outside.text} is not within the operator's allowed hosts ({', '.join(ceiling)}; "
+                f"{source}); a notebook may only narrow them"
             )
 
     def check_mode(self, current: str, wanted: str) -> None:

@@ -8,11 +8,14 @@ malformed value never half-applies: parsing happens before anything changes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from capsule_kernel.protocol import allowed_hosts
 
 LIMIT_NAMES = ("memory", "cpu", "timeout", "files", "procs", "network", "disk", "fuel")
 # Limits that only the Wasm sandbox can enforce.
@@ -146,13 +149,30 @@ def parse_switch(text: str | bool) -> bool:
     raise LimitError(f"invalid switch {text!r} (on or off)")
 
 
+def parse_network(value: Any) -> bool | tuple[str, ...]:
+    """`on`, `off`, or the allowed hosts: a list, or a comma list in one string (CAPSULE_NETWORK)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        with contextlib.suppress(LimitError):
+            return parse_switch(value)
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple):
+        raise LimitError(f"invalid network {value!r} (on, off, or a list of allowed hosts)")
+    try:
+        rules = allowed_hosts.parse_rules(value)
+    except allowed_hosts.RuleError as err:
+        raise LimitError(str(err)) from None
+    return tuple(rule.text for rule in rules)
+
+
 PARSERS = {
     "memory": parse_size,
     "cpu": parse_duration,
     "timeout": parse_duration,
     "files": parse_count,
     "procs": parse_count,
-    "network": parse_switch,
+    "network": parse_network,
     "disk": parse_size,
     "fuel": parse_fuel,
 }
@@ -186,6 +206,8 @@ def format_value(name: str, value: Any) -> str:
     if name in ("cpu", "timeout"):
         return format_duration(value)
     if name == "network":
+        if isinstance(value, tuple | list):
+            return "only " + ", ".join(value)
         return "on" if value else "off"
     if name == "fuel" and value is not None:
         return f"{value:,} units per cell"
@@ -208,7 +230,8 @@ class Limits:
     timeout: float | None = None
     files: int | None = None
     procs: int | None = None
-    network: bool = False
+    # False: loopback only; True: the host's network; a tuple: only these hosts, through the kernel's proxy.
+    network: bool | tuple[str, ...] = False
     disk: int | None = None
     fuel: int | None = None
 
@@ -217,7 +240,15 @@ class Limits:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Limits:
-        return cls(**{name: data[name] for name in LIMIT_NAMES if name in data})
+        values = {name: data[name] for name in LIMIT_NAMES if name in data}
+        if isinstance(values.get("network"), list):
+            values["network"] = tuple(values["network"])
+        return cls(**values)
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...] | None:
+        """The allowed hosts when the network is a list of them (else None: on or off)."""
+        return self.network if isinstance(self.network, tuple) else None
 
     def describe(self, name: str) -> str:
         return format_value(name, getattr(self, name))

@@ -352,6 +352,12 @@ def main(argv: list[str] | None = None) -> None:
             continue
         # Shell commands started by cells must not hold the frame pipe open.
         os.set_inheritable(fd, False)
+    proxy = config.get("proxy")
+    if isinstance(proxy, dict):
+        # network = [hosts]: the sandbox's loopback proxy port, carried to the kernel's proxy.
+        from capsule_kernel.inside.worker import proxy_relay
+
+        proxy_relay.start(str(proxy.get("socket")), int(proxy.get("port", 0)))
     Worker(config).serve()
 
 

@@ -23,7 +23,7 @@ from capsule_kernel.protocol.limits import LIMIT_NAMES
 
 # These replace the sandbox or its namespace: never from inside a running cell.
 WHOLE_CELL = {"restore", "restart", "resume", "session", "mount", "gc", "task"}
-_READ_ONLY = {"status", "log", "diff", "help", "tasks"}
+_READ_ONLY = {"status", "log", "diff", "help", "tasks", "network"}
 
 
 def read_only(args: argparse.Namespace) -> bool:

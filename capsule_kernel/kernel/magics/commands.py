@@ -23,6 +23,7 @@ from capsule_kernel.kernel.magics.checkpoint_cmds import (
     cmd_resume,
     cmd_session,
 )
+from capsule_kernel.kernel.magics.network_cmds import cmd_network
 from capsule_kernel.kernel.magics.parser import MagicHelp, MagicUsageError, parse, usage_text
 from capsule_kernel.kernel.magics.sandbox_cmds import cmd_limits, cmd_mode, cmd_mount, cmd_status
 from capsule_kernel.kernel.magics.task_cmds import cmd_task, cmd_tasks
@@ -50,6 +51,7 @@ COMMANDS = {
     "restart": cmd_restart,
     "task": cmd_task,
     "tasks": cmd_tasks,
+    "network": cmd_network,
     "help": cmd_help,
 }
 

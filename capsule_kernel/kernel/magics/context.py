@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from capsule_kernel.kernel.checkpoint.network_audit import NetworkAudit
     from capsule_kernel.kernel.checkpoint.recorder import Checkpoints
     from capsule_kernel.kernel.limit_settings import LimitSettings
     from capsule_kernel.kernel.policy import Policy
@@ -41,6 +42,7 @@ class MagicContext(Protocol):
     cell_running: bool
     tasks: TaskBoard
     last_crash: str | None
+    network_audit: NetworkAudit | None
 
     @property
     def limit_settings(self) -> LimitSettings: ...

@@ -43,6 +43,7 @@ SUBCOMMANDS = {
     "task": "%%capsule task NAME [options] + a body: run it as an isolated, limited, retried task; "
     "task wait [NAME...], task cancel NAME",
     "tasks": "this session's tasks: name, id, state, attempts, duration, sandbox, fuel, peak memory",
+    "network": "the network setting, and what the allowed-hosts proxy allowed and refused, request by request",
     "help": "this list",
 }
 
@@ -52,7 +53,7 @@ _LIMIT_HELP = {
     "timeout": "wall-clock time per cell, e.g. 30s, 5m, 1h, unlimited",
     "files": "open file descriptors, e.g. 256",
     "procs": "processes and threads, e.g. 64",
-    "network": "on or off (changes apply after %capsule restart)",
+    "network": "on, off, or allowed hosts: pypi.org,*.example.com (narrows only; applies after %capsule restart)",
     "disk": "size of each private tmpfs: /tmp, /dev/shm, HOME (applies after %capsule restart), e.g. 1GiB",
     "fuel": "Wasm instructions per cell (Wasm cells only), e.g. 5G, 2.5e9, unlimited",
 }
@@ -131,6 +132,10 @@ def _task_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--retry-on", dest="retry_on", metavar="KINDS", help="failures that are retried (crash,timeout by default)"
     )
+    sub.add_argument(
+        "--allowed-hosts", dest="allowed_hosts", metavar="HOSTS",
+        help="only these hosts (within the operator's network), e.g. api.example.com,*.example.org",
+    )  # fmt: skip
     sub.add_argument("--id", metavar="KEY", help="the task's identity (default: a hash of name, body and inputs)")
     sub.add_argument("--in", dest="inputs", metavar="A,B", help="the notebook names copied in (default: what it reads)")
     sub.add_argument("--background", action="store_true", help="return at once; a live status line shows progress")
@@ -150,6 +155,7 @@ _ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "mode": _mode_arguments,
     "mount": _mount_arguments,
     "task": _task_arguments,
+    "network": _log_arguments,
 }
 
 

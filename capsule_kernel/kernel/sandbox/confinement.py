@@ -37,6 +37,9 @@ from capsule_kernel.protocol.limits import sandbox_uid
 
 SANDBOX_HOME = Path("/home/capsule")
 SANDBOX_SPOOL = Path("/run/capsule/spool")
+# network = [hosts]: the kernel's proxy socket, inside; the relay's port on the sandbox's own loopback.
+SANDBOX_PROXY_SOCKET = Path("/run/capsule/proxy.sock")
+RELAY_PORT = 3128
 SANDBOX_HOSTNAME = "capsule"
 # Config files the kernel reads from the working directory: shown read-only
 # (and, being mount points, impossible to delete) when it is writable.
@@ -141,7 +144,9 @@ class Policy:
     environment: Mapping[str, str]
     workdir_access: str = "rw"  # rw | ro | none
     mounts: tuple[Bind, ...] = ()
-    network: bool = False
+    network: bool = False  # the host's network (network = "on"); else a private namespace, loopback only
+    # The kernel's allowed-hosts proxy socket (network = [hosts]), shown at SANDBOX_PROXY_SOCKET.
+    proxy_socket: Path | None = None
     disk: int | None = None  # bytes of each private tmpfs (/tmp, /dev/shm, HOME)
     memory: int | None = None  # RLIMIT_AS of each process (the cgroup caps the whole)
     files: int | None = None
@@ -461,9 +466,23 @@ def bwrap_arguments(policy: Policy, fds: LaunchFds) -> list[str]:
             fd = fds.paths.get(source)
             args += ["--bind", str(source)] if fd is None else ["--bind-fd", str(fd)]
             args.append(str(target))
+    if policy.proxy_socket is not None:
+        # The one way out of the private network namespace: the kernel's proxy (kernel/network/proxy.py).
+        # By path (a descriptor of a socket cannot be bound): its directory lets anyone pass, not list,
+        # and no sandbox sees the host's /tmp, where it is, except through this one bind.
+        args += ["--ro-bind", str(policy.proxy_socket), str(SANDBOX_PROXY_SOCKET)]
     chdir = policy.workdir if policy.workdir_access != "none" else SANDBOX_HOME
     args += ["--chdir", str(chdir)]
     return args
+
+
+def proxy_environment(port: int = RELAY_PORT) -> dict[str, str]:
+    """The variables that point HTTP clients (requests, urllib, httpx, aiohttp, pip, conda, curl) at the relay."""
+    url = f"http://127.0.0.1:{port}"
+    names = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "PIP_PROXY")
+    # No NO_PROXY: every request goes to the proxy, 127.0.0.1 too, which there names the host's
+    # loopback, reached only when the operator lists it (a server a cell starts is not reached by name).
+    return {name: url for name in names} | {name.lower(): url for name in names}
 
 
 def launch_prefix(cgroup_procs: Iterable[Path]) -> list[str]:

@@ -40,6 +40,7 @@ class SandboxRequest(Protocol):
     state_dir: Path | None
     cwd: Path
     mounts: list[dict[str, Any]]
+    proxy_socket: Path | None  # the allowed-hosts proxy's socket (network = [hosts]), started before the launch
     def hidden_paths(self) -> list[Path]: ...
 
 
@@ -141,11 +142,16 @@ class Launch:
         if workdir == Path("/"):
             access, enforcement["workdir"] = "none", "not shown: the working directory is / (the whole host)"
         environment = confinement.sandbox_environment(sandbox.environ, dict(settings.env), settings.pass_env)
+        hosts = limits.allowed_hosts
+        if hosts is not None and sandbox.proxy_socket is not None:
+            environment.update(confinement.proxy_environment())
         if not available.confined:
             # Said plainly at start and in %capsule status; the limits still hold.
             enforcement["confinement"] = f"not a security boundary here: {available.problem}"
             enforcement["network"] = (
-                "allowed (network = on)" if limits.network else "not enforced: the sandbox is not confined here"
+                "allowed (network = on)"
+                if limits.network is True
+                else "not enforced: the sandbox is not confined here, so it shares the host's network"
             )
             enforcement["files"] = "enforced: RLIMIT_NOFILE per process, set before the worker starts"
             procs = tuple(cgroup.procs_files()) if cgroup else ()
@@ -173,7 +179,8 @@ class Launch:
             environment=environment,
             workdir_access=access,
             mounts=mounts,
-            network=bool(limits.network),
+            network=limits.network is True,
+            proxy_socket=sandbox.proxy_socket if hosts is not None else None,
             disk=limits.disk,
             memory=limits.memory,
             files=limits.files,
@@ -220,11 +227,7 @@ class Launch:
             kept=True,
         )
         enforcement.update(confinement.describe(policy, available, program.denied))
-        enforcement["network"] = (
-            "allowed (network = on): the host's network"
-            if limits.network
-            else "enforced: a private network namespace with only loopback"
-        )
+        enforcement["network"] = _network_enforcement(limits)
         enforcement["files"] = "enforced: RLIMIT_NOFILE per process, set before the worker starts"
         if limits.disk is not None:
             enforcement["disk"] = f"enforced: {format_size(limits.disk)} in each of /tmp, /dev/shm and HOME (tmpfs)"
@@ -264,3 +267,16 @@ def _make_spool(chunk_root: Path | None, name: str, identity: confinement.Identi
         os.chown(spool, identity.uid, identity.gid)
     return spool
 
+
+
+def _network_enforcement(limits: Limits) -> str:
+    """What %capsule status says of the network of a confined sandbox."""
+    hosts = limits.allowed_hosts
+    if hosts is not None:
+        return (
+            "enforced: a private network namespace; only " + ", ".join(hosts) + " through the kernel's proxy "
+            "(HTTP and HTTPS; %capsule network lists each request)"
+        )
+    if limits.network is True:
+        return "allowed (network = on): the host's network"
+    return "enforced: a private network namespace with only loopback"

@@ -144,6 +144,8 @@ class SandboxProcess(FrameChannel, SandboxReaping, ABC):
         # What the worker's faulthandler wrote as it crashed (crash_dump.py), read when it is reaped.
         self.crash_dump: str | None = None
         self.snapshots_in_flight: dict[int, int] = {}
+        # Where the network limit came from ("capsule.toml (...)", "%capsule limits"): a refusal names it.
+        self.network_source = "default"
         # The stop button always works: an interrupt the cell ignores ends the sandbox (interrupts.py).
         self._interrupts = InterruptEscalation(
             lambda: self.sandbox_settings.interrupt_grace, self._stop_ignored_interrupt

@@ -18,9 +18,12 @@ import json
 import os
 import resource
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from capsule_kernel.kernel.network.proxy import HostProxy
+from capsule_kernel.kernel.sandbox.confinement import RELAY_PORT, SANDBOX_PROXY_SOCKET
 from capsule_kernel.kernel.sandbox.launch import Launch, memory_enforcement
 from capsule_kernel.kernel.sandbox.pipes import read_available
 from capsule_kernel.kernel.sandbox.process import (
@@ -28,7 +31,7 @@ from capsule_kernel.kernel.sandbox.process import (
     SandboxDied,
     SandboxProcess,
 )
-from capsule_kernel.protocol import frames
+from capsule_kernel.protocol import allowed_hosts, frames
 from capsule_kernel.protocol.limits import Limits, format_duration
 
 __all__ = ["PreviousCellOverran", "SandboxDied", "SubprocessSandbox"]
@@ -70,6 +73,41 @@ class SubprocessSandbox(SandboxProcess):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cpu_watch: asyncio.Task | None = None
+        # network = [hosts]: the kernel's proxy for this sandbox, and its socket.
+        self.proxy: HostProxy | None = None
+        self.proxy_socket: Path | None = None
+
+    async def start(self) -> None:
+        """With a list of allowed hosts, the proxy listens first: the launch binds its socket."""
+        hosts = self.limits.allowed_hosts
+        if hosts is not None:
+            directory = Path(tempfile.mkdtemp(prefix="capsule-proxy-"))  # the kernel's own
+            directory.chmod(0o711)  # bubblewrap (as the sandbox's uid) passes through to bind the socket
+            self.proxy = HostProxy(
+                allowed_hosts.parse_rules(hosts),
+                self.network_source,
+                lambda decision: self.on_event({"type": "network", **vars(decision)}),
+                lambda: self._cell_count,
+            )
+            await self.proxy.start(directory / "proxy.sock")
+            self.proxy_socket = self.proxy.path
+        try:
+            await super().start()
+        except BaseException:
+            await self._close_proxy()
+            raise
+
+    async def _reap(self) -> None:
+        await super()._reap()
+        await self._close_proxy()
+
+    async def _close_proxy(self) -> None:
+        proxy, self.proxy = self.proxy, None
+        if proxy is not None:
+            await proxy.close()
+            if proxy.path is not None:
+                with contextlib.suppress(OSError):
+                    proxy.path.parent.rmdir()
 
     def hidden_paths(self) -> list[Path]:
         """Host paths a bound directory must not reveal: the store, the Jupyter runtime directory."""
@@ -79,7 +117,10 @@ class SubprocessSandbox(SandboxProcess):
         return [*store, Path(jupyter_runtime_dir())]
 
     def extra_config(self) -> dict[str, Any]:
-        return {"ipython": self.ipython_config}
+        config: dict[str, Any] = {"ipython": self.ipython_config}
+        if self.proxy_socket is not None:
+            config["proxy"] = {"socket": str(SANDBOX_PROXY_SOCKET), "port": RELAY_PORT}
+        return config
 
     def _launch(self, name: str) -> Launch:
         """Everything outside the worker that confines it: cgroup, spool, bubblewrap."""

@@ -29,6 +29,7 @@ from typing import Any
 
 from capsule_kernel.kernel.analyzer import Analyzer
 from capsule_kernel.kernel.checkpoint.home import default_home, notebook_identity, session_identity
+from capsule_kernel.kernel.checkpoint.network_audit import NetworkAudit
 from capsule_kernel.kernel.checkpoint.recorder import Checkpoints
 from capsule_kernel.kernel.magics.authority import Authority
 from capsule_kernel.kernel.policy import Policy
@@ -72,6 +73,9 @@ class SessionController(SessionRestore, SandboxPool, CellLifecycle, NameMovement
         self.ledger = NameLedger()
         self.kernel_id = uuid.uuid4().hex[:12]
         self.durability = CellDurability(self.checkpoints, self.kernel_id, self.log)
+        # What the allowed-hosts proxies decided, beside the checkpoints (%capsule network).
+        store = self.checkpoints.store
+        self.network_audit = NetworkAudit(store.home) if store is not None else None
         self.sandboxes: dict[str, SandboxProcess] = {}
         self.active_kind = "subprocess"
         self.routing_mode = policy.mode
@@ -205,7 +209,11 @@ class SessionController(SessionRestore, SandboxPool, CellLifecycle, NameMovement
     # -- events from sandboxes -----------------------------------------------------------
 
     def _event_handler(self, kind: str) -> Any:
-        handlers = {"snapshot": self._on_snapshot, "snapshot_failed": self._on_snapshot_failed}
+        handlers = {
+            "snapshot": self._on_snapshot,
+            "snapshot_failed": self._on_snapshot_failed,
+            "network": self._on_network,
+        }
 
         def handle(event: dict[str, Any]) -> None:
             special = handlers.get(event["type"])
@@ -231,6 +239,12 @@ class SessionController(SessionRestore, SandboxPool, CellLifecycle, NameMovement
 
     def _on_snapshot_failed(self, kind: str, event: dict[str, Any]) -> None:  # noqa: ARG002
         self.durability.snapshot_failed(self.session_name, event)
+
+    def _on_network(self, kind: str, event: dict[str, Any]) -> None:  # noqa: ARG002
+        """A decision of the sandbox's allowed-hosts proxy (the kernel's own, never a frame from the sandbox)."""
+        audit = self.network_audit
+        if audit is not None:
+            audit.add(self.session_name, event)
 
     def side_task(self, coroutine: Coroutine[Any, Any, Any], *, cell_scoped: bool) -> None:
         task = asyncio.ensure_future(coroutine)

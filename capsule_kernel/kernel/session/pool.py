@@ -65,6 +65,7 @@ class SandboxPool:
             ipython_config=self.ipython_config,
         )
         sandbox.frontend_comms = lambda: list(self.relay.comms)
+        sandbox.network_source = self.policy.limits.sources.get("network", "default")
         self.sandboxes[kind] = sandbox
         self.ledger.fresh_sandbox(kind)
         await sandbox.start()
@@ -234,6 +235,9 @@ class SandboxPool:
                 self.checkpoints.store.note_restart(self.session_name, self.checkpoints.latest_id(self.session_name))
         with contextlib.suppress(Exception):
             await self.durability.close()
+        if self.network_audit is not None:
+            with contextlib.suppress(Exception):
+                await self.network_audit.flush()
 
     def kill_all(self) -> None:
         for sandbox in list(self.sandboxes.values()):

@@ -97,6 +97,7 @@ def build(
     fuel: int | None,
     peak_memory: int | None,
     cached: bool = False,
+    host_requests: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One envelope; ``result`` is what the task's sandbox reported of its value (json, type, repr)."""
     value = None
@@ -119,6 +120,7 @@ def build(
             "fuel_consumed": fuel,
             "peak_memory_bytes": peak_memory,
             "cached": cached,
+            "host_requests": list(host_requests or ()),
             "started_at": iso(started_at),
             **info,
         },

@@ -20,12 +20,23 @@ if TYPE_CHECKING:
 
 
 class _Events:
-    """A sandbox's event handler whose target is set when a task takes the sandbox."""
+    """A sandbox's event handler whose target is set when a task takes the sandbox.
 
-    def __init__(self) -> None:
+    The proxy's decisions (network = [hosts]) are audited here, under the
+    session and the task's name, before the task's collector lists them in
+    its envelope: a warm sandbox's events have nobody else to tell.
+    """
+
+    def __init__(self, controller: TaskOwner) -> None:
+        self.controller = controller
         self.target: Any = None
+        self.task_name = ""
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("type") == "network":
+            audit = self.controller.network_audit
+            if audit is not None:
+                audit.add(self.controller.session_name, {**event, "task": self.task_name or "(warm)"})
         if self.target is not None:
             self.target(event)
 
@@ -56,9 +67,10 @@ class TaskPool:
             candidate.stopping = True
             self.controller.side_task(candidate.shutdown(grace=0.1), cell_scoped=False)
         if sandbox is None:
-            events = _Events()
+            events = _Events(self.controller)
             sandbox = await self._start(spec, events)
         self._refill(spec)
+        events.task_name = spec.name
         events.target = sink
         sandbox.limits = spec.limits  # the per-cell limits (timeout, cpu, fuel) travel with each cell
         return sandbox
@@ -74,7 +86,7 @@ class TaskPool:
 
     async def _warm_one(self, spec: TaskSpec, shape: tuple) -> None:
         try:
-            events = _Events()
+            events = _Events(self.controller)
             sandbox = await self._start(spec, events)
             if self._closed:
                 sandbox.stopping = True
@@ -98,6 +110,10 @@ class TaskPool:
             sandbox_settings=controller.policy.settings.sandbox,
             state_dir=None,
             ipython_config=controller.ipython_config,  # a task's IPython is configured as the notebook's
+        )
+        given = spec.options.get("allowed_hosts")
+        sandbox.network_source = (
+            "the task's allowed hosts" if given else controller.policy.limits.sources.get("network", "default")
         )
         await sandbox.start()
         reply = await sandbox.execute(task_runner.cell_request(PRELUDE, 0))

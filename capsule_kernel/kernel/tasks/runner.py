@@ -19,7 +19,7 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from capsule_kernel.kernel.sandbox.process import SandboxDied, SandboxProcess
@@ -33,6 +33,11 @@ _NOT_RETRIED = ("cancelled", "refused", "input")
 
 Sink = Callable[[dict[str, Any]], None]
 StateHook = Callable[[str, int, float | None], None]
+
+# A task's envelope lists at most this many of its requests through the allowed-hosts proxy (each
+# one is audited in network.sqlite all the same); the last entry then says some were left out.
+MAX_HOST_REQUESTS = 100
+HOST_REQUEST_FIELDS = ("method", "host", "port", "allowed", "reason", "address", "sent", "received")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class _Collector:
     """The events of one attempt's sandbox: output goes to the sink, the result is kept."""
 
     sink: Sink
+    host_requests: list[dict[str, Any]] = field(default_factory=list)  # shared by a task's attempts
     result: dict[str, Any] | None = None
     expecting_result: bool = False
     closed: bool = False  # the attempt is over: what its sandbox says while it is torn down is not shown
@@ -64,6 +70,13 @@ class _Collector:
             return  # never shown; and outside the emit step, a forgery, dropped
         if kind == "error":
             return  # a top-level `return` is a success; a real error is in the envelope, with its traceback
+        if kind == "network":
+            # Its proxy's decision (the kernel's own; audited by the pool): listed in the envelope.
+            if len(self.host_requests) < MAX_HOST_REQUESTS:
+                self.host_requests.append({name: event.get(name) for name in HOST_REQUEST_FIELDS})
+            else:
+                self.host_requests[-1] = {"omitted": True, "reason": f"more than {MAX_HOST_REQUESTS} requests"}
+            return
         if kind in ("snapshot", "snapshot_failed", "comm", "input_request", "magic"):
             return  # a task has no checkpoints, widgets, stdin or %capsule
         self.sink(event)
@@ -87,12 +100,13 @@ async def run(
     peak: int | None = None
     failure: Failure | None = None
     result: dict[str, Any] | None = None
+    host_requests: list[dict[str, Any]] = []
     n = first_attempt
     while True:
         attempt = Attempt(n, time.monotonic())
         attempts.append(attempt)
         on_state("running", n, None)
-        collector = _Collector(sink)
+        collector = _Collector(sink, host_requests)
         sandbox: SandboxProcess | None = None
         try:
             sandbox = await take_sandbox(spec, collector)
@@ -142,6 +156,7 @@ async def run(
         failure=failure,
         fuel=fuel_total,
         peak_memory=peak,
+        host_requests=host_requests,
     )
     outcome = Outcome(envelope, made_in="wasm" if spec.kind == "wasm" else None)
     if failure is None and result is not None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import logging
 
     from capsule_kernel.kernel.analyzer import Analyzer
+    from capsule_kernel.kernel.checkpoint.network_audit import NetworkAudit
     from capsule_kernel.kernel.checkpoint.recorder import Checkpoints
     from capsule_kernel.kernel.policy import Policy
     from capsule_kernel.kernel.sandbox.held_mounts import HeldMounts
@@ -46,6 +47,7 @@ class TaskOwner(Protocol):
     held_mounts: HeldMounts
     mounts: list[dict[str, Any]]
     sandboxes: dict[str, SandboxProcess]
+    network_audit: NetworkAudit | None
     ipython_config: dict[str, Any]
     notebook: str
     session_name: str
@@ -79,7 +81,9 @@ MAX_HELD_TASK_BYTES = 256 * 1024 * 1024
 MAX_FINISHED_RUNS = 2000
 
 # The options a @task call may give (no mounts: those are the notebook's own lines' to add).
-API_OPTIONS = ("sandbox", "timeout", "memory", "cpu", "fuel", "compute", "retries", "backoff", "retry_on", "id")
+API_OPTIONS = (
+    "sandbox", "timeout", "memory", "cpu", "fuel", "compute", "retries", "backoff", "retry_on", "id", "allowed_hosts",
+)  # fmt: skip
 
 BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 

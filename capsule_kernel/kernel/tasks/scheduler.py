@@ -135,6 +135,7 @@ class TaskScheduler(TaskApi, TaskBook, TaskDisplay):
             "retries": args.retries,
             "backoff": args.backoff,
             "retry_on": args.retry_on,
+            "allowed_hosts": args.allowed_hosts,
             "id": args.id,
             "inputs": args.inputs,
             "background": args.background,

@@ -157,6 +157,9 @@ def build(
     for limit in TASK_LIMITS:
         if options.get(limit) is not None:
             changes[limit] = options[limit]
+    if options.get("allowed_hosts") is not None:
+        # A narrower network for this task: checked against the operator's, as every task limit is.
+        changes["network"] = _words(options["allowed_hosts"])
     presets = dict(settings.compute)
     compute = options.get("compute")
     if compute is not None:
