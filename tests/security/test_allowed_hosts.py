@@ -12,8 +12,12 @@ resolved by the proxy) and `127.0.0.1:P` (the address it resolves to).
 
 from __future__ import annotations
 
+import os
+import re
 import sqlite3
+import subprocess
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -124,6 +128,21 @@ def test_a_refused_host_never_reaches_its_listener_and_the_error_names_it(kernel
     assert "rc=0" not in got.stdout or "not in the allowed hosts" in got.stdout, got.texts()
     assert other.connections == before and other.paths == []
     assert f"refused 127.0.0.2:{other.port} is not in the allowed hosts" in network_rows(kernel)
+
+
+def test_socks5_clients_follow_the_same_rules(kernel, servers):
+    """curl through SOCKS5 (socks5h: the name is resolved by the proxy), to an allowed and a refused host."""
+    allowed, other, _ = servers
+    before = other.connections
+    got = kernel.execute(f"!curl -sS --proxy socks5h://127.0.0.1:3128 http://localhost:{allowed.port}/socks")
+    assert "hello from the host" in got.stdout, got.texts()
+    assert "/socks" in allowed.paths
+    got = kernel.execute(f"!curl -sS --proxy socks5h://127.0.0.1:3128 {other.url}/socks-refused; echo rc=$?")
+    assert "rc=0" not in got.stdout, got.texts()
+    assert other.connections == before
+    rows = network_rows(kernel)
+    assert re.search(rf"SOCKS5\s+localhost:{allowed.port}\s+allowed", rows), rows
+    assert re.search(rf"SOCKS5\s+127\.0\.0\.2:{other.port}\s+refused", rows), rows
 
 
 def test_a_port_that_is_not_listed_is_refused(kernel, servers):
@@ -273,6 +292,28 @@ def test_a_flood_of_the_proxy_slows_only_the_sandbox(kernel, servers):
         timeout=90,
     )
     assert "hello from the host" in got.stdout, got.texts()
+
+
+# The system's Python: a stranger may not be able to reach the project's virtualenv.
+STRANGER_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="another host user can be played only by root")
+def test_no_other_host_user_can_use_a_notebooks_proxy(kernel):
+    """The audit puts every request on the notebook: only the sandbox's uid may connect to its socket."""
+    assert kernel.execute("1").status == "ok"
+    sockets = [
+        Path(found.laddr)
+        for found in psutil.Process(kernel_pid(kernel)).net_connections(kind="unix")
+        if isinstance(found.laddr, str) and found.laddr.endswith("/proxy.sock")
+    ]
+    assert sockets, "the kernel listens on no proxy socket"
+    probe = "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\nprint('connected')"
+    for path in sockets:
+        stranger = subprocess.run(
+            [STRANGER_PYTHON, "-c", probe, str(path)], user=65000, group=65000, capture_output=True, text=True
+        )
+        assert "PermissionError" in stranger.stderr and "connected" not in stranger.stdout, (path, stranger)
 
 
 def test_a_forged_or_tampered_audit_row_is_never_shown_as_a_request(kernel, home, servers):

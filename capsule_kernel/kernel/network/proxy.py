@@ -23,6 +23,9 @@ claims about itself.
   Content-Length (a chunked upload is refused: 411), and nothing more the
   client sends on that connection is forwarded. A redirect is therefore
   always a new request, checked again.
+- SOCKS5 (a first byte of 5; `socks5h://127.0.0.1:3128` inside): CONNECT
+  only, no authentication, the same checks as an HTTP CONNECT, for TCP
+  that is not HTTP. A refusal is a SOCKS5 reply code; the reason is audited.
 
 Each decision is audited (`on_decision`: the kernel stores it beside the
 checkpoints, `%capsule network` shows it) with the cell, host:port, method,
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import socket
 import time
@@ -61,6 +65,14 @@ FIRST_BYTES_SECONDS = 1.0
 CONNECT_SECONDS = 15.0
 _BLOCK = 64 * 1024
 _MAX_RECORD = 16 * 1024 + 256  # a TLS record's largest body (RFC 8446 5.1, with its allowance)
+# The requests that open a tunnel, and what the client is told once it is open (before the proxy
+# connects upstream: a TLS client speaks first, and its server name is checked on the way).
+TUNNELS = {
+    "CONNECT": b"HTTP/1.1 200 Connection established\r\n\r\n",
+    "SOCKS5": b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00",  # succeeded, bound to 0.0.0.0:0 (not told)
+}
+# A refusal's HTTP status, as a SOCKS5 reply code (RFC 1928 section 6).
+_SOCKS_REPLIES = {403: 0x02, 502: 0x04, 405: 0x07, 400: 0x01, 503: 0x01, 509: 0x01, 431: 0x01}
 # Request headers that belong to this hop (the proxy), never sent upstream.
 _HOP_HEADERS = {"connection", "proxy-connection", "proxy-authorization", "keep-alive", "te", "upgrade"}
 
@@ -88,6 +100,7 @@ class Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.opened = False  # the tunnel was open already: what the client reads now is not a reply
 
 
 class HostProxy:
@@ -111,12 +124,20 @@ class HostProxy:
         self._bytes_by_cell: dict[int | None, int] = {}
         self.path: Path | None = None
 
-    async def start(self, path: Path) -> None:
-        """Listen on `path` (in a directory of the kernel's own; the sandbox sees it only where it is bound)."""
+    async def start(self, path: Path, owner: int | None = None) -> None:
+        """Listen on `path` (in a directory of the kernel's own; the sandbox sees it only where it is bound).
+
+        Connecting to a Unix socket needs write access to it: the socket is
+        the sandbox's uid's alone (`owner`, given by a root kernel whose
+        sandbox runs as another uid), so no other host user can send
+        requests that the audit would put on this notebook.
+        """
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         self._server = await asyncio.start_unix_server(self._accept, path=str(path), limit=MAX_HEAD_BYTES)
-        os.chmod(path, 0o666)  # the sandbox's uid connects through the bind; the directory stays the kernel's
+        if owner is not None and owner != os.getuid():
+            os.chown(path, owner, -1)
+        os.chmod(path, 0o600)
         self.path = path
 
     async def close(self) -> None:
@@ -153,22 +174,35 @@ class HostProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cell = self.current_cell()
+        decision = Decision(cell, "?", "?", 0, False, "")
+        answer = _answer
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_SECONDS)
+            opening = await asyncio.wait_for(reader.readexactly(1), HEAD_SECONDS)
+            if opening == b"\x05":  # SOCKS5 (RFC 1928): non-HTTP TCP, by the same rules
+                answer = _socks_answer
+                method, host, port = await asyncio.wait_for(_socks_request(reader, writer), HEAD_SECONDS)
+                head = forward = b""
+            else:
+                head = opening + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_SECONDS)
+                method, host, port, forward = _parse_head(head)
         except (asyncio.LimitOverrunError, ValueError):
             await _answer(writer, 431, f"a request head longer than {MAX_HEAD_BYTES} bytes")
             return
         except (TimeoutError, asyncio.IncompleteReadError):
             return
-        decision = Decision(cell, "?", "?", 0, False, "")
+        except Refused as refused:
+            decision.reason = refused.reason
+            self.on_decision(decision)
+            await answer(writer, refused.status, refused.reason)
+            return
+        tunnel = method in TUNNELS
         try:
-            method, host, port, forward = _parse_head(head)
             decision.method, decision.host, decision.port = method, host, port
             address = await self._decide(host, port)
             decision.address = address[0]
             first = None
-            if method == "CONNECT":
-                first = await self._first_bytes(reader, writer, host)
+            if tunnel:
+                first = await self._first_bytes(reader, writer, host, TUNNELS[method])
                 if first == b"":
                     decision.reason = "the client closed the tunnel before it said anything"
                     self.on_decision(decision)
@@ -179,16 +213,17 @@ class HostProxy:
         except Refused as refused:
             decision.reason = refused.reason
             self.on_decision(decision)
-            await _answer(writer, refused.status, refused.reason)
+            if not (tunnel and answer is _socks_answer and refused.opened):
+                await answer(writer, refused.status, refused.reason)
             return
         except (OSError, TimeoutError) as err:
             decision.reason = f"{decision.host}:{decision.port} could not be reached ({type(err).__name__})"
             self.on_decision(decision)
-            await _answer(writer, 502, decision.reason)
+            await answer(writer, 502, decision.reason)
             return
         decision.allowed, decision.reason = True, "allowed"
         try:
-            if method == "CONNECT":
+            if tunnel:
                 if first:
                     self._count(decision, "sent", len(first))
                     upstream_writer.write(first)
@@ -207,17 +242,19 @@ class HostProxy:
                 await self._pump(upstream_reader, writer, decision, "received")
         except Refused as refused:
             decision.allowed, decision.reason = False, refused.reason
-            if method != "CONNECT":  # (inside a tunnel the client reads TLS, not a status line)
+            if not tunnel:  # (inside a tunnel the client reads TLS, not a status line)
                 await _answer(writer, refused.status, refused.reason)
         finally:
             upstream_writer.close()
             writer.close()
             self.on_decision(decision)
 
-    async def _first_bytes(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> bytes | None:
+    async def _first_bytes(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, established: bytes
+    ) -> bytes | None:
         """Open the tunnel and read what the client sends first (None: nothing yet, a server that speaks
         first); a TLS ClientHello naming another host than the CONNECT's is refused before any connection."""
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        writer.write(established)
         await writer.drain()
         try:
             first = await asyncio.wait_for(reader.read(_BLOCK), FIRST_BYTES_SECONDS)
@@ -226,7 +263,9 @@ class HostProxy:
         first = await _whole_hello(reader, first)
         named = _tls_server_name(first)
         if named is not None and named != host:
-            raise Refused(403, f"the TLS server name {named!r} is not the CONNECT's host {host!r}")
+            refused = Refused(403, f"the TLS server name {named!r} is not the CONNECT's host {host!r}")
+            refused.opened = True
+            raise refused
         return first
 
     async def _decide(self, host: str, port: int) -> tuple[str, int]:
@@ -417,6 +456,47 @@ def _tls_server_name(data: bytes) -> str | None:
     except (IndexError, UnicodeDecodeError):
         return "?"  # a ClientHello that does not parse names no allowed host
     return None
+
+
+async def _socks_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[str, str, int]:
+    """A SOCKS5 greeting (after its version byte) and CONNECT request: ("SOCKS5", host, port).
+
+    Only "no authentication" and CONNECT: the sandbox has no credentials to
+    give, and nothing listens for it (no BIND, no UDP ASSOCIATE). A name
+    (socks5h://) is resolved here, as every name is; the sandbox has no resolver.
+    """
+    methods = await reader.readexactly((await reader.readexactly(1))[0])
+    if 0x00 not in methods:
+        writer.write(b"\x05\xff")
+        raise Refused(400, "a SOCKS5 client that offers no 'no authentication' method")
+    writer.write(b"\x05\x00")
+    await writer.drain()
+    version, command, _, kind = await reader.readexactly(4)
+    if version != 5:
+        raise Refused(400, "not a SOCKS5 request")
+    if kind == 0x01:
+        host = str(ipaddress.IPv4Address(await reader.readexactly(4)))
+    elif kind == 0x04:
+        host = str(ipaddress.IPv6Address(await reader.readexactly(16)))
+    elif kind == 0x03:
+        raw = await reader.readexactly((await reader.readexactly(1))[0])
+        host = raw.decode("ascii", errors="replace")
+    else:
+        raise Refused(400, f"a SOCKS5 address of unknown type {kind}")
+    port = int.from_bytes(await reader.readexactly(2), "big")
+    if command != 0x01:
+        raise Refused(405, "only SOCKS5 CONNECT goes through the proxy (no BIND, no UDP)")
+    normal = allowed_hosts.normal_host(host)
+    if normal is None or not 0 < port < 65536:
+        raise Refused(400, f"{host!r}:{port} is not a host and port")
+    return "SOCKS5", normal, port
+
+
+async def _socks_answer(writer: asyncio.StreamWriter, status: int, reason: str) -> None:  # noqa: ARG001
+    """A SOCKS5 refusal: a reply code only (the reason is in the audit and %capsule network)."""
+    with contextlib.suppress(OSError, RuntimeError):
+        writer.write(bytes([0x05, _SOCKS_REPLIES.get(status, 0x01), 0x00, 0x01, 0, 0, 0, 0, 0, 0]))
+        await writer.drain()
 
 
 async def _answer(writer: asyncio.StreamWriter, status: int, reason: str) -> None:

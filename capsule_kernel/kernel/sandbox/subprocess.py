@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from capsule_kernel.kernel.network.proxy import HostProxy
-from capsule_kernel.kernel.sandbox.confinement import RELAY_PORT, SANDBOX_PROXY_SOCKET
+from capsule_kernel.kernel.sandbox.confinement import RELAY_PORT, SANDBOX_PROXY_SOCKET, sandbox_identity
 from capsule_kernel.kernel.sandbox.launch import Launch, memory_enforcement
 from capsule_kernel.kernel.sandbox.pipes import read_available
 from capsule_kernel.kernel.sandbox.process import (
@@ -89,7 +89,8 @@ class SubprocessSandbox(SandboxProcess):
                 lambda decision: self.on_event({"type": "network", **vars(decision)}),
                 lambda: self._cell_count,
             )
-            await self.proxy.start(directory / "proxy.sock")
+            identity = sandbox_identity()
+            await self.proxy.start(directory / "proxy.sock", owner=identity.uid if identity.switch else None)
             self.proxy_socket = self.proxy.path
         try:
             await super().start()
